@@ -1,0 +1,106 @@
+"""calibrate(model, config) → CalibrationResult: weight ranges by L_p search, activation ranges from
+recorded full-precision trajectories, one group (G = 1) shared by every timestep."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from calibration.collect import CalibrationData, record_trajectories
+from calibration.config import CalibrationConfig
+from calibration.model_io import LoadedModel, load_model
+from calibration.qmodules import QuantLayer, quantizable_layers
+from calibration.quantizers import ActParams, RangeObserver, activation_params, quantize_weight, search_weight_scale
+from calibration.result import CalibrationResult
+from exporter.profiles import get_profile
+from runtime.errors import CalibrationError
+
+
+def quantize_weights(model: LoadedModel, layers: list[QuantLayer], cfg: CalibrationConfig, progress: bool):
+    bits = cfg.parsed_bits.weight
+    out = {}
+    for layer in tqdm(layers, desc="weights", disable=not progress, leave=False):
+        w = model.unet.get_submodule(layer.name).weight.detach().float().cpu()
+        scale = search_weight_scale(w, bits, axis=0, p=cfg.weight_lp)
+        out[layer.name] = (quantize_weight(w, scale, bits, axis=0), scale)
+    return out
+
+
+def observe_activations(
+    model: LoadedModel, layers: list[QuantLayer], data: CalibrationData, cfg: CalibrationConfig, progress: bool
+) -> dict[str, ActParams]:
+    """Per-tensor ranges of every quantization point of the profile, on the full-precision model."""
+    profile = get_profile(cfg.target)
+    observers: dict[str, RangeObserver] = {}
+    handles = []
+    for layer in layers:
+        module = model.unet.get_submodule(layer.name)
+        for point in layer.points(profile):
+            observers[point] = obs = RangeObserver()
+            if point.endswith(":input"):
+                handles.append(module.register_forward_pre_hook(lambda m, args, o=obs: o.observe(args[0])))
+            else:
+                handles.append(module.register_forward_hook(lambda m, args, y, o=obs: o.observe(y)))
+    forward = model.wrapper()
+    try:
+        with torch.inference_mode():
+            total = -(-len(data) // cfg.batch_size)
+            for x, t, c in tqdm(
+                data.batches(cfg.batch_size, cfg.device),
+                total=total,
+                desc="activations",
+                disable=not progress,
+                leave=False,
+            ):
+                forward(x, t, c)
+    finally:
+        for h in handles:
+            h.remove()
+    params = {}
+    for point, obs in observers.items():
+        if not obs._samples:
+            raise CalibrationError(f"quantization point {point}: never reached by the forward pass")
+        lo, hi = obs.range(cfg.activation_range, cfg.percentile)
+        params[point] = activation_params(lo, hi, profile.activation_signed, cfg.parsed_bits.activation)
+    return params
+
+
+def calibrate(
+    model: LoadedModel | str | Path,
+    cfg: CalibrationConfig,
+    *,
+    scheduler: str | Path | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Calibrate a model for one export profile; the result is independent of the exporter."""
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, scheduler, device=cfg.device)
+    torch.manual_seed(cfg.seed)
+    layers = quantizable_layers(model.unet)
+    start = time.perf_counter()
+    data = record_trajectories(model, cfg, progress)
+    t_record = time.perf_counter() - start
+    weights = quantize_weights(model, layers, cfg, progress)
+    t_weights = time.perf_counter() - start - t_record
+    acts = observe_activations(model, layers, data, cfg, progress)
+    stats = {
+        "record_seconds": round(t_record, 3),
+        "weight_seconds": round(t_weights, 3),
+        "total_seconds": round(time.perf_counter() - start, 3),
+        "calibration_inputs": len(data),
+        "device": cfg.device,
+    }
+    return CalibrationResult(
+        cfg,
+        model.identity(),
+        layers,
+        weights,
+        {p: [a] for p, a in acts.items()},
+        np.zeros(model.spec.num_train_timesteps, np.int64),
+        [],
+        stats,
+    )

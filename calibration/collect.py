@@ -1,0 +1,84 @@
+"""Calibration data: inputs (x_t, t, c) recorded along full-precision sampling trajectories."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from calibration.config import CalibrationConfig
+from calibration.model_io import LoadedModel
+from runtime.engine import Engine, EngineSet, TorchEngine
+from runtime.sampler import sample
+
+
+@dataclass
+class CalibrationData:
+    """Recorded engine inputs; each entry is one engine call (a batch at one timestep)."""
+
+    samples: list[np.ndarray]
+    timesteps: list[np.ndarray]
+    labels: list[np.ndarray | None]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.samples)
+
+    def batches(self, batch_size: int, device: str = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
+        x = np.concatenate(self.samples)
+        t = np.concatenate(self.timesteps)
+        c = None if self.labels[0] is None else np.concatenate(self.labels)
+        for lo in range(0, len(x), batch_size):
+            sl = slice(lo, lo + batch_size)
+            yield (
+                torch.from_numpy(x[sl]).to(device),
+                torch.from_numpy(t[sl]).to(device),
+                None if c is None else torch.from_numpy(c[sl]).to(device),
+            )
+
+
+class _Recorder:
+    """An engine that forwards to another and keeps the inputs of the selected timesteps."""
+
+    def __init__(self, engine: Engine, keep: set[int], data: CalibrationData) -> None:
+        self.engine, self.spec, self.keep, self.data = engine, engine.spec, keep, data
+
+    def infer(self, sample, timestep, class_labels=None):
+        if int(timestep[0]) in self.keep:
+            self.data.samples.append(sample.copy())
+            self.data.timesteps.append(np.asarray(timestep, np.int64).copy())
+            self.data.labels.append(None if class_labels is None else np.asarray(class_labels, np.int64).copy())
+        return self.engine.infer(sample, timestep, class_labels)
+
+
+def uniform_timesteps(timesteps: np.ndarray, count: int) -> set[int]:
+    """Uniform selection (Q-Diffusion): every n-th sampling step, n = steps // count."""
+    stride = max(1, len(timesteps) // count)
+    return {int(t) for t in timesteps[::stride][:count]}
+
+
+def default_labels(model: LoadedModel, n: int) -> np.ndarray | None:
+    """Cycle through the real classes 0..K−2 (the last embedding is the null class)."""
+    k = model.spec.num_class_embeds
+    return None if k is None else np.arange(n, dtype=np.int64) % max(k - 1, 1)
+
+
+def record_trajectories(model: LoadedModel, cfg: CalibrationConfig, progress: bool = True) -> CalibrationData:
+    sampler = cfg.sampler_config
+    keep = uniform_timesteps(model.schedule.timesteps(sampler.steps), cfg.calib_timesteps)
+    data = CalibrationData([], [], [])
+    fp = TorchEngine(model.wrapper(), model.spec, device=cfg.device)
+    engines = EngineSet.single(_Recorder(fp, keep, data))
+    sample(
+        engines,
+        model.schedule,
+        sampler,
+        n=cfg.calib_samples,
+        seed=cfg.seed,
+        labels=default_labels(model, cfg.calib_samples),
+        null_class=model.null_class,
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )
+    return data

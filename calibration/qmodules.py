@@ -1,0 +1,76 @@
+"""Which layers are quantized, where their quantization points sit, and the fake-quant reference model."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibration.quantizers import ActParams, quantize_bias
+from exporter.profiles import TargetProfile
+
+
+@dataclass(frozen=True)
+class QuantLayer:
+    name: str  # module path in the UNet, e.g. "down_blocks.0.resnets.0.conv1"
+    op: str  # "conv" or "linear"
+
+    def points(self, profile: TargetProfile) -> list[str]:
+        """Activation quantization points of this layer under the profile: "<name>:input" / ":output"."""
+        out = profile.conv_output if self.op == "conv" else profile.linear_output
+        return [f"{self.name}:input"] + ([f"{self.name}:output"] if out else [])
+
+
+def quantizable_layers(unet: nn.Module) -> list[QuantLayer]:
+    layers = []
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Conv2d):
+            layers.append(QuantLayer(name, "conv"))
+        elif isinstance(module, nn.Linear):
+            layers.append(QuantLayer(name, "linear"))
+    return layers
+
+
+class QuantLayerModule(nn.Module):
+    """A Conv2d or Linear computing exactly what its Q/DQ-annotated graph node computes."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        w_int: torch.Tensor,
+        w_scale: torch.Tensor,
+        act_in: ActParams,
+        act_out: ActParams | None,
+        quantize_bias_int32: bool,
+    ) -> None:
+        super().__init__()
+        self.layer, self.act_in, self.act_out = layer, act_in, act_out
+        shape = [-1] + [1] * (w_int.ndim - 1)
+        self.register_buffer("weight", w_int.float() * w_scale.float().reshape(shape))
+        bias = layer.bias
+        if bias is not None and quantize_bias_int32:
+            b_int, b_scale = quantize_bias(bias, act_in.scale, w_scale)
+            bias = b_int.float() * b_scale
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act_in.apply(x)
+        if isinstance(self.layer, nn.Conv2d):
+            c = self.layer
+            y = F.conv2d(x, self.weight, self.bias, c.stride, c.padding, c.dilation, c.groups)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if self.act_out is None else self.act_out.apply(y)
+
+
+def replace_layers(model: nn.Module, build) -> nn.Module:
+    """A deep copy of `model` where each quantizable layer `name` is replaced by `build(name, layer)`."""
+    model = copy.deepcopy(model)
+    for layer in quantizable_layers(model):
+        parent_name, _, child = layer.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, build(layer.name, getattr(parent, child)))
+    return model

@@ -1,0 +1,196 @@
+"""Write a bundle: one Q/DQ graph per timestep group, weights stored once in `weights.bin`, a manifest
+with the sha256 of every file. Written into a temp directory that is renamed at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm.auto import tqdm
+
+from calibration.model_io import LoadedModel
+from calibration.quantizers import quantize_bias
+from calibration.result import CalibrationResult
+from exporter.onnx_export import export_float
+from exporter.profiles import get_profile
+from exporter.qdq import LayerQuant, insert_qdq
+from runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, sha256_file
+from runtime.errors import BundleError, ExportError
+
+WEIGHTS = "weights.bin"
+_ALIGN = 64
+_MIN_EXTERNAL = 1024  # initializers at least this many bytes go to the shared weights file
+
+
+def layer_table(model: LoadedModel, result: CalibrationResult, group: int) -> dict[str, LayerQuant]:
+    profile = get_profile(result.config.target)
+    acts = result.group_activations(group)
+    table = {}
+    for layer in result.layers:
+        if layer.name not in result.weights:
+            continue
+        w_int, w_scale = result.weights[layer.name]
+        act_in = acts[f"{layer.name}:input"]
+        bias = model.unet.get_submodule(layer.name).bias
+        b_int = b_scale = None
+        if bias is not None and profile.quantize_bias:
+            b_int, b_scale = (t.numpy() for t in quantize_bias(bias.cpu(), act_in.scale, w_scale))
+        table[layer.name] = LayerQuant(
+            layer.op, w_int.numpy(), w_scale.numpy(), act_in, acts.get(f"{layer.name}:output"), b_int, b_scale
+        )
+    return table
+
+
+class SharedWeights:
+    """One weights file for every group graph: an initializer already stored is referenced, not copied."""
+
+    def __init__(self) -> None:
+        self.blob, self.index = bytearray(), {}
+
+    def externalize(self, model: onnx.ModelProto) -> None:
+        for tensor in model.graph.initializer:
+            raw = tensor.raw_data
+            if len(raw) < _MIN_EXTERNAL:
+                continue
+            if tensor.name in self.index:
+                offset, length = self.index[tensor.name]
+                if self.blob[offset : offset + length] != raw:
+                    raise ExportError(
+                        f"initializer {tensor.name}: differs between group graphs; weights must be shared"
+                    )
+            else:
+                self.blob.extend(b"\0" * (-len(self.blob) % _ALIGN))
+                offset, length = len(self.blob), len(raw)
+                self.blob.extend(raw)
+                self.index[tensor.name] = (offset, length)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+
+
+def _group_graph(
+    fp: onnx.ModelProto, table: dict[str, LayerQuant], result: CalibrationResult
+) -> tuple[onnx.ModelProto, dict]:
+    graph = gs.import_onnx(fp)
+    report = insert_qdq(graph, table, get_profile(result.config.target))
+    model = gs.export_onnx(graph)
+    model.opset_import[0].version = fp.opset_import[0].version
+    model.ir_version = fp.ir_version
+    onnx.checker.check_model(model)
+    return model, report
+
+
+def _manifest(model: LoadedModel, result: CalibrationResult, groups: list[dict], report: dict, files: dict) -> dict:
+    cfg = result.config
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "model": result.model,
+        "input_spec": model.spec.to_dict(),
+        "null_class": model.null_class,
+        "schedule": model.schedule.to_dict(),
+        "calibration": {
+            "sampler": cfg.sampler,
+            "steps": cfg.steps,
+            "eta": cfg.eta,
+            "guidance": cfg.guidance,
+            "seed": cfg.seed,
+            "samples": cfg.calib_samples,
+            "timesteps": cfg.calib_timesteps,
+            "selection": "uniform",
+            "activation_range": cfg.activation_range,
+            "stats": result.stats,
+        },
+        "bits": cfg.bits,
+        "target": cfg.target,
+        "target_description": get_profile(cfg.target).description,
+        "groups": groups,
+        "timestep_to_group": [int(g) for g in result.group_of_t],
+        "precision_plan": None,
+        "ptqd": None,
+        "quantized_nodes": report["quantized"],
+        "float_nodes": report["float"] + result.skipped,
+        "files": files,
+    }
+
+
+def write_bundle(
+    model: LoadedModel, result: CalibrationResult, out: str | Path, *, overwrite: bool = False, progress: bool = True
+) -> Path:
+    """Export one Q/DQ graph per group and write the bundle directory atomically."""
+    out = Path(out)
+    if result.model["weight_sha256"] != model.weight_sha256:
+        raise ExportError(
+            f"calibration result was made from another model (weight hash differs from {model.source}); "
+            "recalibrate this model"
+        )
+    if out.exists() and not (overwrite and (out / MANIFEST).is_file()):
+        hint = "pass --force to replace it" if (out / MANIFEST).is_file() else "choose a new output path"
+        raise BundleError(f"{out}: already exists; {hint}")
+    fp = export_float(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shared, groups, report = SharedWeights(), [], {}
+        for g in tqdm(range(result.num_groups), desc="export", disable=not progress, leave=False):
+            graph, report = _group_graph(fp, layer_table(model, result, g), result)
+            shared.externalize(graph)
+            name = f"group_{g}.onnx"
+            onnx.save(graph, str(tmp / name))
+            groups.append({"id": g, "file": name, "bits": result.config.bits})
+        (tmp / WEIGHTS).write_bytes(bytes(shared.blob))
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        manifest = _manifest(model, result, groups, report, files)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def ort_optimized_op_counts(graph_path: str | Path, optimized_path: str | Path) -> dict[str, int]:
+    """Load a graph in ONNX Runtime (CPU, all optimizations), save the optimized model, count its ops."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(optimized_path)
+    ort.InferenceSession(str(graph_path), opts, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(optimized_path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def integer_op_summary(counts: dict[str, int]) -> dict[str, int]:
+    integer = (
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+    )
+    return {
+        "integer": int(sum(counts.get(k, 0) for k in integer)),
+        "float_conv": counts.get("Conv", 0) + counts.get("FusedConv", 0),
+        "float_matmul_gemm": counts.get("MatMul", 0) + counts.get("Gemm", 0) + counts.get("FusedMatMul", 0),
+        "float_weight_dq": int(np.sum([counts.get("DequantizeLinear", 0)])),
+    }

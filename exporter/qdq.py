@@ -1,0 +1,164 @@
+"""Pass: insert Q/DQ pairs and integer weights into a float ONNX graph, with calibrated scales.
+
+    before:   x ──► Conv(W, B) ──► y                    (W, B float initializers)
+    after:    x ─► Q ─► DQ ─► Conv ─► Q ─► DQ ─► y       (ort-cpu: output Q/DQ on convs)
+                              ▲   ▲
+              W_int8 ─► DQ ───┘   └── DQ ◄─ B_int32      (per-channel axis 0; bias scale s_x·s_w)
+
+Linear layers (Gemm with transB=1, or MatMul with a [in, out] constant) get the input Q/DQ and the weight
+DQ; their outputs stay float unless the profile says otherwise. The pass decides every edit first,
+then applies them; a node whose weight already comes from a DequantizeLinear is left alone
+(idempotent). Nodes are matched to torch layers by the exporter's scope names ("/unet/<path>/<Op>").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from calibration.quantizers import ActParams
+from exporter.profiles import TargetProfile
+from runtime.errors import ExportError
+
+QUANT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """Everything the pass needs for one layer: integer weights and the activation quantizers."""
+
+    op: str  # "conv" | "linear"
+    w_int: np.ndarray  # int8, torch layout: conv (O, I, kh, kw), linear (O, I)
+    w_scale: np.ndarray  # float32 (O,)
+    act_in: ActParams
+    act_out: ActParams | None
+    bias_int: np.ndarray | None  # int32 (O,) when the profile quantizes the bias
+    bias_scale: np.ndarray | None
+
+
+def layer_name(node: gs.Node, scope: str = "unet") -> str:
+    """'/unet/down_blocks.0/resnets.0/conv1/Conv' → 'down_blocks.0.resnets.0.conv1'."""
+    parts = node.name.strip("/").split("/")
+    if len(parts) < 3 or parts[0] != scope:
+        return ""
+    return ".".join(parts[1:-1])
+
+
+def _act_type(p: ActParams) -> type:
+    return np.uint8 if p.qmin >= 0 else np.int8
+
+
+def _qdq(x: gs.Tensor, p: ActParams, name: str, out: gs.Variable | None = None) -> tuple[list[gs.Node], gs.Variable]:
+    scale = gs.Constant(f"{name}/scale", np.array(p.scale, dtype=np.float32))
+    zp = gs.Constant(f"{name}/zero_point", np.array(p.zero_point, dtype=_act_type(p)))
+    q = gs.Variable(f"{name}/q", dtype=_act_type(p))
+    dq = out if out is not None else gs.Variable(f"{name}/dq", dtype=np.float32)
+    return [
+        gs.Node("QuantizeLinear", f"{name}/Q", inputs=[x, scale, zp], outputs=[q]),
+        gs.Node("DequantizeLinear", f"{name}/DQ", inputs=[q, scale, zp], outputs=[dq]),
+    ], dq
+
+
+def _dq_const(name: str, values: np.ndarray, scale: np.ndarray, axis: int) -> tuple[gs.Node, gs.Variable]:
+    zp = np.zeros(scale.shape, dtype=values.dtype)
+    out = gs.Variable(f"{name}/dq", dtype=np.float32)
+    node = gs.Node(
+        "DequantizeLinear",
+        f"{name}/DQ",
+        attrs={"axis": axis},
+        inputs=[
+            gs.Constant(f"{name}/int", values),
+            gs.Constant(f"{name}/scale", scale.astype(np.float32)),
+            gs.Constant(f"{name}/zero_point", zp),
+        ],
+        outputs=[out],
+    )
+    return node, out
+
+
+def _weight_layout(node: gs.Node, q: LayerQuant) -> tuple[np.ndarray, int]:
+    """Integer weights in the node's own layout and their channel axis; checks the match."""
+    w = node.inputs[1]
+    if not isinstance(w, gs.Constant):
+        raise ExportError(f"node {node.name}: weight input {w.name} is not a constant initializer")
+    if node.op == "MatMul":
+        w_int, axis = q.w_int.T, 1
+    else:
+        if node.op == "Gemm" and (node.attrs.get("transB", 0) != 1 or node.attrs.get("transA", 0) != 0):
+            raise ExportError(f"node {node.name}: Gemm with transA/transB other than (0, 1) is not supported")
+        w_int, axis = q.w_int, 0
+    fp = np.asarray(w.values, dtype=np.float32)
+    if fp.shape != w_int.shape:
+        raise ExportError(
+            f"node {node.name}: weight shape {fp.shape} does not match the calibrated layer {w_int.shape}"
+        )
+    shape = [1] * fp.ndim
+    shape[axis] = -1
+    deq = w_int.astype(np.float32) * q.w_scale.reshape(shape)
+    if np.linalg.norm(fp - deq) > 0.5 * np.linalg.norm(fp) + 1e-12:
+        raise ExportError(
+            f"node {node.name}: calibrated weights do not match the graph's weights; "
+            "was the calibration result made from this model?"
+        )
+    return np.ascontiguousarray(w_int), axis
+
+
+def plan(graph: gs.Graph, table: dict[str, LayerQuant]) -> tuple[list[tuple[gs.Node, str]], list[dict]]:
+    """Decide: which nodes get quantized (with their layer), and which stay float and why."""
+    todo, floating = [], []
+    for node in graph.nodes:
+        if node.op not in QUANT_OPS:
+            continue
+        name = layer_name(node)
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if node.op == "MatMul" and not isinstance(weight, gs.Constant):
+            if isinstance(weight, gs.Variable) and weight.inputs and weight.inputs[0].op == "DequantizeLinear":
+                continue  # already quantized
+            floating.append(
+                {
+                    "node": node.name,
+                    "op": node.op,
+                    "reason": "activation×activation MatMul (attention scores/values): no weight to quantize; "
+                    "the ort-cpu profile keeps it float",
+                }
+            )
+        elif isinstance(weight, gs.Variable) and weight.inputs and weight.inputs[0].op == "DequantizeLinear":
+            continue
+        elif name in table:
+            todo.append((node, name))
+        else:
+            floating.append(
+                {
+                    "node": node.name,
+                    "op": node.op,
+                    "reason": f"no calibrated layer named {name!r} (not a torch Conv2d/Linear)",
+                }
+            )
+    return todo, floating
+
+
+def insert_qdq(graph: gs.Graph, table: dict[str, LayerQuant], profile: TargetProfile) -> dict:
+    """Quantize every planned node in place; returns {"quantized": [...], "float": [...]}."""
+    todo, floating = plan(graph, table)
+    for node, name in todo:
+        q = table[name]
+        w_int, axis = _weight_layout(node, q)
+        new, x = _qdq(node.inputs[0], q.act_in, f"{name}/input")
+        dq_w, w = _dq_const(f"{name}/weight", w_int, q.w_scale, axis)
+        new.append(dq_w)
+        node.inputs[0], node.inputs[1] = x, w
+        if len(node.inputs) > 2 and q.bias_int is not None:
+            dq_b, b = _dq_const(f"{name}/bias", q.bias_int, q.bias_scale, 0)
+            new.append(dq_b)
+            node.inputs[2] = b
+        if q.act_out is not None:
+            y = node.outputs[0]
+            y_float = gs.Variable(f"{name}/output/float", dtype=np.float32)
+            node.outputs[0] = y_float
+            out_nodes, _ = _qdq(y_float, q.act_out, f"{name}/output", out=y)
+            new.extend(out_nodes)
+        graph.nodes.extend(new)
+    graph.cleanup().toposort()
+    return {"quantized": [{"node": n.name, "op": n.op, "layer": name} for n, name in todo], "float": floating}

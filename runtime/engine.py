@@ -1,0 +1,179 @@
+"""One `Engine` contract (ONNX Runtime, torch reference) and the `EngineSet` that routes steps to groups.
+
+As in Polygraphy's runners, constructors only store arguments; sessions are created on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from runtime.errors import EngineInputError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What every engine of a model accepts: sample (B, C, H, W) float32, timestep (B,) int64 in
+    [0, T), and class_labels (B,) int64 in [0, num_class_embeds) for class-conditional models."""
+
+    sample_shape: tuple[int, int, int]
+    num_train_timesteps: int
+    num_class_embeds: int | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "sample_shape": list(self.sample_shape),
+            "num_train_timesteps": self.num_train_timesteps,
+            "num_class_embeds": self.num_class_embeds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputSpec:
+        return cls(tuple(d["sample_shape"]), int(d["num_train_timesteps"]), d.get("num_class_embeds"))
+
+
+def check_inputs(spec: InputSpec, sample: Any, timestep: Any, class_labels: Any = None):
+    """Validate one engine call; returns contiguous (sample, timestep, class_labels) arrays."""
+    if not isinstance(sample, np.ndarray) or sample.dtype != np.float32:
+        got = getattr(sample, "dtype", type(sample).__name__)
+        raise EngineInputError(
+            f"input 'sample': expected a float32 numpy array, got {got}; cast with .astype(np.float32)"
+        )
+    if sample.ndim != 4 or tuple(sample.shape[1:]) != spec.sample_shape:
+        raise EngineInputError(
+            f"input 'sample': expected shape (B, {', '.join(map(str, spec.sample_shape))}), got {tuple(sample.shape)}"
+        )
+    batch = sample.shape[0]
+    timestep = np.asarray(timestep)
+    if timestep.ndim == 0:
+        timestep = np.full(batch, timestep)
+    if timestep.shape != (batch,) or not np.issubdtype(timestep.dtype, np.integer):
+        raise EngineInputError(
+            f"input 'timestep': expected {batch} integer training timesteps, got shape {timestep.shape} "
+            f"dtype {timestep.dtype}"
+        )
+    T = spec.num_train_timesteps
+    if timestep.min() < 0 or timestep.max() >= T:
+        raise EngineInputError(
+            f"input 'timestep': values must lie in [0, {T}), got [{timestep.min()}, {timestep.max()}]"
+        )
+    if spec.num_class_embeds is None:
+        if class_labels is not None:
+            raise EngineInputError("input 'class_labels': the model is unconditional; pass no class labels")
+        return np.ascontiguousarray(sample), timestep.astype(np.int64), None
+    if class_labels is None:
+        raise EngineInputError("input 'class_labels': the model is class-conditional; pass one label per sample")
+    labels = np.asarray(class_labels)
+    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
+        raise EngineInputError(f"input 'class_labels': expected {batch} integer labels, got shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= spec.num_class_embeds:
+        raise EngineInputError(
+            f"input 'class_labels': values must lie in [0, {spec.num_class_embeds}), got [{labels.min()}, {labels.max()}]"
+        )
+    return np.ascontiguousarray(sample), timestep.astype(np.int64), labels.astype(np.int64)
+
+
+class Engine(Protocol):
+    spec: InputSpec
+
+    def infer(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray | None = None) -> np.ndarray:
+        """ε̂ for a batch; inputs are checked against `spec` first."""
+        ...
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OrtEngine:
+    """An ONNX Runtime session over one graph; created on the first `infer`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        spec: InputSpec,
+        *,
+        providers: list[str] | None = None,
+        optimized_model_path: str | Path | None = None,
+        threads: int = 0,
+    ) -> None:
+        self.path, self.spec, self.providers = Path(path), spec, providers
+        self.optimized_model_path, self.threads = optimized_model_path, threads
+        self._session = None
+
+    def activate(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.intra_op_num_threads = self.threads
+            if self.optimized_model_path is not None:
+                opts.optimized_model_filepath = str(self.optimized_model_path)
+            self._session = ort.InferenceSession(str(self.path), opts, providers=self.providers or default_providers())
+        return self._session
+
+    def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
+        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
+        feeds = {"sample": sample, "timestep": timestep}
+        if class_labels is not None:
+            feeds["class_labels"] = class_labels
+        return self.activate().run(["eps"], feeds)[0]
+
+
+class TorchEngine:
+    """A torch module `f(sample, timestep, class_labels) -> eps` (the FP model or the fake-quant reference)."""
+
+    def __init__(self, module: Any, spec: InputSpec, device: str = "cpu") -> None:
+        self.module, self.spec, self.device = module, spec, device
+
+    def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
+        import torch
+
+        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
+        args = [torch.from_numpy(a).to(self.device) for a in (sample, timestep)]
+        labels = None if class_labels is None else torch.from_numpy(class_labels).to(self.device)
+        with torch.inference_mode():
+            return self.module(*args, labels).float().cpu().numpy()
+
+
+class EngineSet:
+    """One engine per timestep group, created lazily; `for_timestep(t)` routes by the group table."""
+
+    def __init__(self, factories: dict[int, Callable[[], Engine]], group_of_t: np.ndarray, spec: InputSpec) -> None:
+        if len(group_of_t) != spec.num_train_timesteps:
+            raise EngineInputError(
+                f"group table covers {len(group_of_t)} timesteps, the model has {spec.num_train_timesteps}"
+            )
+        missing = set(np.unique(group_of_t).tolist()) - set(factories)
+        if missing:
+            raise EngineInputError(f"group table names groups {sorted(missing)} that have no engine")
+        self._factories, self._engines = factories, {}
+        self.group_of_t, self.spec = np.asarray(group_of_t, dtype=np.int64), spec
+
+    @classmethod
+    def single(cls, engine: Engine) -> EngineSet:
+        T = engine.spec.num_train_timesteps
+        return cls({0: lambda: engine}, np.zeros(T, np.int64), engine.spec)
+
+    def group_of(self, t: int) -> int:
+        if not 0 <= t < len(self.group_of_t):
+            raise EngineInputError(f"timestep {t}: outside [0, {len(self.group_of_t)})")
+        return int(self.group_of_t[t])
+
+    def for_timestep(self, t: int) -> Engine:
+        g = self.group_of(t)
+        if g not in self._engines:
+            self._engines[g] = self._factories[g]()
+        return self._engines[g]
+
+    @property
+    def loaded_groups(self) -> list[int]:
+        return sorted(self._engines)

@@ -1,0 +1,157 @@
+"""Host-side sampler loop: DDPM and DDIM (eta ≥ 0) with classifier-free guidance, on numpy.
+
+Every sample i draws its initial and per-step noise from its own generator seeded with (seed, i), so a
+bundle and the full-precision model see identical noise whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from runtime.engine import EngineSet
+from runtime.errors import SamplerError
+from runtime.schedule import NoiseSchedule
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "ddim"
+    steps: int = 100
+    eta: float = 0.0
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise SamplerError(f"--sampler {self.name!r}: use one of {SAMPLERS}")
+        if self.steps < 1:
+            raise SamplerError(f"--steps {self.steps}: must be at least 1")
+        if not self.eta >= 0:
+            raise SamplerError(f"--eta {self.eta}: must be ≥ 0")
+        if not self.guidance >= 0:
+            raise SamplerError(f"--guidance {self.guidance}: must be ≥ 0")
+
+
+@dataclass
+class SampleRun:
+    """What a sampling run produced, and where its engine time went."""
+
+    samples: np.ndarray
+    labels: np.ndarray | None
+    timesteps: np.ndarray
+    step_groups: list[int] = field(default_factory=list)
+    engine_seconds: float = 0.0
+    engine_calls: int = 0
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.engine_seconds / max(self.engine_calls, 1)
+
+
+class _Noise:
+    """One generator per sample, seeded with (seed, sample index)."""
+
+    def __init__(self, seed: int, indices: range, shape: tuple[int, ...]) -> None:
+        self._rngs = [np.random.default_rng([seed, i]) for i in indices]
+        self._shape = shape
+
+    def draw(self) -> np.ndarray:
+        return np.stack([r.standard_normal(self._shape, dtype=np.float32) for r in self._rngs])
+
+
+def _guided_eps(engine, x: np.ndarray, t: int, labels, null_class, guidance: float) -> np.ndarray:
+    ts = np.full(x.shape[0], t, dtype=np.int64)
+    if labels is None:
+        return engine.infer(x, ts)
+    if guidance == 1.0:
+        return engine.infer(x, ts, labels)
+    # classifier-free guidance, cond and uncond batched in one engine call:
+    # ε = ε(x, ∅) + w · (ε(x, c) − ε(x, ∅))
+    both = engine.infer(
+        np.concatenate([x, x]),
+        np.concatenate([ts, ts]),
+        np.concatenate([labels, np.full_like(labels, null_class)]),
+    )
+    cond, uncond = np.split(both, 2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, eps, t: int, prev: int, noise: _Noise):
+    """One update x_t → x_prev; prev = −1 after the last step."""
+    ac = schedule.alphas_cumprod
+    a_t = ac[t]
+    if cfg.name == "ddim":
+        a_prev = ac[prev] if prev >= 0 else schedule.final_alpha_cumprod()
+    else:
+        a_prev = ac[prev] if prev >= 0 else 1.0
+    # x̂_0 = (x_t − √(1−ā_t) ε) / √ā_t
+    x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+    if schedule.clip_sample:
+        x0 = np.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+    if cfg.name == "ddim":
+        # DDIM (Song et al. 2021, Eq. 12): σ_t = η √((1−ā_prev)/(1−ā_t)) √(1 − ā_t/ā_prev)
+        sigma = cfg.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        out = np.sqrt(a_prev) * x0 + np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+    else:
+        # DDPM posterior q(x_prev | x_t, x̂_0) (Ho et al. 2020, Eq. 7) over the step's β' = 1 − ā_t/ā_prev
+        beta = 1 - a_t / a_prev
+        out = (np.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+        sigma = np.sqrt(max((1 - a_prev) / (1 - a_t) * beta, 1e-20)) if prev >= 0 else 0.0
+    if sigma > 0:
+        out = out + sigma * noise.draw()
+    return out.astype(np.float32)
+
+
+def sample(
+    engines: EngineSet,
+    schedule: NoiseSchedule,
+    cfg: SamplerConfig,
+    *,
+    n: int,
+    seed: int = 0,
+    labels: np.ndarray | None = None,
+    null_class: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> SampleRun:
+    """Draw `n` samples; class-conditional engines need `labels` (and `null_class` for guidance ≠ 1)."""
+    if n < 1:
+        raise SamplerError(f"-n {n}: the number of samples must be at least 1")
+    if batch_size < 1:
+        raise SamplerError(f"--batch-size {batch_size}: must be at least 1")
+    spec = engines.spec
+    if spec.num_class_embeds is not None:
+        if labels is None or len(labels) != n:
+            raise SamplerError(f"class-conditional model: pass {n} class labels (--class-label)")
+        labels = np.asarray(labels, dtype=np.int64)
+        if cfg.guidance != 1.0 and null_class is None:
+            raise SamplerError("--guidance ≠ 1 needs the model's null class (no null class is recorded)")
+    elif labels is not None:
+        raise SamplerError("--class-label given, but the model is unconditional; drop it")
+    ts = schedule.timesteps(cfg.steps)
+    run = SampleRun(np.empty((n, *spec.sample_shape), np.float32), labels, ts)
+    bar = tqdm(total=n * len(ts), desc="sampling", unit="step", disable=not progress, leave=False)
+    for lo in range(0, n, batch_size):
+        idx = range(lo, min(lo + batch_size, n))
+        noise = _Noise(seed, idx, spec.sample_shape)
+        x = noise.draw()
+        lab = None if labels is None else labels[lo : idx.stop]
+        for i, t in enumerate(ts):
+            engine = engines.for_timestep(int(t))
+            start = time.perf_counter()
+            eps = _guided_eps(engine, x, int(t), lab, null_class, cfg.guidance)
+            run.engine_seconds += time.perf_counter() - start
+            run.engine_calls += 1
+            if lo == 0:
+                run.step_groups.append(engines.group_of(int(t)))
+            prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
+            x = _step(schedule, cfg, x, eps, int(t), prev, noise)
+            bar.update(len(idx))
+        run.samples[lo : idx.stop] = x
+    bar.close()
+    return run

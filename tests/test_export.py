@@ -1,0 +1,110 @@
+"""Export: Q/DQ placement, integer weights, ORT integer kernels, the bundle and its manifest."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from calibration.quantizers import activation_params
+from exporter.bundle_writer import WEIGHTS, integer_op_summary, ort_optimized_op_counts
+from exporter.profiles import get_profile
+from exporter.qdq import LayerQuant, insert_qdq
+
+
+def _three_node_graph():
+    #   x ─► Conv(W, B) ─► Relu ─► y
+    x = gs.Variable("x", np.float32, (1, 2, 4, 4))
+    y = gs.Variable("y", np.float32, (1, 3, 4, 4))
+    h = gs.Variable("h", np.float32)
+    w = gs.Constant("unet.c.weight", np.full((3, 2, 1, 1), 0.5, np.float32))
+    b = gs.Constant("unet.c.bias", np.array([0.1, 0.2, 0.3], np.float32))
+    nodes = [
+        gs.Node("Conv", "/unet/c/Conv", inputs=[x, w, b], outputs=[h]),
+        gs.Node("Relu", "/unet/r/Relu", inputs=[h], outputs=[y]),
+    ]
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17)
+
+
+def _table():
+    act = activation_params(-1, 1, signed=False)
+    return {
+        "c": LayerQuant(
+            "conv",
+            np.full((3, 2, 1, 1), 127, np.int8),
+            np.full(3, 0.5 / 127, np.float32),
+            act,
+            act,
+            np.array([5, 10, 15], np.int32),
+            np.full(3, act.scale * 0.5 / 127, np.float32),
+        )
+    }
+
+
+def test_insert_qdq_on_three_node_graph_is_idempotent():
+    graph = _three_node_graph()
+    report = insert_qdq(graph, _table(), get_profile("ort-cpu"))
+    assert [q["layer"] for q in report["quantized"]] == ["c"]
+    ops = sorted(n.op for n in graph.nodes)
+    # input Q/DQ, weight DQ, bias DQ, output Q/DQ
+    assert ops == sorted(
+        [
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "DequantizeLinear",
+            "DequantizeLinear",
+            "Conv",
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "Relu",
+        ]
+    )
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    w_dq = conv.inputs[1].inputs[0]
+    assert w_dq.op == "DequantizeLinear" and w_dq.inputs[0].values.dtype == np.int8 and w_dq.attrs["axis"] == 0
+    assert conv.inputs[2].inputs[0].inputs[0].values.dtype == np.int32
+    assert conv.outputs[0].outputs[0].op == "QuantizeLinear"
+    before = len(graph.nodes)
+    again = insert_qdq(graph, _table(), get_profile("ort-cpu"))
+    assert again["quantized"] == [] and len(graph.nodes) == before
+
+
+def test_ort_turns_every_conv_and_linear_into_an_integer_kernel(tiny_bundle, tmp_path):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    counts = ort_optimized_op_counts(tiny_bundle / "group_0.onnx", tmp_path / "opt.onnx")
+    summary = integer_op_summary(counts)
+    n_conv = sum(q["op"] == "Conv" for q in manifest["quantized_nodes"])
+    n_gemm = sum(q["op"] == "Gemm" for q in manifest["quantized_nodes"])
+    n_matmul = sum(q["op"] == "MatMul" for q in manifest["quantized_nodes"])
+    assert counts.get("QLinearConv", 0) == n_conv > 0
+    assert summary["float_conv"] == 0
+    assert counts.get("QGemm", 0) == n_gemm > 0 and counts.get("Gemm", 0) == 0
+    assert counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0) == n_matmul > 0
+    # the only float MatMuls left are the attention score/value products the manifest lists
+    assert counts.get("MatMul", 0) == len([f for f in manifest["float_nodes"] if f["op"] == "MatMul"])
+
+
+def test_weights_are_int8_initializers_in_one_shared_file(tiny_bundle):
+    model = onnx.load(str(tiny_bundle / "group_0.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    dq_weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("weight/DQ")]
+    assert dq_weights
+    for n in dq_weights:
+        assert inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    float_weights = [
+        t for t in model.graph.initializer if t.name.endswith(".weight") and t.data_type == onnx.TensorProto.FLOAT
+    ]
+    assert [t.name for t in float_weights] == ["unet.class_embedding.weight"]  # an embedding table, not a layer
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {WEIGHTS}
+
+
+def test_manifest_describes_the_bundle(tiny_bundle, tiny_model):
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m["target"] == "ort-cpu" and m["bits"] == "W8A8"
+    assert m["model"]["weight_sha256"] == tiny_model.weight_sha256
+    assert len(m["timestep_to_group"]) == 1000 and set(m["timestep_to_group"]) == {0}
+    assert set(m["files"]) == {"group_0.onnx", WEIGHTS}
+    assert len(m["schedule"]["betas"]) == 1000
+    assert m["calibration"]["sampler"] == "ddim" and m["calibration"]["steps"] == 10
+    assert all(f["reason"] for f in m["float_nodes"])

@@ -1,0 +1,62 @@
+import numpy as np
+import torch
+
+from calibration.quantizers import (
+    RangeObserver,
+    activation_params,
+    fake_quant,
+    quantize_bias,
+    quantize_weight,
+    search_weight_scale,
+)
+
+
+def _ref_fake_quant(x, s, z, qmin, qmax):
+    """float64 reference with numpy's round-half-to-even (as ONNX QuantizeLinear)."""
+    return (np.clip(np.round(x / s) + z, qmin, qmax) - z) * s
+
+
+def test_fake_quant_matches_float64_reference():
+    x = np.random.default_rng(0).normal(0, 3, 10_000)
+    x[:4] = [0.5 * 0.1, 1.5 * 0.1, 2.5 * 0.1, -0.5 * 0.1]  # ties: half to even
+    got = fake_quant(torch.tensor(x), torch.tensor(0.1, dtype=torch.float64), torch.tensor(3.0), 0, 255).numpy()
+    np.testing.assert_allclose(got, _ref_fake_quant(x, 0.1, 3, 0, 255), atol=1e-12)
+
+
+def test_weight_range_search_beats_plain_minmax_and_stays_on_grid():
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64) * torch.linspace(0.1, 2, 16).view(-1, 1, 1, 1)
+    w[0, 0, 0, 0] = 25.0  # an outlier the search should clip
+    scale = search_weight_scale(w, bits=8, p=2.4)
+    q = quantize_weight(w, scale, bits=8)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    minmax = w.abs().amax(dim=(1, 2, 3)) / 127
+    err = lambda s: ((q.double() * s.double().view(-1, 1, 1, 1) - w).abs() ** 2.4).sum()  # noqa: E731
+    q_mm = quantize_weight(w, minmax.float(), bits=8)
+    err_mm = ((q_mm.double() * minmax.view(-1, 1, 1, 1) - w).abs() ** 2.4).sum()
+    assert err(scale) <= err_mm
+    assert scale[0] < minmax[0]  # the outlier channel was shrunk
+
+
+def test_activation_params_asymmetric_and_symmetric():
+    p = activation_params(-1.0, 3.0, signed=False)
+    assert (p.qmin, p.qmax) == (0, 255)
+    x = torch.linspace(-1, 3, 1001, dtype=torch.float64)
+    assert (p.apply(x) - x).abs().max() <= p.scale / 2 + 1e-9
+    assert p.apply(torch.zeros(1, dtype=torch.float64)).item() == 0.0  # zero is exact
+    s = activation_params(-2.0, 1.0, signed=True)
+    assert s.zero_point == 0 and abs(s.scale - 2.0 / 127) < 1e-7
+    assert activation_params(0.0, 0.0, signed=False).scale > 0  # constant tensors do not divide by zero
+
+
+def test_bias_on_accumulator_grid():
+    b = torch.randn(8)
+    q, scale = quantize_bias(b, 0.02, torch.full((8,), 0.01))
+    assert q.dtype == torch.int32
+    assert (q.float() * scale - b).abs().max() <= scale.max() / 2 + 1e-7
+
+
+def test_percentile_observer_ignores_outliers():
+    obs = RangeObserver()
+    obs.observe(torch.cat([torch.randn(100_000), torch.tensor([1e4])]))
+    lo, hi = obs.range("percentile", 99.9)
+    assert hi < 10 and obs.range("minmax", 100)[1] == 1e4

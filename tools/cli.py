@@ -1,0 +1,195 @@
+"""The `dqc` command line: each verb a thin argparse shell over one library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from runtime.errors import DqcError
+
+MODEL_HELP = "a diffusers pipeline directory (unet/ + scheduler/) or a bare UNet2DModel directory with --scheduler"
+
+
+def _compile(a: argparse.Namespace) -> None:
+    from calibration.config import CalibrationConfig
+    from tools.pipeline import compile_model
+
+    cfg = CalibrationConfig(
+        bits=a.bits,
+        target=a.target,
+        sampler=a.sampler,
+        steps=a.steps,
+        eta=a.eta,
+        guidance=a.guidance,
+        calib_samples=a.calib_samples,
+        calib_timesteps=a.calib_timesteps,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        activation_range=a.activation_range,
+        percentile=a.percentile,
+        device=a.device,
+    )
+    out = compile_model(
+        a.model,
+        a.output,
+        cfg,
+        scheduler=a.scheduler,
+        overwrite=a.force,
+        calibration_out=a.save_calibration,
+        progress=not a.quiet,
+    )
+    print(f"wrote bundle {out}")
+
+
+def _sample(a: argparse.Namespace) -> None:
+    from tools.pipeline import sample_to_file
+
+    run = sample_to_file(
+        a.source,
+        a.output,
+        n=a.n,
+        steps=a.steps,
+        eta=a.eta,
+        sampler=a.sampler,
+        seed=a.seed,
+        class_label=a.class_label,
+        guidance=a.guidance,
+        batch_size=a.batch_size,
+        png=a.png,
+        scheduler=a.scheduler,
+        progress=not a.quiet,
+    )
+    print(
+        f"wrote {a.output}: {a.n} samples, {len(run.timesteps)} steps, "
+        f"{1e3 * run.seconds_per_step:.2f} ms per engine call"
+    )
+
+
+def _info(a: argparse.Namespace) -> None:
+    from tools.pipeline import bundle_info
+
+    info = bundle_info(a.bundle)
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"bundle {info['bundle']}  (format v{info['format_version']}, target {info['target']}, bits {info['bits']})")
+    print(f"model  {info['model']['class']}  weights sha256 {info['model']['weight_sha256'][:16]}…")
+    cal = info["calibration"]
+    print(
+        f"calibrated for {cal.get('sampler')} {cal.get('steps')} steps, eta {cal.get('eta')}, "
+        f"{cal.get('samples')} trajectories, {cal.get('activation_range')} ranges"
+    )
+    print("groups:")
+    for r in info["timestep_ranges"]:
+        print(f"  group {r['group']}: t = {r['t_from']}..{r['t_to']}")
+    print(f"quantized nodes: {info['quantized_nodes']}; left in float: {len(info['float_nodes'])}")
+    for f in info["float_nodes"]:
+        print(f"  {f['node']} ({f['op']}): {f['reason']}")
+    print("files:")
+    for name, size in info["files"].items():
+        print(f"  {name:<24}{size / 1e6:>10.3f} MB")
+
+
+def _demo(a: argparse.Namespace) -> None:
+    from tools.demo import run_demo
+
+    run_demo(a.output, n=a.n, steps=a.steps, seed=a.seed, progress=not a.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dqc",
+        description="Diffusion quantization compiler: calibrate a diffusers "
+        "model, export quantized ONNX bundles, and sample them.",
+    )
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    c = sub.add_parser(
+        "compile",
+        help="calibrate a model and export a quantized bundle",
+        description="Calibrate a diffusers UNet2DModel on full-precision trajectories and export "
+        "one Q/DQ ONNX graph per timestep group into a bundle directory.",
+    )
+    c.add_argument("model", help=MODEL_HELP)
+    c.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    c.add_argument("--scheduler", help="scheduler directory or scheduler_config.json (bare model directories)")
+    c.add_argument("--bits", default="W8A8", help="weight/activation bit-widths, e.g. W8A8 (default)")
+    c.add_argument("--target", default="ort-cpu", help="export profile (default ort-cpu)")
+    c.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="deployment sampler (default ddim)")
+    c.add_argument("--steps", type=int, default=100, help="deployment sampling steps (default 100)")
+    c.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
+    c.add_argument("--calib-samples", type=int, default=64, help="full-precision trajectories (default 64)")
+    c.add_argument("--calib-timesteps", type=int, default=20, help="sampling steps kept, uniformly (default 20)")
+    c.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    c.add_argument("--activation-range", default="minmax", choices=["minmax", "percentile"])
+    c.add_argument("--percentile", type=float, default=99.99, help="with --activation-range percentile")
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration trajectories")
+    c.add_argument("--device", default="cpu", help="calibration device: cpu or cuda")
+    c.add_argument("--save-calibration", metavar="FILE", help="also write the CalibrationResult file")
+    c.add_argument("--force", action="store_true", help="replace an existing bundle")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_compile)
+
+    s = sub.add_parser(
+        "sample",
+        help="draw samples from a bundle or a full-precision model",
+        description="Sample a bundle (ONNX Runtime) or a model directory (full precision, torch) "
+        "with a seeded host-side sampler; identical seeds give identical noise for both.",
+    )
+    s.add_argument("source", help="bundle directory, or " + MODEL_HELP)
+    s.add_argument("-n", type=int, required=True, help="number of samples")
+    s.add_argument("-o", "--output", required=True, help="output .npz (samples: float32 (N, C, H, W) in [−1, 1])")
+    s.add_argument("--png", help="also write a PNG grid of the samples")
+    s.add_argument("--steps", type=int, help="sampling steps (default: the bundle's calibrated steps, else 100)")
+    s.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the bundle's calibrated sampler, else ddim")
+    s.add_argument("--eta", type=float, help="DDIM eta (default: calibrated, else 0)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    s.add_argument("--class-label", help="label or comma list for class-conditional models (default: cycle classes)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: calibrated, else 1)")
+    s.add_argument("--batch-size", type=int, default=16, help="samples per engine call (default 16)")
+    s.add_argument("--scheduler", help="scheduler for a bare model directory")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_sample)
+
+    i = sub.add_parser(
+        "info",
+        help="show what a bundle holds",
+        description="Verify a bundle and show its groups "
+        "(as timestep ranges), bits, profile, float nodes, files and sizes.",
+    )
+    i.add_argument("bundle", help="bundle directory")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=_info)
+
+    d = sub.add_parser(
+        "demo",
+        help="compile, sample and compare a model end to end",
+        description="Compile a W8A8 bundle, sample it and the full-precision model with identical "
+        "seeds, and print per-step latency and fidelity (PSNR) in one table.",
+    )
+    d.add_argument("-o", "--output", default="dqc-demo", help="output directory (default dqc-demo)")
+    d.add_argument("-n", type=int, default=20, help="samples per engine (default 20)")
+    d.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DqcError as e:
+        print(f"dqc {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dqc {args.verb}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

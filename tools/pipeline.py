@@ -1,0 +1,237 @@
+"""What the CLI verbs call: one function each, driving the stages through their files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.bundle import MANIFEST, load_bundle
+from runtime.engine import EngineSet, OrtEngine
+from runtime.errors import ConfigError, DqcError
+from runtime.sampler import SamplerConfig, SampleRun, sample
+
+
+def compile_model(
+    model_dir: str | Path,
+    out: str | Path,
+    cfg,
+    *,
+    scheduler: str | Path | None = None,
+    overwrite: bool = False,
+    calibration_out: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Calibrate + export: a model directory in, a bundle directory out."""
+    from calibration.calibrate import calibrate
+    from calibration.model_io import load_model
+    from exporter.bundle_writer import write_bundle
+
+    model = load_model(model_dir, scheduler, device=cfg.device)
+    result = calibrate(model, cfg, progress=progress)
+    if calibration_out is not None:
+        result.save(calibration_out)
+    model.unet.cpu()
+    return write_bundle(model, result, out, overwrite=overwrite, progress=progress)
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu"):
+    """(EngineSet, schedule, null_class, sampler defaults) for a bundle (ORT) or a model directory (FP torch)."""
+    if is_bundle(path):
+        bundle = load_bundle(path)
+        cal = bundle.manifest.get("calibration", {})
+        defaults = {k: cal[k] for k in ("sampler", "steps", "eta", "guidance") if k in cal}
+        return bundle.engines(), bundle.schedule, bundle.null_class, defaults
+    from calibration.model_io import load_model
+    from runtime.engine import TorchEngine
+
+    model = load_model(path, scheduler, device=device)
+    engine = TorchEngine(model.wrapper(), model.spec, device=device)
+    return EngineSet.single(engine), model.schedule, model.null_class, {}
+
+
+def parse_labels(text: str | None, n: int, num_class_embeds: int | None) -> np.ndarray | None:
+    """'3' → all 3; '0,1,2' → cycled to n; None → cycle the real classes 0..K−2 (K−1 is the null class)."""
+    if num_class_embeds is None:
+        if text is not None:
+            raise ConfigError("--class-label: the model is unconditional; drop the flag")
+        return None
+    if text is None:
+        return np.arange(n, dtype=np.int64) % max(num_class_embeds - 1, 1)
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--class-label {text!r}: expected an integer or a comma-separated list") from e
+    if not values or min(values) < 0 or max(values) >= num_class_embeds:
+        raise ConfigError(f"--class-label {text!r}: labels must lie in [0, {num_class_embeds})")
+    return np.resize(np.asarray(values, dtype=np.int64), n)
+
+
+def save_npz(path: str | Path, **arrays) -> None:
+    """Atomic .npz write (temp file renamed), so a failed run leaves no partial output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **{k: v for k, v in arrays.items() if v is not None})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_grid_png(path: str | Path, images: np.ndarray, columns: int = 10) -> None:
+    """Images in [−1, 1], (N, C, H, W), tiled row-major into one PNG (nearest-neighbour ×4)."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.float32)
+    for i, img in enumerate(images):
+        r, k = divmod(i, columns)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = (
+            img.transpose(1, 2, 0) + 1
+        ) / 2
+    pixels = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+    pixels = pixels[..., 0] if c == 1 else pixels
+    image = Image.fromarray(pixels).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def sample_to_file(
+    path: str | Path,
+    out: str | Path,
+    *,
+    n: int,
+    steps: int | None = None,
+    eta: float | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    class_label: str | None = None,
+    guidance: float | None = None,
+    batch_size: int = 16,
+    png: str | Path | None = None,
+    scheduler: str | Path | None = None,
+    progress: bool = True,
+) -> SampleRun:
+    """`dqc sample`: draw n samples from a bundle or a model directory into an .npz (and a PNG grid)."""
+    if n < 1:
+        raise ConfigError(f"-n {n}: the number of samples must be at least 1")
+    engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler)
+    cfg = SamplerConfig(
+        sampler or defaults.get("sampler", "ddim"),
+        steps or defaults.get("steps", 100),
+        defaults.get("eta", 0.0) if eta is None else eta,
+        defaults.get("guidance", 1.0) if guidance is None else guidance,
+    )
+    labels = parse_labels(class_label, n, engines.spec.num_class_embeds)
+    start = time.perf_counter()
+    run = sample(
+        engines,
+        schedule,
+        cfg,
+        n=n,
+        seed=seed,
+        labels=labels,
+        null_class=null_class,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    samples = np.clip(run.samples, -1, 1).astype(np.float32)
+    meta = json.dumps(
+        {
+            "source": str(path),
+            "seed": seed,
+            "sampler": cfg.name,
+            "steps": cfg.steps,
+            "eta": cfg.eta,
+            "guidance": cfg.guidance,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
+    save_npz(out, samples=samples, labels=labels, meta=np.array(meta))
+    if png is not None:
+        save_grid_png(png, samples)
+    return run
+
+
+def bundle_info(path: str | Path) -> dict:
+    """`dqc info`: groups with their step ranges, bits, profile, files and sizes."""
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    table = bundle.group_of_t
+    ranges, start = [], 0
+    for t in range(1, len(table) + 1):
+        if t == len(table) or table[t] != table[start]:
+            ranges.append({"group": int(table[start]), "t_from": start, "t_to": t - 1})
+            start = t
+    return {
+        "bundle": str(bundle.root),
+        "format_version": m["format_version"],
+        "target": m["target"],
+        "bits": m["bits"],
+        "model": {k: m["model"].get(k) for k in ("class", "weight_sha256", "source")},
+        "calibration": {k: v for k, v in m.get("calibration", {}).items() if k != "stats"},
+        "groups": m["groups"],
+        "timestep_ranges": ranges,
+        "quantized_nodes": len(m.get("quantized_nodes", [])),
+        "float_nodes": m.get("float_nodes", []),
+        "files": {name: (bundle.root / name).stat().st_size for name in m["files"]},
+    }
+
+
+def fp32_engine(model, workdir: str | Path) -> OrtEngine:
+    """A full-precision ONNX Runtime engine of a loaded model (the latency yardstick)."""
+    import onnx
+
+    from exporter.onnx_export import export_float
+
+    path = Path(workdir) / "fp32.onnx"
+    onnx.save(export_float(model), str(path))
+    return OrtEngine(path, model.spec)
+
+
+def latency_ratio(engines: dict[str, object], spec, *, batch: int = 1, reps: int = 20, seed: int = 0) -> dict:
+    """Median per-call latency of each engine on one input, runs interleaved in one process."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *spec.sample_shape), dtype=np.float32)
+    ts = np.full(batch, spec.num_train_timesteps // 2, np.int64)
+    labels = None if spec.num_class_embeds is None else np.zeros(batch, np.int64)
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    for e in engines.values():
+        e.infer(x, ts, labels)  # warm-up: session creation and first-run allocations
+    for _ in range(reps):
+        for name, e in engines.items():
+            start = time.perf_counter()
+            e.infer(x, ts, labels)
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "median_ms": 1e3 * float(np.median(v)),
+            "p10_ms": 1e3 * float(np.percentile(v, 10)),
+            "p90_ms": 1e3 * float(np.percentile(v, 90)),
+        }
+        for name, v in times.items()
+    }
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-sample PSNR for data in [−1, 1] (peak-to-peak 2)."""
+    mse = np.mean((a.astype(np.float64) - b) ** 2, axis=tuple(range(1, a.ndim)))
+    return float(np.mean(10 * np.log10(4.0 / np.maximum(mse, 1e-12))))
+
+
+__all__ = ["DqcError", "bundle_info", "compile_model", "fp32_engine", "latency_ratio", "psnr", "sample_to_file"]
