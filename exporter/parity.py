@@ -71,3 +71,43 @@ def layer_parity(
             "rel_err": float(np.linalg.norm(diff) / max(np.linalg.norm(y_ref), 1e-12)),
         }
     return report
+
+
+def noised_inputs(spec, schedule, t: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    """x_t = √ā_t x_0 + √(1−ā_t) ε with x_0 uniform in [−1, 1]: inputs on the diffusion marginal's scale."""
+    rng = np.random.default_rng([seed, t])
+    a = schedule.alphas_cumprod[t]
+    x0 = rng.uniform(-1, 1, (n, *spec.sample_shape))
+    feeds = {
+        "sample": (np.sqrt(a) * x0 + np.sqrt(1 - a) * rng.standard_normal(x0.shape)).astype(np.float32),
+        "timestep": np.full(n, t, np.int64),
+    }
+    if spec.num_class_embeds is not None:
+        feeds["class_labels"] = np.arange(n, dtype=np.int64) % spec.num_class_embeds
+    return feeds
+
+
+def end_to_end_parity(
+    engine, reference, fp, spec, schedule, timesteps=(5, 200, 400, 600, 800, 950), n: int = 8, seed: int = 0
+) -> dict[str, float]:
+    """‖ε_engine − ε_fq‖ / ‖ε_fq − ε_FP‖ (the parity ratio) and ‖ε_engine − ε_FP‖ / ‖ε_fq − ε_FP‖,
+    summed over the given timesteps."""
+    import torch
+
+    parity = engine_err = ref_err = 0.0
+    for t in timesteps:
+        feeds = noised_inputs(spec, schedule, t, n, seed)
+        args = [torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"])]
+        labels = feeds.get("class_labels")
+        args.append(None if labels is None else torch.from_numpy(labels))
+        with torch.no_grad():
+            e_q, e_fp = reference(*args).numpy(), fp(*args).numpy()
+        e_engine = engine.infer(feeds["sample"], feeds["timestep"], labels)
+        parity += float(np.sum((e_engine - e_q) ** 2))
+        engine_err += float(np.sum((e_engine - e_fp) ** 2))
+        ref_err += float(np.sum((e_q - e_fp) ** 2))
+    return {
+        "parity_ratio": float(np.sqrt(parity / ref_err)),
+        "engine_vs_reference_error": float(np.sqrt(engine_err / ref_err)),
+        "reference_error_rel": float(np.sqrt(ref_err)),
+    }

@@ -72,7 +72,8 @@ def check_inputs(spec: InputSpec, sample: Any, timestep: Any, class_labels: Any 
         raise EngineInputError(f"input 'class_labels': expected {batch} integer labels, got shape {labels.shape}")
     if labels.min() < 0 or labels.max() >= spec.num_class_embeds:
         raise EngineInputError(
-            f"input 'class_labels': values must lie in [0, {spec.num_class_embeds}), got [{labels.min()}, {labels.max()}]"
+            f"input 'class_labels': values must lie in [0, {spec.num_class_embeds}), "
+            f"got [{labels.min()}, {labels.max()}]"
         )
     return np.ascontiguousarray(sample), timestep.astype(np.int64), labels.astype(np.int64)
 

@@ -117,7 +117,7 @@ def test_compile_refuses_to_overwrite(compiled, tiny_dir, capsys):
 
 
 def test_help_on_every_verb():
-    for verb in ("compile", "sample", "info", "demo"):
+    for verb in ("compile", "sample", "info", "demo", "bench"):
         r = subprocess.run(
             [sys.executable, "-m", "tools.cli", verb, "--help"], capture_output=True, text=True, cwd=ROOT
         )

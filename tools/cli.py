@@ -97,6 +97,12 @@ def _demo(a: argparse.Namespace) -> None:
     run_demo(a.output, n=a.n, steps=a.steps, seed=a.seed, progress=not a.quiet)
 
 
+def _bench(a: argparse.Namespace) -> None:
+    from tools.bench import run_bench
+
+    run_bench(a.model, synthetic=a.synthetic, batch=a.batch, reps=a.reps, json_out=a.json, progress=not a.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dqc",
@@ -175,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
+
+    b = sub.add_parser(
+        "bench",
+        help="latency of a W8A8 bundle against ONNX Runtime FP32",
+        description="Compile a model (a directory, or a synthetic random-weight shape) to W8A8, and "
+        "measure per-step latency of the bundle and of the FP32 ONNX Runtime session in one process "
+        "(interleaved runs; report ratios, not absolute times), with ORT's optimized op counts.",
+    )
+    b.add_argument("model", nargs="?", help=MODEL_HELP + " (default: a synthetic model)")
+    b.add_argument(
+        "--synthetic",
+        default="cifar10",
+        choices=["cifar10", "tiny"],
+        help="synthetic shape when no model is given (default cifar10: DDPM CIFAR-10 layout, 35.7 M)",
+    )
+    b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    b.add_argument("--reps", type=int, default=20, help="interleaved timed runs per engine (default 20)")
+    b.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_bench)
     return p
 
 
