@@ -62,7 +62,7 @@ def observe_activations(
             h.remove()
     params = {}
     for point, obs in observers.items():
-        if not obs._samples:
+        if not obs.seen:
             raise CalibrationError(f"quantization point {point}: never reached by the forward pass")
         lo, hi = obs.range(cfg.activation_range, cfg.percentile)
         params[point] = activation_params(lo, hi, profile.activation_signed, cfg.parsed_bits.activation)

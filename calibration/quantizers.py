@@ -101,6 +101,10 @@ class RangeObserver:
         stride = max(1, flat.numel() // self.keep)
         self._samples.append(flat[::stride].cpu())
 
+    @property
+    def seen(self) -> bool:
+        return bool(self._samples)
+
     def range(self, method: str, percentile: float) -> tuple[float, float]:
         if not self._samples:
             raise ValueError("observer saw no data")

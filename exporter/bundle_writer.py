@@ -9,7 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
@@ -193,5 +192,6 @@ def integer_op_summary(counts: dict[str, int]) -> dict[str, int]:
         "integer": int(sum(counts.get(k, 0) for k in integer)),
         "float_conv": counts.get("Conv", 0) + counts.get("FusedConv", 0),
         "float_matmul_gemm": counts.get("MatMul", 0) + counts.get("Gemm", 0) + counts.get("FusedMatMul", 0),
-        "float_weight_dq": int(np.sum([counts.get("DequantizeLinear", 0)])),
+        "quantize_nodes": counts.get("QuantizeLinear", 0),
+        "dequantize_nodes": counts.get("DequantizeLinear", 0),
     }

@@ -17,7 +17,7 @@ OPSET = 17
 def export_float(model: LoadedModel) -> onnx.ModelProto:
     """The float graph: inputs sample, timestep (int64), [class_labels (int64)]; output eps."""
     c, h, w = model.spec.sample_shape
-    forward = model.wrapper().cpu().eval()
+    forward = model.wrapper().cpu().eval()  # moves the model to the CPU: export traces there
     args = [torch.zeros(2, c, h, w), torch.tensor([1, 2], dtype=torch.int64)]
     names = ["sample", "timestep"]
     if model.spec.num_class_embeds is not None:
@@ -41,6 +41,4 @@ def export_float(model: LoadedModel) -> onnx.ModelProto:
             )
     except Exception as e:  # the exporter raises many unrelated types
         raise ExportError(f"torch.onnx.export failed for {model.source}: {e}") from e
-    finally:
-        model.unet.to(next(model.unet.parameters()).device)
     return onnx.load_from_string(buf.getvalue())
