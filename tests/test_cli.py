@@ -101,6 +101,7 @@ def test_info(compiled, capsys):
         (["compile", "{missing}", "-o", "{out}"], "not found"),
         (["sample", "{bundle}", "-n", "2", "--class-label", "99", "-o", "{out}"], "--class-label"),
         (["info", "{missing}"], "manifest.json"),
+        (["sample", "{bundle}", "-n", "2", "--steps", "0", "-o", "{out}"], "--steps 0"),
     ],
 )
 def test_failures_exit_nonzero_and_write_nothing(argv, match, compiled, tiny_dir, tmp_path, capsys):

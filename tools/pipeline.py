@@ -132,8 +132,8 @@ def sample_to_file(
         raise ConfigError(f"-n {n}: the number of samples must be at least 1")
     engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler)
     cfg = SamplerConfig(
-        sampler or defaults.get("sampler", "ddim"),
-        steps or defaults.get("steps", 100),
+        defaults.get("sampler", "ddim") if sampler is None else sampler,
+        defaults.get("steps", 100) if steps is None else steps,
         defaults.get("eta", 0.0) if eta is None else eta,
         defaults.get("guidance", 1.0) if guidance is None else guidance,
     )
