@@ -51,18 +51,23 @@ class QuantLayerModule(nn.Module):
         shape = [-1] + [1] * (w_int.ndim - 1)
         self.register_buffer("weight", w_int.float() * w_scale.float().reshape(shape))
         bias = layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("bias_int32", None)
         if bias is not None and quantize_bias_int32:
             b_int, b_scale = quantize_bias(bias, act_in.scale, w_scale)
-            bias = b_int.float() * b_scale
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+            self.bias_int32 = b_int.float() * b_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_in.apply(x)
+        # the exported graph carries an int32 bias where the node has a bias input: Conv, and Linear on
+        # 2-D inputs (Gemm); Linear on 3-D inputs becomes MatMul + a float Add
+        int_bias = self.bias_int32 is not None and (isinstance(self.layer, nn.Conv2d) or x.ndim == 2)
+        bias = self.bias_int32 if int_bias else self.bias
         if isinstance(self.layer, nn.Conv2d):
             c = self.layer
-            y = F.conv2d(x, self.weight, self.bias, c.stride, c.padding, c.dilation, c.groups)
+            y = F.conv2d(x, self.weight, bias, c.stride, c.padding, c.dilation, c.groups)
         else:
-            y = F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, bias)
         return y if self.act_out is None else self.act_out.apply(y)
 
 

@@ -60,7 +60,7 @@ class CalibrationResult:
                 w_scale,
                 acts[f"{name}:input"],
                 acts.get(f"{name}:output"),
-                profile.quantize_bias and isinstance(layer, torch.nn.Conv2d),
+                profile.quantize_bias,
             )
 
         return replace_layers(fp_forward, lambda n, m: build(n.removeprefix("unet."), m)).eval()
