@@ -40,7 +40,7 @@ def run_bench(
         cfg = CalibrationConfig(steps=10, calib_samples=calib_samples, calib_timesteps=2, batch_size=8)
         start = time.perf_counter()
         bundle = pipeline.compile_model(
-            model, tmp / "bundle", cfg, calibration_out=tmp / "calib.safetensors", progress=progress
+            loaded, tmp / "bundle", cfg, calibration_out=tmp / "calib.safetensors", progress=progress
         )
         compile_s = time.perf_counter() - start
         reference = CalibrationResult.load(tmp / "calib.safetensors").reference_model(loaded.wrapper())

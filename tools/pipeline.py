@@ -17,7 +17,7 @@ from runtime.sampler import SamplerConfig, SampleRun, sample
 
 
 def compile_model(
-    model_dir: str | Path,
+    model_dir,
     out: str | Path,
     cfg,
     *,
@@ -26,12 +26,12 @@ def compile_model(
     calibration_out: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """Calibrate + export: a model directory in, a bundle directory out."""
+    """Calibrate + export: a model directory (or an already loaded model) in, a bundle directory out."""
     from calibration.calibrate import calibrate
-    from calibration.model_io import load_model
+    from calibration.model_io import LoadedModel, load_model
     from exporter.bundle_writer import write_bundle
 
-    model = load_model(model_dir, scheduler, device=cfg.device)
+    model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device)
     result = calibrate(model, cfg, progress=progress)
     if calibration_out is not None:
         result.save(calibration_out)
