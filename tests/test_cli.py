@@ -118,7 +118,7 @@ def test_compile_refuses_to_overwrite(compiled, tiny_dir, capsys):
 
 
 def test_help_on_every_verb():
-    for verb in ("compile", "sample", "info", "demo", "bench"):
+    for verb in ("compile", "sample", "info", "eval", "demo", "bench", "train-reference"):
         r = subprocess.run(
             [sys.executable, "-m", "tools.cli", verb, "--help"], capture_output=True, text=True, cwd=ROOT
         )

@@ -34,7 +34,9 @@ def run_bench(
             model = save_pipeline(build_unet(synthetic), tmp / "model")
             label = f"synthetic '{synthetic}' UNet2DModel, random weights"
         else:
-            label = str(model)
+            from tools.reference import resolve_model
+
+            label, model = str(model), resolve_model(model)
         loaded = load_model(model)
         params = sum(p.numel() for p in loaded.unet.parameters())
         cfg = CalibrationConfig(steps=10, calib_samples=calib_samples, calib_timesteps=2, batch_size=8)

@@ -30,7 +30,9 @@ def compile_model(
     from calibration.calibrate import calibrate
     from calibration.model_io import LoadedModel, load_model
     from exporter.bundle_writer import write_bundle
+    from tools.reference import resolve_model
 
+    model_dir = resolve_model(model_dir)
     model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device)
     result = calibrate(model, cfg, progress=progress)
     if calibration_out is not None:
@@ -45,6 +47,9 @@ def is_bundle(path: str | Path) -> bool:
 
 def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu"):
     """(EngineSet, schedule, null_class, sampler defaults) for a bundle (ORT) or a model directory (FP torch)."""
+    from tools.reference import resolve_model
+
+    path = resolve_model(path)
     if is_bundle(path):
         bundle = load_bundle(path)
         cal = bundle.manifest.get("calibration", {})
@@ -87,6 +92,15 @@ def save_npz(path: str | Path, **arrays) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Atomic JSON write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def save_grid_png(path: str | Path, images: np.ndarray, columns: int = 10) -> None:
@@ -228,10 +242,4 @@ def latency_ratio(engines: dict[str, object], spec, *, batch: int = 1, reps: int
     }
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean per-sample PSNR for data in [−1, 1] (peak-to-peak 2)."""
-    mse = np.mean((a.astype(np.float64) - b) ** 2, axis=tuple(range(1, a.ndim)))
-    return float(np.mean(10 * np.log10(4.0 / np.maximum(mse, 1e-12))))
-
-
-__all__ = ["DqcError", "bundle_info", "compile_model", "fp32_engine", "latency_ratio", "psnr", "sample_to_file"]
+__all__ = ["DqcError", "bundle_info", "compile_model", "fp32_engine", "latency_ratio", "sample_to_file"]

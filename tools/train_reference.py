@@ -1,0 +1,296 @@
+"""Training of the shipped reference model (`dqc train-reference`): a class-conditional DDPM on the
+scikit-learn digits training split, and the small CNN classifier whose penultimate features `dqc eval`
+uses. Both are seeded and log their loss; the diffusion model keeps an EMA of its weights, which is what
+ships.
+
+Diffusion objective (DDPM, Ho et al. 2020, eq. 14): E_{x0,t,eps} ||eps − eps_θ(√ᾱ_t x0 + √(1−ᾱ_t) eps, t, c)||²,
+with the class label replaced by the null class with probability `class_dropout` so that one network gives
+both terms of classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from runtime.errors import ConfigError
+
+REFERENCE_UNET = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+    attention_head_dim=32,
+    num_class_embeds=11,  # digits 0..9 and the null class 10
+)
+REFERENCE_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+
+
+@dataclass(frozen=True)
+class DiffusionTrainConfig:
+    steps: int = 8000
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup: int = 250
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    class_dropout: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = 1000
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _lr_factor(step: int, cfg: DiffusionTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def train_diffusion(
+    out_dir: str | Path,
+    cfg: DiffusionTrainConfig = DiffusionTrainConfig(),
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Train the reference DDPM; writes out_dir/{unet,scheduler}/ (EMA weights, save_pretrained layout),
+    out_dir/train_log.jsonl and out_dir/training.json. Resumes from out_dir/checkpoint.pt if present
+    (same configuration only); `stop_after` checkpoints and returns early at that step."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+    from tqdm.auto import tqdm
+
+    from tools.digits import load_digits_split
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    train, _ = load_digits_split()
+    x_all = torch.from_numpy(train.images).to(dev)
+    y_all = torch.from_numpy(train.labels).to(dev)
+    null = REFERENCE_UNET["num_class_embeds"] - 1
+
+    model = UNet2DModel(**REFERENCE_UNET).to(dev).train()
+    ema = UNet2DModel(**REFERENCE_UNET).to(dev).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    scheduler = DDPMScheduler(**REFERENCE_SCHEDULER)
+    acp = scheduler.alphas_cumprod.to(dev)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+    ckpt = out / "checkpoint.pt"
+    start, seconds = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        start, seconds = int(state["step"]), float(state["seconds"])
+        saved = state.get("config")
+        if saved is not None and _trajectory(json.loads(saved)) != _trajectory(asdict(cfg)):
+            raise ConfigError(
+                f"{ckpt} was written with {json.loads(saved)}; resume with the same configuration "
+                "or train into a new directory"
+            )
+    _truncate_log(out / "train_log.jsonl", start)
+
+    log = (out / "train_log.jsonl").open("a")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train diffusion", disable=not progress)
+    t0, running = time.perf_counter(), (state.get("running") if start else None)
+    for step in bar:
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)
+        x0, y = x_all[idx], y_all[idx].clone()
+        drop = torch.rand(cfg.batch_size, generator=gen).to(dev) < cfg.class_dropout
+        y[drop] = null
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(dev)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = torch.nn.functional.mse_loss(model(xt, t, class_labels=y).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                pe.lerp_(pm, 1 - d)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        done = step + 1
+        if done % cfg.log_every == 0:
+            elapsed = seconds + time.perf_counter() - t0
+            log.write(
+                json.dumps(
+                    {
+                        "step": done,
+                        "loss": round(running, 5),
+                        "lr": sched.get_last_lr()[0],
+                        "seconds": round(elapsed, 1),
+                    }
+                )
+                + "\n"
+            )
+            log.flush()
+        if done % cfg.checkpoint_every == 0 or done in (cfg.steps, stop_after):
+            elapsed = seconds + time.perf_counter() - t0
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "gen": gen.get_state(),
+                    "step": done,
+                    "seconds": elapsed,
+                    "running": running,
+                    "config": json.dumps(asdict(cfg)),
+                },
+                tmp,
+            )
+            os.replace(tmp, ckpt)
+            _save_pipeline(ema, scheduler, out / f"step_{done}")
+        if done == stop_after:
+            log.close()
+            return out
+    log.close()
+    elapsed = seconds + time.perf_counter() - t0
+    final = out / f"step_{cfg.steps}"
+    if not final.exists():
+        _save_pipeline(ema, scheduler, final)
+    for sub in ("unet", "scheduler"):
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+        shutil.copytree(final / sub, out / sub)
+    meta = {
+        "config": asdict(cfg),
+        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in REFERENCE_UNET.items()},
+        "scheduler": REFERENCE_SCHEDULER,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_images": len(x_all),
+        "final_loss_ema": running,
+        "seconds": round(elapsed, 1),
+        "hardware": _hardware(dev),
+        "torch": torch.__version__,
+    }
+    (out / "training.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _trajectory(cfg: dict) -> dict:
+    """The fields that decide the weights (not where or how often they are written)."""
+    return {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "log_every", "device")}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a resumed run starts from."""
+    if not path.exists():
+        return
+    keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def _save_pipeline(unet, scheduler, root: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    scheduler.save_pretrained(tmp / "scheduler")
+    _publish(tmp, root)
+
+
+def _hardware(dev) -> str:
+    import platform
+
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def train_classifier(
+    out_dir: str | Path, cfg: ClassifierTrainConfig = ClassifierTrainConfig(), progress: bool = True
+) -> dict:
+    """Train the digits classifier on the training split (random ±1 pixel shifts); writes
+    out_dir/classifier.safetensors with its test accuracy in the metadata. Returns the metadata."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from tools.digits import load_digits_split
+    from tools.metrics import DigitClassifier, classify
+
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    train, test = load_digits_split()
+    x, y = torch.from_numpy(train.images), torch.from_numpy(train.labels)
+    net = DigitClassifier().to(dev).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.epochs), desc="train classifier", disable=not progress)
+    for _ in bar:
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), cfg.batch_size):
+            b = perm[i : i + cfg.batch_size]
+            xb = _shift(x[b], gen).to(dev)
+            loss = torch.nn.functional.cross_entropy(net(xb), y[b].to(dev), label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    net = net.cpu().eval()
+    acc = float((classify(net, test.images) == test.labels).mean())
+    if acc < 0.97:
+        raise ConfigError(f"classifier reached {acc:.2%} test accuracy, below the 97 % the metrics need")
+    meta = {"test_accuracy": acc, "train_images": len(x), "test_images": len(test.images), **asdict(cfg)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".classifier.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata={"dqc": json.dumps(meta)})
+    os.replace(tmp, out / "classifier.safetensors")
+    return meta
+
+
+def _shift(x, gen):
+    """Random translation by up to one pixel (background −1 fills the border)."""
+    import torch
+
+    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    dx, dy = torch.randint(0, 3, (2,), generator=gen).tolist()
+    return pad[:, :, dy : dy + 8, dx : dx + 8]
