@@ -8,7 +8,7 @@ from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference_model"
 KEYWORD = "reference"
-REFERENCE_GUIDANCE = 2.0  # classifier-free guidance scale the model card's figures use
+REFERENCE_GUIDANCE = 1.5  # classifier-free guidance scale the model card's figures use
 
 
 def reference_dir() -> Path:

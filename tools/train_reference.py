@@ -33,7 +33,9 @@ REFERENCE_UNET = dict(
     attention_head_dim=32,
     num_class_embeds=11,  # digits 0..9 and the null class 10
 )
-REFERENCE_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+# clip_sample does not enter training (only ᾱ_t does). It is off because clipping x̂_0 while the DDIM
+# direction keeps the unclipped guided ε breaks classifier-free guidance on this model (model card).
+REFERENCE_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
 
 
 @dataclass(frozen=True)
