@@ -123,3 +123,36 @@ def quantize_bias(
     scale = torch.tensor(input_scale, dtype=torch.float32) * weight_scale.float()
     q = torch.round(bias.detach().double() / scale.double()).clamp(-(2**31), 2**31 - 1).to(torch.int32)
     return q, scale
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return (torch.round(x) - x).detach() + x
+
+
+def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """x forward (bit-exact), gradient multiplied by g backward."""
+    xg = x * g
+    return x.detach() + (xg - xg.detach())
+
+
+class LsqQuantizer(torch.nn.Module):
+    """Uniform quantizer with a learnable step size (LSQ, Esser et al. 2020, eq. 1–3):
+        x̂ = (clip(⌊x/s⌉ + z, q_min, q_max) − z) · s,
+    gradients by the straight-through estimator, so ∂x̂/∂s = ⌊x/s⌉ − x/s inside the range and
+    q_min − z / q_max − z outside it; the step's gradient is scaled by g = 1/√(N_x · q_max) (eq. 4).
+    `scale` is a scalar (per tensor) or one value per channel along `axis`; the zero point stays fixed."""
+
+    def __init__(self, scale: torch.Tensor, qmin: int, qmax: int, zero_point: float = 0.0, axis: int | None = None):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.as_tensor(scale, dtype=torch.float32).clone())
+        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+        self.qmin, self.qmax, self.axis = qmin, qmax, axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
+        s = _grad_scale(self.scale, 1.0 / (n * max(self.qmax, 1)) ** 0.5).to(x.dtype)
+        if self.axis is not None:
+            s = _channel_view(s, x.ndim, self.axis)
+        z = self.zero_point.to(x.dtype)
+        return (torch.clamp(round_ste(x / s) + z, self.qmin, self.qmax) - z) * s

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from calibration.quantizers import (
@@ -60,3 +61,45 @@ def test_percentile_observer_ignores_outliers():
     obs.observe(torch.cat([torch.randn(100_000), torch.tensor([1e4])]))
     lo, hi = obs.range("percentile", 99.9)
     assert hi < 10 and obs.range("minmax", 100)[1] == 1e4
+
+
+def test_lsq_forward_is_fake_quant_and_gradients_follow_lsq():
+    from calibration.quantizers import LsqQuantizer, fake_quant
+
+    torch.manual_seed(0)
+    x = (torch.randn(4096, dtype=torch.float64) * 2).requires_grad_(True)
+    q = LsqQuantizer(torch.tensor(0.05), 0, 15, zero_point=7).double()
+    y = q(x)
+    s = q.scale.detach()  # 0.05 as stored (float32-rounded, then float64)
+    ref = fake_quant(x.detach(), s, torch.tensor(7.0, dtype=torch.float64), 0, 15)
+    assert torch.equal(y.detach(), ref)
+    w = torch.randn_like(x)
+    (y * w).sum().backward()
+    # float64 reference of LSQ eq. 3 with the eq. 4 gradient scale
+    v = torch.round(x.detach() / s) + 7  # the clip acts on the rounded value
+    inside = (v >= 0) & (v <= 15)
+    ds = torch.where(inside, torch.round(x.detach() / s) - x.detach() / s, torch.where(v < 0, -7.0, 8.0).double())
+    g = 1 / (4096 * 15) ** 0.5
+    assert q.scale.grad.item() == pytest.approx((w * ds).sum().item() * g, rel=1e-9)
+    assert torch.allclose(x.grad, torch.where(inside, w, torch.zeros_like(w)), rtol=1e-12, atol=0)  # STE
+
+
+def test_lsq_recovers_from_a_too_small_step():
+    """Started at a quarter of the min-max step (heavy clipping), LSQ learns its way back to within 10 % of
+    the least-squares step found by grid search."""
+    from calibration.quantizers import LsqQuantizer, search_weight_scale, symmetric_range
+
+    torch.manual_seed(1)
+    w = torch.randn(8, 64) * torch.linspace(0.1, 2, 8)[:, None]
+    qmin, qmax = symmetric_range(4)
+    best = search_weight_scale(w, 4, p=2.0)
+    best_err = (fake_quant(w, best[:, None], torch.zeros(()), qmin, qmax) - w).pow(2).mean().item()
+    q = LsqQuantizer(w.abs().amax(1) / qmax / 4, qmin, qmax, axis=0)
+    before = (q(w) - w).pow(2).mean().item()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        (q(w) - w).pow(2).mean().backward()
+        opt.step()
+    after = (q(w) - w).pow(2).mean().item()
+    assert before > 3 * best_err and after < 1.1 * best_err
