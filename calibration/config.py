@@ -24,17 +24,16 @@ class Bits:
 
 
 def parse_bits(text: str) -> Bits:
-    """'W8A8' → Bits(8, 8). Weights 2–8 bits on an int8 container; activations 8 bits for now."""
+    """'W4A8' → Bits(4, 8). Weights and activations 2–8 bits; below 8 they run in int8/uint8 containers
+    with values restricted to the b-bit grid (speed is that of int8)."""
     m = _BITS.match(text.strip().upper()) if isinstance(text, str) else None
     if not m:
         raise ConfigError(f"--bits {text!r}: expected W<weight bits>A<activation bits>, e.g. W8A8")
     bits = Bits(int(m[1]), int(m[2]))
     if not 2 <= bits.weight <= 8:
         raise ConfigError(f"--bits {text}: weight bits must be between 2 and 8")
-    if bits.activation != 8:
-        raise ConfigError(
-            f"--bits {text}: activations below 8 bits are not supported yet by the export profiles; use A8 (e.g. W8A8)"
-        )
+    if not 2 <= bits.activation <= 8:
+        raise ConfigError(f"--bits {text}: activation bits must be between 2 and 8")
     return bits
 
 

@@ -19,8 +19,8 @@ def _probe_model(graph_path: Path, layers: list[str]) -> tuple[onnx.ModelProto, 
     producers = {n.name: n for n in model.graph.node}
     probes = {}
     for name in layers:
-        q_in = producers.get(f"{name}/input/Q")
-        out_dq = producers.get(f"{name}/output/DQ")
+        q_in = producers.get(f"{name}/input/in/Clip") or producers.get(f"{name}/input/Q")
+        out_dq = producers.get(f"{name}/output/out/Clip") or producers.get(f"{name}/output/DQ")  # b < 8: the Clip
         layer_node = next((n for n in model.graph.node if q_in is not None and f"{name}/input/dq" in n.input), None)
         if q_in is None or layer_node is None:
             continue

@@ -50,15 +50,45 @@ def _act_type(p: ActParams) -> type:
     return np.uint8 if p.qmin >= 0 else np.int8
 
 
+_CONTAINER = {np.uint8: (0, 255), np.int8: (-128, 127)}
+
+
+def _clip(x: gs.Tensor, p: ActParams, name: str, out: gs.Variable | None = None) -> tuple[gs.Node, gs.Variable]:
+    """Float Clip to the b-bit grid's end points (q_min − z)·s and (q_max − z)·s: exact grid values, so
+    Q(Clip(x)) = clamp(⌊x/s⌉ + z, q_min, q_max), the b-bit quantizer, inside an 8-bit container."""
+    lo = np.array((p.qmin - p.zero_point) * p.scale, dtype=np.float32)
+    hi = np.array((p.qmax - p.zero_point) * p.scale, dtype=np.float32)
+    y = out if out is not None else gs.Variable(f"{name}/clipped", dtype=np.float32)
+    node = gs.Node(
+        "Clip",
+        f"{name}/Clip",
+        inputs=[x, gs.Constant(f"{name}/clip_min", lo), gs.Constant(f"{name}/clip_max", hi)],
+        outputs=[y],
+    )
+    return node, y
+
+
 def _qdq(x: gs.Tensor, p: ActParams, name: str, out: gs.Variable | None = None) -> tuple[list[gs.Node], gs.Variable]:
+    """Q/DQ pair for an activation. Below 8 bits a Clip restricts the values to the b-bit grid: before the
+    Q on a layer input (so DQ → layer → Q still fuses into an integer kernel), after the DQ on a layer
+    output (`out` given)."""
+    narrow = (p.qmin, p.qmax) != _CONTAINER[_act_type(p)]
+    nodes = []
+    if narrow and out is None:
+        clip, x = _clip(x, p, f"{name}/in")
+        nodes.append(clip)
     scale = gs.Constant(f"{name}/scale", np.array(p.scale, dtype=np.float32))
     zp = gs.Constant(f"{name}/zero_point", np.array(p.zero_point, dtype=_act_type(p)))
     q = gs.Variable(f"{name}/q", dtype=_act_type(p))
-    dq = out if out is not None else gs.Variable(f"{name}/dq", dtype=np.float32)
-    return [
+    dq = out if out is not None and not narrow else gs.Variable(f"{name}/dq", dtype=np.float32)
+    nodes += [
         gs.Node("QuantizeLinear", f"{name}/Q", inputs=[x, scale, zp], outputs=[q]),
         gs.Node("DequantizeLinear", f"{name}/DQ", inputs=[q, scale, zp], outputs=[dq]),
-    ], dq
+    ]
+    if narrow and out is not None:
+        clip, dq = _clip(dq, p, f"{name}/out", out=out)
+        nodes.append(clip)
+    return nodes, dq
 
 
 def _dq_const(name: str, values: np.ndarray, scale: np.ndarray, axis: int) -> tuple[gs.Node, gs.Variable]:

@@ -51,7 +51,7 @@ def test_weights_must_be_safetensors(tiny_dir, tmp_path):
         load_model(d)
 
 
-@pytest.mark.parametrize("text", ["W8", "A8W8", "W9A8", "W8A4", "w1a8", ""])
+@pytest.mark.parametrize("text", ["W8", "A8W8", "W9A8", "W8A9", "W8A1", "w1a8", ""])
 def test_unsupported_bits(text):
     with pytest.raises(ConfigError, match="--bits"):
         parse_bits(text)
