@@ -14,7 +14,14 @@ from calibration.collect import CalibrationData, record_trajectories
 from calibration.config import CalibrationConfig
 from calibration.model_io import LoadedModel, load_model
 from calibration.qmodules import QuantLayer, quantizable_layers
-from calibration.quantizers import ActParams, RangeObserver, activation_params, quantize_weight, search_weight_scale
+from calibration.quantizers import (
+    ActParams,
+    RangeObserver,
+    activation_params,
+    quantize_weight,
+    search_weight_scale,
+    symmetric_range,
+)
 from calibration.result import CalibrationResult
 from exporter.profiles import get_profile
 from runtime.errors import CalibrationError
@@ -25,7 +32,10 @@ def quantize_weights(model: LoadedModel, layers: list[QuantLayer], cfg: Calibrat
     out = {}
     for layer in tqdm(layers, desc="weights", disable=not progress, leave=False):
         w = model.unet.get_submodule(layer.name).weight.detach().float().cpu()
-        scale = search_weight_scale(w, bits, axis=0, p=cfg.weight_lp)
+        if cfg.weight_range == "minmax":  # round-to-nearest on the full per-channel range
+            scale = (w.abs().amax(dim=tuple(range(1, w.ndim))) / symmetric_range(bits)[1]).clamp_min(1e-12)
+        else:
+            scale = search_weight_scale(w, bits, axis=0, p=cfg.weight_lp)
         out[layer.name] = (quantize_weight(w, scale, bits, axis=0), scale)
     return out
 

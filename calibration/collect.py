@@ -58,6 +58,37 @@ def uniform_timesteps(timesteps: np.ndarray, count: int) -> set[int]:
     return {int(t) for t in timesteps[::stride][:count]}
 
 
+def random_timesteps(timesteps: np.ndarray, count: int, seed: int) -> set[int]:
+    """Random selection: `count` distinct sampling steps, uniformly."""
+    rng = np.random.default_rng([seed, 1])
+    return {int(t) for t in rng.choice(timesteps, size=min(count, len(timesteps)), replace=False)}
+
+
+def normal_timesteps(timesteps: np.ndarray, count: int, seed: int, num_train_timesteps: int, mean: float) -> set[int]:
+    """PTQ4DM's normally distributed selection: t ~ N(μ, T/2) with μ = mean·T (< T/2), clipped to [0, T−1],
+    each draw mapped to the nearest sampling step, until `count` distinct steps are chosen."""
+    rng = np.random.default_rng([seed, 2])
+    count = min(count, len(timesteps))
+    chosen: set[int] = set()
+    ts = np.sort(np.asarray(timesteps))
+    while len(chosen) < count:
+        t = np.clip(rng.normal(mean * num_train_timesteps, num_train_timesteps / 2), 0, num_train_timesteps - 1)
+        free = np.array([x for x in ts if int(x) not in chosen])
+        chosen.add(int(free[np.argmin(np.abs(free - t))]))
+    return chosen
+
+
+def select_timesteps(model: LoadedModel, cfg: CalibrationConfig) -> set[int]:
+    """The sampling steps whose inputs feed calibration, by the configured strategy."""
+    timesteps = model.schedule.timesteps(cfg.steps)
+    if cfg.timestep_selection == "random":
+        return random_timesteps(timesteps, cfg.calib_timesteps, cfg.seed)
+    if cfg.timestep_selection == "normal":
+        T = model.schedule.num_train_timesteps
+        return normal_timesteps(timesteps, cfg.calib_timesteps, cfg.seed, T, cfg.normal_mean)
+    return uniform_timesteps(timesteps, cfg.calib_timesteps)
+
+
 def default_labels(model: LoadedModel, n: int) -> np.ndarray | None:
     """Cycle through the real classes 0..K−2 (the last embedding is the null class)."""
     k = model.spec.num_class_embeds
@@ -66,7 +97,7 @@ def default_labels(model: LoadedModel, n: int) -> np.ndarray | None:
 
 def record_trajectories(model: LoadedModel, cfg: CalibrationConfig, progress: bool = True) -> CalibrationData:
     sampler = cfg.sampler_config
-    keep = uniform_timesteps(model.schedule.timesteps(sampler.steps), cfg.calib_timesteps)
+    keep = select_timesteps(model, cfg)
     data = CalibrationData([], [], [])
     fp = TorchEngine(model.wrapper(), model.spec, device=cfg.device)
     engines = EngineSet.single(_Recorder(fp, keep, data))

@@ -12,6 +12,13 @@ from runtime.sampler import SamplerConfig
 
 _BITS = re.compile(r"^W(\d+)A(\d+)$")
 ACTIVATION_RANGES = ("minmax", "percentile")
+TIMESTEP_SELECTIONS = ("uniform", "random", "normal")
+WEIGHT_RANGES = ("lp", "minmax")
+# Method presets: the fields each sets unless given explicitly.
+METHODS = {
+    "lp": {},  # per-channel L_p weight-range search, min-max activations, uniform timesteps
+    "naive": dict(weight_range="minmax", activation_range="minmax", timestep_selection="uniform"),
+}
 
 
 @dataclass(frozen=True)
@@ -40,22 +47,28 @@ def parse_bits(text: str) -> Bits:
 @dataclass(frozen=True)
 class CalibrationConfig:
     bits: str = "W8A8"
+    method: str = "lp"  # a preset of METHODS; record of how the fields below were chosen
     target: str = "ort-cpu"
     sampler: str = "ddim"
     steps: int = 100
     eta: float = 0.0
     guidance: float = 1.0
     calib_samples: int = 64  # full-precision trajectories recorded
-    calib_timesteps: int = 20  # uniform selection: every (steps // calib_timesteps)-th step is kept
+    calib_timesteps: int = 20  # sampling steps whose inputs are kept
+    timestep_selection: str = "uniform"  # uniform (Q-Diffusion) | random | normal (PTQ4DM)
+    normal_mean: float = 0.4  # normal selection: μ = normal_mean · T (PTQ4DM: μ < T/2)
     batch_size: int = 32
     seed: int = 0
     activation_range: str = "minmax"
     percentile: float = 99.99
+    weight_range: str = "lp"  # lp: L_p shrink search per channel; minmax: the channel's max |w| (naive)
     weight_lp: float = 2.4  # L_p norm of the weight range search (Q-Diffusion / PTQD: 2.4)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r}: use one of {sorted(METHODS)}")
         get_profile(self.target)
         SamplerConfig(self.sampler, self.steps, self.eta, self.guidance)
         for name in ("calib_samples", "calib_timesteps", "batch_size"):
@@ -67,10 +80,24 @@ class CalibrationConfig:
             raise ConfigError(f"activation_range={self.activation_range!r}: use one of {ACTIVATION_RANGES}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile={self.percentile}: must lie in (50, 100]")
+        if self.timestep_selection not in TIMESTEP_SELECTIONS:
+            raise ConfigError(f"timestep_selection={self.timestep_selection!r}: use one of {TIMESTEP_SELECTIONS}")
+        if not 0.0 <= self.normal_mean < 0.5:
+            raise ConfigError(f"normal_mean={self.normal_mean}: PTQ4DM's μ = normal_mean·T needs 0 ≤ normal_mean < 0.5")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ConfigError(f"weight_range={self.weight_range!r}: use one of {WEIGHT_RANGES}")
         if self.weight_lp <= 0:
             raise ConfigError(f"weight_lp={self.weight_lp}: must be > 0")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
+
+    @classmethod
+    def for_method(cls, method: str = "lp", **fields) -> CalibrationConfig:
+        """The method's preset, with explicitly given fields (not None) taking precedence."""
+        if method not in METHODS:
+            raise ConfigError(f"--method {method!r}: use one of {sorted(METHODS)}")
+        given = {k: v for k, v in fields.items() if v is not None}
+        return cls(method=method, **(METHODS[method] | given))
 
     @property
     def parsed_bits(self) -> Bits:

@@ -18,7 +18,8 @@ def _compile(a: argparse.Namespace) -> None:
     from calibration.config import CalibrationConfig
     from tools.pipeline import compile_model
 
-    cfg = CalibrationConfig(
+    cfg = CalibrationConfig.for_method(
+        a.method,
         bits=a.bits,
         target=a.target,
         sampler=a.sampler,
@@ -30,6 +31,7 @@ def _compile(a: argparse.Namespace) -> None:
         batch_size=a.batch_size,
         seed=a.seed,
         activation_range=a.activation_range,
+        timestep_selection=a.timestep_selection,
         percentile=a.percentile,
         device=a.device,
     )
@@ -81,7 +83,8 @@ def _info(a: argparse.Namespace) -> None:
     cal = info["calibration"]
     print(
         f"calibrated for {cal.get('sampler')} {cal.get('steps')} steps, eta {cal.get('eta')}, "
-        f"{cal.get('samples')} trajectories, {cal.get('activation_range')} ranges"
+        f"{cal.get('samples')} trajectories, method {cal.get('method')}, {cal.get('selection')} timesteps, "
+        f"{cal.get('activation_range')} activation ranges"
     )
     print("groups:")
     for r in info["timestep_ranges"]:
@@ -174,9 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
     c.add_argument("--calib-samples", type=int, default=64, help="full-precision trajectories (default 64)")
-    c.add_argument("--calib-timesteps", type=int, default=20, help="sampling steps kept, uniformly (default 20)")
+    c.add_argument("--calib-timesteps", type=int, default=20, help="sampling steps whose inputs are kept (default 20)")
     c.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
-    c.add_argument("--activation-range", default="minmax", choices=["minmax", "percentile"])
+    c.add_argument(
+        "--method",
+        default="lp",
+        choices=["lp", "naive"],
+        help="calibration preset: lp (default: per-channel L_p weight-range search, min-max activations) or "
+        "naive (min-max ranges, round-to-nearest: what ONNX Runtime's static quantizer does); explicit "
+        "flags override the preset",
+    )
+    c.add_argument("--activation-range", choices=["minmax", "percentile"], help="default: the method's (minmax)")
+    c.add_argument(
+        "--timestep-selection",
+        choices=["uniform", "random", "normal"],
+        help="which sampling steps feed calibration: uniform (Q-Diffusion, default), random, normal (PTQ4DM)",
+    )
     c.add_argument("--percentile", type=float, default=99.99, help="with --activation-range percentile")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration trajectories")
     c.add_argument("--device", default="cpu", help="calibration device: cpu or cuda")

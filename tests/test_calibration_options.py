@@ -1,0 +1,82 @@
+"""Calibration options: timestep selection strategies and the method presets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration.collect import normal_timesteps, random_timesteps, uniform_timesteps
+from calibration.config import CalibrationConfig
+from runtime.errors import ConfigError
+
+
+def test_selection_strategies_pick_distinct_sampling_steps():
+    ts = np.arange(990, -1, -10)  # 100 DDIM steps over T = 1000
+    for chosen in (
+        uniform_timesteps(ts, 20),
+        random_timesteps(ts, 20, seed=0),
+        normal_timesteps(ts, 20, seed=0, num_train_timesteps=1000, mean=0.2),
+    ):
+        assert len(chosen) == 20 and chosen <= {int(t) for t in ts}
+    assert random_timesteps(ts, 20, seed=0) == random_timesteps(ts, 20, seed=0) != random_timesteps(ts, 20, seed=1)
+    assert len(normal_timesteps(ts, 100, seed=0, num_train_timesteps=1000, mean=0.2)) == 100
+
+
+def test_normal_selection_concentrates_below_half_t():
+    """PTQ4DM: t ~ N(μ, T/2) with μ < T/2 — over many seeds the chosen steps sit lower than uniform ones."""
+    ts = np.arange(990, -1, -10)
+    uniform = np.mean(sorted(uniform_timesteps(ts, 10)))
+    normal = np.mean([np.mean(sorted(normal_timesteps(ts, 10, s, 1000, 0.2))) for s in range(30)])
+    assert normal < uniform - 50
+
+
+def test_method_presets_and_overrides():
+    naive = CalibrationConfig.for_method("naive", bits="W4A8", activation_range=None)
+    assert (naive.method, naive.weight_range, naive.activation_range, naive.bits) == (
+        "naive",
+        "minmax",
+        "minmax",
+        "W4A8",
+    )
+    assert CalibrationConfig.for_method("naive", activation_range="percentile").activation_range == "percentile"
+    assert CalibrationConfig.for_method("lp").weight_range == "lp"
+    with pytest.raises(ConfigError, match="--method"):
+        CalibrationConfig.for_method("brecq")
+    with pytest.raises(ConfigError, match="timestep_selection"):
+        CalibrationConfig(timestep_selection="cosine")
+    with pytest.raises(ConfigError, match="normal_mean"):
+        CalibrationConfig(normal_mean=0.7)
+
+
+def test_naive_weights_are_round_to_nearest_on_the_full_range(tiny_model):
+    from calibration.calibrate import quantize_weights
+    from calibration.qmodules import quantizable_layers
+
+    layers = quantizable_layers(tiny_model.unet)[:5]
+    cfg = CalibrationConfig.for_method("naive", bits="W4A8")
+    for layer in layers:
+        w_int, scale = quantize_weights(tiny_model, [layer], cfg, progress=False)[layer.name]
+        w = tiny_model.unet.get_submodule(layer.name).weight.detach().double()
+        assert (w_int.flatten(1).abs().amax(1) == 7).all()  # every channel's max |w| maps to q_max
+        expect = torch_round(w / scale.double().view(-1, *[1] * (w.ndim - 1)))
+        assert np.array_equal(w_int.numpy(), expect.clamp(-7, 7).to(dtype=w_int.dtype).numpy())
+
+
+def torch_round(x):
+    import torch
+
+    return torch.round(x)
+
+
+def test_compile_with_method_and_selection(tiny_dir, tmp_path):
+    import json
+
+    from tools.cli import main
+
+    out = tmp_path / "b"
+    argv = ["compile", str(tiny_dir), "-o", str(out), "--method", "naive", "--timestep-selection", "normal",
+            "--bits", "W4A8", "--steps", "10", "--calib-samples", "4", "--calib-timesteps", "3", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["bits"] == "W4A8"
+    assert '"naive"' in json.dumps(manifest) and '"normal"' in json.dumps(manifest)
