@@ -40,6 +40,46 @@ def quantize_weights(model: LoadedModel, layers: list[QuantLayer], cfg: Calibrat
     return out
 
 
+def adaround_weights(
+    model: LoadedModel,
+    layers: list[QuantLayer],
+    data: CalibrationData,
+    weights: dict,
+    cfg: CalibrationConfig,
+    progress: bool,
+) -> dict:
+    """Layer-wise AdaRound on each layer's full-precision inputs (the first `adaround_samples` recorded
+    calibration inputs), keeping the range-searched scales."""
+    from calibration.adaround import adaround_layer
+
+    rows = min(cfg.adaround_samples, len(data))
+    out = dict(weights)
+    forward = model.wrapper()
+    for layer in tqdm(layers, desc="adaround", disable=not progress, leave=False):
+        module = model.unet.get_submodule(layer.name)
+        seen: list[torch.Tensor] = []
+        handle = module.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].detach()))
+        try:
+            with torch.inference_mode():
+                done = 0
+                for x, t, c in data.batches(cfg.batch_size, cfg.device):
+                    forward(x, t, c)
+                    done += len(x)
+                    if done >= rows:
+                        break
+        finally:
+            handle.remove()
+        inputs = torch.cat(seen).clone()
+        if layer.op == "linear" and inputs.ndim > 2:
+            inputs = inputs.flatten(0, -2)  # attention projections: every token is one input row
+        w_int = adaround_layer(
+            module, inputs, weights[layer.name][1].to(inputs.device), cfg.parsed_bits.weight,
+            iters=cfg.adaround_iters, seed=cfg.seed,
+        )  # fmt: skip
+        out[layer.name] = (w_int.cpu(), weights[layer.name][1])
+    return out
+
+
 def observe_activations(
     model: LoadedModel, layers: list[QuantLayer], data: CalibrationData, cfg: CalibrationConfig, progress: bool
 ) -> dict[str, ActParams]:
@@ -95,6 +135,9 @@ def calibrate(
     data = record_trajectories(model, cfg, progress)
     t_record = time.perf_counter() - start
     weights = quantize_weights(model, layers, cfg, progress)
+    if cfg.weight_rounding == "adaround":
+        with torch.enable_grad():
+            weights = adaround_weights(model, layers, data, weights, cfg, progress)
     t_weights = time.perf_counter() - start - t_record
     acts = observe_activations(model, layers, data, cfg, progress)
     stats = {

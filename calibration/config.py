@@ -14,6 +14,7 @@ _BITS = re.compile(r"^W(\d+)A(\d+)$")
 ACTIVATION_RANGES = ("minmax", "percentile")
 TIMESTEP_SELECTIONS = ("uniform", "random", "normal")
 WEIGHT_RANGES = ("lp", "minmax")
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
 # Method presets: the fields each sets unless given explicitly.
 METHODS = {
     "lp": {},  # per-channel L_p weight-range search, min-max activations, uniform timesteps
@@ -63,6 +64,9 @@ class CalibrationConfig:
     percentile: float = 99.99
     weight_range: str = "lp"  # lp: L_p shrink search per channel; minmax: the channel's max |w| (naive)
     weight_lp: float = 2.4  # L_p norm of the weight range search (Q-Diffusion / PTQD: 2.4)
+    weight_rounding: str = "nearest"  # nearest | adaround (layer-wise, on full-precision layer inputs)
+    adaround_iters: int = 1000
+    adaround_samples: int = 256  # calibration inputs per layer for AdaRound
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -86,6 +90,11 @@ class CalibrationConfig:
             raise ConfigError(f"normal_mean={self.normal_mean}: PTQ4DM's μ = normal_mean·T needs 0 ≤ normal_mean < 0.5")
         if self.weight_range not in WEIGHT_RANGES:
             raise ConfigError(f"weight_range={self.weight_range!r}: use one of {WEIGHT_RANGES}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ConfigError(f"weight_rounding={self.weight_rounding!r}: use one of {WEIGHT_ROUNDINGS}")
+        for name in ("adaround_iters", "adaround_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.weight_lp <= 0:
             raise ConfigError(f"weight_lp={self.weight_lp}: must be > 0")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

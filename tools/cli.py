@@ -32,6 +32,8 @@ def _compile(a: argparse.Namespace) -> None:
         seed=a.seed,
         activation_range=a.activation_range,
         timestep_selection=a.timestep_selection,
+        weight_rounding=a.weight_rounding,
+        adaround_iters=a.adaround_iters,
         percentile=a.percentile,
         device=a.device,
     )
@@ -188,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "flags override the preset",
     )
     c.add_argument("--activation-range", choices=["minmax", "percentile"], help="default: the method's (minmax)")
+    c.add_argument(
+        "--weight-rounding",
+        choices=["nearest", "adaround"],
+        help="nearest (default) or adaround: learned up/down rounding per weight, layer by layer",
+    )
+    c.add_argument("--adaround-iters", type=int, help="AdaRound iterations per layer (default 1000)")
     c.add_argument(
         "--timestep-selection",
         choices=["uniform", "random", "normal"],
