@@ -18,9 +18,9 @@ from calibration.quantizers import (
     ActParams,
     RangeObserver,
     activation_params,
+    minmax_weight_scale,
     quantize_weight,
     search_weight_scale,
-    symmetric_range,
 )
 from calibration.result import CalibrationResult
 from exporter.profiles import get_profile
@@ -32,8 +32,8 @@ def quantize_weights(model: LoadedModel, layers: list[QuantLayer], cfg: Calibrat
     out = {}
     for layer in tqdm(layers, desc="weights", disable=not progress, leave=False):
         w = model.unet.get_submodule(layer.name).weight.detach().float().cpu()
-        if cfg.weight_range == "minmax":  # round-to-nearest on the full per-channel range
-            scale = (w.abs().amax(dim=tuple(range(1, w.ndim))) / symmetric_range(bits)[1]).clamp_min(1e-12)
+        if cfg.weight_range == "minmax":
+            scale = minmax_weight_scale(w, bits, axis=0)
         else:
             scale = search_weight_scale(w, bits, axis=0, p=cfg.weight_lp)
         out[layer.name] = (quantize_weight(w, scale, bits, axis=0), scale)
@@ -53,6 +53,7 @@ def adaround_weights(
     from calibration.adaround import adaround_layer
 
     rows = min(cfg.adaround_samples, len(data))
+    # one forward pass per layer: holding every layer's inputs at once would not fit for large models
     out = dict(weights)
     forward = model.wrapper()
     for layer in tqdm(layers, desc="adaround", disable=not progress, leave=False):

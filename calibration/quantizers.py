@@ -29,6 +29,12 @@ def _channel_view(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
+def minmax_weight_scale(w: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
+    """Per-channel symmetric scale covering the channel's max |w| (round-to-nearest, no clipping)."""
+    dims = [d for d in range(w.ndim) if d != axis]
+    return (w.detach().abs().amax(dim=dims) / symmetric_range(bits)[1]).clamp_min(1e-12).float()
+
+
 def search_weight_scale(
     w: torch.Tensor, bits: int, axis: int = 0, p: float = 2.4, candidates: int = 80
 ) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from calibration.collect import normal_timesteps, random_timesteps, uniform_timesteps
 from calibration.config import CalibrationConfig
@@ -58,14 +59,8 @@ def test_naive_weights_are_round_to_nearest_on_the_full_range(tiny_model):
         w_int, scale = quantize_weights(tiny_model, [layer], cfg, progress=False)[layer.name]
         w = tiny_model.unet.get_submodule(layer.name).weight.detach().double()
         assert (w_int.flatten(1).abs().amax(1) == 7).all()  # every channel's max |w| maps to q_max
-        expect = torch_round(w / scale.double().view(-1, *[1] * (w.ndim - 1)))
+        expect = torch.round(w / scale.double().view(-1, *[1] * (w.ndim - 1)))
         assert np.array_equal(w_int.numpy(), expect.clamp(-7, 7).to(dtype=w_int.dtype).numpy())
-
-
-def torch_round(x):
-    import torch
-
-    return torch.round(x)
 
 
 def test_compile_with_method_and_selection(tiny_dir, tmp_path):

@@ -4,7 +4,6 @@ PSNR in one table; write both sample files, a side-by-side PNG and a JSON report
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -65,17 +64,17 @@ def run_demo(
     q_engines = pipeline.open_engines(bundle)[0]
     scfg = SamplerConfig("ddim", steps, eta, guidance)
     labels = pipeline.parse_labels(None, n, model.spec.num_class_embeds)
-    files = {}
+    files, samples = {}, {}
     for name, engines in (("fp32", EngineSet.single(fp_engine)), ("w8a8", q_engines)):
         run = sample(
             engines, model.schedule, scfg, n=n, seed=seed, labels=labels, null_class=model.null_class,
             batch_size=50, progress=progress,
         )  # fmt: skip
         files[name] = out / f"samples_{name}.npz"
+        samples[name] = np.clip(run.samples, -1, 1).astype(np.float32)
         meta = {"source": f"reference ({name})", "seed": seed, "sampler": "ddim", "steps": steps, "eta": eta,
                 "guidance": guidance}  # fmt: skip
-        pipeline.save_npz(files[name], samples=np.clip(run.samples, -1, 1).astype(np.float32), labels=labels,
-                          meta=np.array(json.dumps(meta)))  # fmt: skip
+        pipeline.save_samples(files[name], samples[name], labels, meta)
     evals = {"fp32": evaluate(files["fp32"]), "w8a8": evaluate(files["w8a8"], reference=files["fp32"])}
     # one denoising step of one image with guidance is one engine call on 2 rows (conditional + null class)
     lat = pipeline.latency_ratio({"fp32": fp_engine, "w8a8": q_engines.for_timestep(0)}, model.spec, batch=2)
@@ -94,7 +93,6 @@ def run_demo(
         "fd_floor_test_vs_train": fd_floor(),
         "bundle": str(bundle),
     }
-    samples = {k: np.load(v)["samples"] for k, v in files.items()}
     _comparison_png(out / "comparison.png", samples["fp32"], samples["w8a8"], labels)
     pipeline.write_json(out / "report.json", report)
     print()

@@ -5,6 +5,7 @@ split is fixed (stratified, seed 0) and shared by training, the classifier and `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -19,8 +20,10 @@ class Split:
     labels: np.ndarray  # (N,) int64
 
 
+@lru_cache(maxsize=1)
 def load_digits_split() -> tuple[Split, Split]:
-    """(train, test): 1437 and 360 images, every class in both in proportion."""
+    """(train, test): 1437 and 360 images, every class in both in proportion (read once per process;
+    callers must not modify the arrays)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -182,11 +182,12 @@ def evaluate(
 
     net = load_classifier(classifier)
     _, test = load_digits_split()
+    meta = _file_meta(data)
     report: dict = {
         "samples": str(samples_path),
         "n": n,
-        "seed": _file_meta(data).get("seed"),
-        "sampler": {k: _file_meta(data).get(k) for k in ("source", "sampler", "steps", "eta", "guidance")},
+        "seed": meta.get("seed"),
+        "sampler": {k: meta.get(k) for k in ("source", "sampler", "steps", "eta", "guidance")},
         "fd": frechet_distance(features(net, x), features(net, test.images)),
         "fd_reference_set": f"digits held-out test split ({len(test.images)} images), classifier penultimate features",
         "accuracy": None if y is None else float((classify(net, x) == y).mean()),

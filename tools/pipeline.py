@@ -94,6 +94,11 @@ def save_npz(path: str | Path, **arrays) -> None:
             os.unlink(tmp)
 
 
+def save_samples(path: str | Path, samples: np.ndarray, labels: np.ndarray | None, meta: dict) -> None:
+    """A sample file as `dqc eval` reads it: samples (float32, clipped to [−1, 1]), labels, meta (JSON)."""
+    save_npz(path, samples=samples, labels=labels, meta=np.array(json.dumps(meta)))
+
+
 def write_json(path: str | Path, obj) -> None:
     """Atomic JSON write."""
     path = Path(path)
@@ -165,18 +170,16 @@ def sample_to_file(
         progress=progress,
     )
     samples = np.clip(run.samples, -1, 1).astype(np.float32)
-    meta = json.dumps(
-        {
-            "source": str(path),
-            "seed": seed,
-            "sampler": cfg.name,
-            "steps": cfg.steps,
-            "eta": cfg.eta,
-            "guidance": cfg.guidance,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-    )
-    save_npz(out, samples=samples, labels=labels, meta=np.array(meta))
+    meta = {
+        "source": str(path),
+        "seed": seed,
+        "sampler": cfg.name,
+        "steps": cfg.steps,
+        "eta": cfg.eta,
+        "guidance": cfg.guidance,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    save_samples(out, samples, labels, meta)
     if png is not None:
         save_grid_png(png, samples)
     return run
