@@ -5,7 +5,7 @@
 
 with β annealed from 20 to 2 after a 20 % warm-up (regulariser off during warm-up), λ = 0.01, Adam
 lr 1e-3 (algorithms.md, "AdaRound / BRECQ"). After optimisation h(V) is hardened: round up where V ≥ 0.
-This is the layer-wise form; the inputs x are what the layer sees in the network being quantized.
+`adaround_layer` is the layer-wise form; `calibration.reconstruct` uses the same rounding block by block.
 """
 
 from __future__ import annotations
@@ -24,11 +24,46 @@ def _h(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
-def _apply(layer: torch.nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    bias = None if layer.bias is None else layer.bias.detach()
+def apply_layer(layer: torch.nn.Module, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The Conv2d or Linear `layer` computed with weight `w` and `bias`."""
     if isinstance(layer, torch.nn.Conv2d):
         return F.conv2d(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     return F.linear(x, w, bias)
+
+
+class AdaRoundWeight(torch.nn.Module):
+    """W̃ of eq. 23 for one weight tensor with per-output-channel scales; V starts where h(V) equals the
+    fractional part of W/s, so the soft weight starts at the float weight (inside the grid)."""
+
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        w = w.detach().float()
+        s = scale.detach().float().to(w.device).reshape([-1] + [1] * (w.ndim - 1))
+        self.qmin, self.qmax = symmetric_range(bits)
+        self.register_buffer("scale", s)
+        self.register_buffer("w_floor", torch.floor(w / s))
+        rest = (w / s - self.w_floor).clamp(1e-4, 1 - 1e-4)
+        self.v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+
+    def forward(self, hard: bool = False) -> torch.Tensor:
+        h = (self.v >= 0).float() if hard else _h(self.v)
+        return self.scale * torch.clamp(self.w_floor + h, self.qmin, self.qmax)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
+
+    def integer(self) -> torch.Tensor:
+        """The hardened integer weights (int8 container, b-bit grid)."""
+        with torch.no_grad():
+            return torch.clamp(self.w_floor + (self.v >= 0).float(), self.qmin, self.qmax).to(torch.int8)
+
+
+def annealed_beta(i: int, iters: int, warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0)) -> float | None:
+    """β at iteration i: None during the warm-up (no regulariser), then cosine-annealed from β₀ to β₁."""
+    p = i / max(iters - 1, 1)
+    if p < warmup:
+        return None
+    return beta[1] + 0.5 * (beta[0] - beta[1]) * (1 + math.cos(math.pi * (p - warmup) / (1 - warmup)))
 
 
 def adaround_layer(
@@ -41,34 +76,22 @@ def adaround_layer(
     batch: int = 32,
     lr: float = 1e-3,
     reg_weight: float = 0.01,
-    warmup: float = 0.2,
-    beta: tuple[float, float] = (20.0, 2.0),
     seed: int = 0,
 ) -> torch.Tensor:
     """Integer weights (int8 container, b-bit grid) for `layer` (Conv2d or Linear, per-output-channel
     `scale`), learned on `inputs` (N, …) against the layer's full-precision output."""
-    qmin, qmax = symmetric_range(bits)
-    w = layer.weight.detach().float()
-    s = scale.float().reshape([-1] + [1] * (w.ndim - 1))
-    w_floor = torch.floor(w / s)
-    rest = (w / s - w_floor).clamp(1e-4, 1 - 1e-4)
-    v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))  # h(V₀) = fractional part
-    opt = torch.optim.Adam([v], lr=lr)
+    rounding = AdaRoundWeight(layer.weight, scale, bits)
+    bias = None if layer.bias is None else layer.bias.detach()
+    opt = torch.optim.Adam(rounding.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        target = _apply(layer, inputs, w)
+        target = apply_layer(layer, inputs, layer.weight.detach().float(), bias)
     for i in range(iters):
         idx = torch.randint(0, len(inputs), (min(batch, len(inputs)),), generator=gen)
-        w_soft = s * torch.clamp(w_floor + _h(v), qmin, qmax)
-        rec = (_apply(layer, inputs[idx], w_soft) - target[idx]).pow(2).flatten(1).sum(1).mean()
-        p = i / max(iters - 1, 1)
-        if p < warmup:
-            loss = rec
-        else:
-            b = beta[1] + 0.5 * (beta[0] - beta[1]) * (1 + math.cos(math.pi * (p - warmup) / (1 - warmup)))
-            loss = rec + reg_weight * (1 - (2 * _h(v) - 1).abs().pow(b)).sum()
+        rec = (apply_layer(layer, inputs[idx], rounding(), bias) - target[idx]).pow(2).flatten(1).sum(1).mean()
+        beta = annealed_beta(i, iters)
+        loss = rec if beta is None else rec + reg_weight * rounding.regulariser(beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return torch.clamp(w_floor + (v >= 0).float(), qmin, qmax).to(torch.int8)
+    return rounding.integer()

@@ -1,8 +1,10 @@
-"""calibrate(model, config) → CalibrationResult: weight ranges by L_p search, activation ranges from
-recorded full-precision trajectories, one group (G = 1) shared by every timestep."""
+"""calibrate(model, config) → CalibrationResult: weight ranges (L_p search or min-max), activation ranges
+from recorded full-precision trajectories, optional learned rounding (layer-wise AdaRound or BRECQ blocks)
+and LSQ activation steps, optional shortcut splits; one group (G = 1) shared by every timestep."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from tqdm.auto import tqdm
 from calibration.collect import CalibrationData, record_trajectories
 from calibration.config import CalibrationConfig
 from calibration.model_io import LoadedModel, load_model
-from calibration.qmodules import QuantLayer, quantizable_layers
+from calibration.qmodules import QuantLayer, float_modules, quantizable_layers
 from calibration.quantizers import (
     ActParams,
     RangeObserver,
@@ -23,6 +25,7 @@ from calibration.quantizers import (
     search_weight_scale,
 )
 from calibration.result import CalibrationResult
+from calibration.shortcut import apply_splits, find_shortcut_splits
 from exporter.profiles import get_profile
 from runtime.errors import CalibrationError
 
@@ -75,7 +78,8 @@ def adaround_weights(
             inputs = inputs.flatten(0, -2)  # attention projections: every token is one input row
         w_int = adaround_layer(
             module, inputs, weights[layer.name][1].to(inputs.device), cfg.parsed_bits.weight,
-            iters=cfg.adaround_iters, seed=cfg.seed,
+            iters=cfg.adaround_iters, batch=cfg.recon_batch, lr=cfg.adaround_lr, reg_weight=cfg.adaround_reg,
+            seed=cfg.seed,
         )  # fmt: skip
         out[layer.name] = (w_int.cpu(), weights[layer.name][1])
     return out
@@ -131,23 +135,37 @@ def calibrate(
     if not isinstance(model, LoadedModel):
         model = load_model(model, scheduler, device=cfg.device)
     torch.manual_seed(cfg.seed)
+    splits = find_shortcut_splits(model.unet) if cfg.shortcut_split else {}
+    model = dataclasses.replace(model, unet=apply_splits(model.unet, splits))
     layers = quantizable_layers(model.unet)
     start = time.perf_counter()
     data = record_trajectories(model, cfg, progress)
     t_record = time.perf_counter() - start
+    if cfg.reconstructs and len(data) < cfg.recon_batch:
+        raise CalibrationError(
+            f"recon_batch={cfg.recon_batch}: larger than the {len(data)} recorded calibration inputs; "
+            "lower --recon-batch or raise --calib-samples"
+        )
     weights = quantize_weights(model, layers, cfg, progress)
     if cfg.weight_rounding == "adaround":
         with torch.enable_grad():
             weights = adaround_weights(model, layers, data, weights, cfg, progress)
-    t_weights = time.perf_counter() - start - t_record
     acts = observe_activations(model, layers, data, cfg, progress)
+    recon_stats = {}
+    if cfg.weight_rounding == "brecq" or cfg.act_iters > 0:
+        from calibration.reconstruct import reconstruct
+
+        weights, acts, recon_stats = reconstruct(model.wrapper(), layers, weights, acts, data, cfg, progress)
     stats = {
         "record_seconds": round(t_record, 3),
-        "weight_seconds": round(t_weights, 3),
+        "weight_seconds": round(time.perf_counter() - start - t_record, 3),  # ranges, rounding, activations
         "total_seconds": round(time.perf_counter() - start, 3),
         "calibration_inputs": len(data),
         "device": cfg.device,
+        "device_name": device_name(cfg.device),
     }
+    if recon_stats:
+        stats["reconstruction"] = recon_stats
     return CalibrationResult(
         cfg,
         model.identity(),
@@ -155,6 +173,16 @@ def calibrate(
         weights,
         {p: [a] for p, a in acts.items()},
         np.zeros(model.spec.num_train_timesteps, np.int64),
-        [],
+        float_modules(model.unet),
         stats,
+        splits,
     )
+
+
+def device_name(device: str) -> str:
+    """What ran calibration, for reports: the GPU's name, or the CPU's core count."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    import os
+
+    return f"cpu ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"

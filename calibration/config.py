@@ -14,11 +14,17 @@ _BITS = re.compile(r"^W(\d+)A(\d+)$")
 ACTIVATION_RANGES = ("minmax", "percentile")
 TIMESTEP_SELECTIONS = ("uniform", "random", "normal")
 WEIGHT_RANGES = ("lp", "minmax")
-WEIGHT_ROUNDINGS = ("nearest", "adaround")
+WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
+_RECONSTRUCTION = dict(weight_range="lp", weight_rounding="brecq", act_iters=5000)
 # Method presets: the fields each sets unless given explicitly.
 METHODS = {
-    "lp": {},  # per-channel L_p weight-range search, min-max activations, uniform timesteps
+    "lp": {},  # per-channel L_p weight-range search, min-max activations, round-to-nearest, uniform timesteps
+    # what ONNX Runtime's own static quantizer does: min-max ranges, round-to-nearest, one set for all t
     "naive": dict(weight_range="minmax", activation_range="minmax", timestep_selection="uniform"),
+    # Q-Diffusion: uniform timesteps, BRECQ/AdaRound blocks, LSQ activation steps, split shortcuts
+    "qdiffusion": dict(timestep_selection="uniform", shortcut_split=True, **_RECONSTRUCTION),
+    # PTQ4DM: normally distributed timesteps, the same reconstruction
+    "ptq4dm": dict(timestep_selection="normal", **_RECONSTRUCTION),
 }
 
 
@@ -64,9 +70,16 @@ class CalibrationConfig:
     percentile: float = 99.99
     weight_range: str = "lp"  # lp: L_p shrink search per channel; minmax: the channel's max |w| (naive)
     weight_lp: float = 2.4  # L_p norm of the weight range search (Q-Diffusion / PTQD: 2.4)
-    weight_rounding: str = "nearest"  # nearest | adaround (layer-wise, on full-precision layer inputs)
-    adaround_iters: int = 1000
-    adaround_samples: int = 256  # calibration inputs per layer for AdaRound
+    # nearest | adaround (layer-wise, full-precision layer inputs) | brecq (block-wise, quantized inputs)
+    weight_rounding: str = "nearest"
+    adaround_iters: int = 20000  # per layer (adaround) or per block (brecq); Q-Diffusion: 20k
+    adaround_lr: float = 1e-3
+    adaround_reg: float = 0.01  # λ of the rounding regulariser
+    adaround_samples: int = 1024  # calibration inputs a layer or block is reconstructed on
+    recon_batch: int = 32
+    act_iters: int = 0  # LSQ activation step-size learning per block after the weights; Q-Diffusion: 5k
+    act_lr: float = 4e-4  # cosine-decayed to 0
+    shortcut_split: bool = False  # Q-Diffusion: separate quantizers for the two halves of decoder concats
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -92,9 +105,25 @@ class CalibrationConfig:
             raise ConfigError(f"weight_range={self.weight_range!r}: use one of {WEIGHT_RANGES}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ConfigError(f"weight_rounding={self.weight_rounding!r}: use one of {WEIGHT_ROUNDINGS}")
-        for name in ("adaround_iters", "adaround_samples"):
+        for name in ("adaround_iters", "adaround_samples", "recon_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.act_iters < 0:
+            raise ConfigError(f"act_iters={self.act_iters}: must be 0 (off) or more")
+        for name in ("adaround_lr", "act_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.adaround_reg < 0:
+            raise ConfigError(f"adaround_reg={self.adaround_reg}: must be ≥ 0")
+        if self.reconstructs:
+            recorded = self.calib_samples * self.calib_timesteps
+            rows = min(self.adaround_samples, recorded)
+            if self.recon_batch > rows:
+                raise ConfigError(
+                    f"recon_batch={self.recon_batch}: larger than the reconstruction set of {rows} inputs "
+                    f"(min of adaround_samples={self.adaround_samples} and calib_samples×calib_timesteps="
+                    f"{recorded}); lower --recon-batch or record more with --calib-samples"
+                )
         if self.weight_lp <= 0:
             raise ConfigError(f"weight_lp={self.weight_lp}: must be > 0")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -107,6 +136,11 @@ class CalibrationConfig:
             raise ConfigError(f"--method {method!r}: use one of {sorted(METHODS)}")
         given = {k: v for k, v in fields.items() if v is not None}
         return cls(method=method, **(METHODS[method] | given))
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether calibration learns anything by gradient descent (AdaRound, BRECQ, LSQ)."""
+        return self.weight_rounding != "nearest" or self.act_iters > 0
 
     @property
     def parsed_bits(self) -> Bits:

@@ -34,6 +34,25 @@ def quantizable_layers(unet: nn.Module) -> list[QuantLayer]:
     return layers
 
 
+def float_modules(unet: nn.Module) -> list[dict]:
+    """Modules with weights that the quantizer does not know (neither Conv2d nor Linear, nor a
+    normalisation's per-channel affine): they run in float; reported so the manifest lists them."""
+    known = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+    out = []
+    for name, module in unet.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, known) or not isinstance(w, torch.Tensor) or w.ndim < 2:
+            continue
+        kind = type(module).__name__
+        reason = (
+            "embedding lookup (class labels): no arithmetic to quantize, kept float"
+            if isinstance(module, nn.Embedding)
+            else f"layer type {kind} is not supported by the quantizer (Conv2d, Linear): kept float"
+        )
+        out.append({"name": name, "op": kind, "reason": reason})
+    return out
+
+
 class QuantLayerModule(nn.Module):
     """A Conv2d or Linear computing exactly what its Q/DQ-annotated graph node computes."""
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from calibration.config import CalibrationConfig
 from calibration.qmodules import QuantLayer, QuantLayerModule, replace_layers
 from calibration.quantizers import ActParams
+from calibration.shortcut import apply_splits
 from exporter.profiles import get_profile
 from runtime.errors import CalibrationError
 
@@ -37,6 +38,7 @@ class CalibrationResult:
     group_of_t: np.ndarray  # (T,) int64
     skipped: list[dict] = field(default_factory=list)  # {"name", "reason"} of layers left in float
     stats: dict = field(default_factory=dict)  # timings and counts, for reports
+    splits: dict[str, int] = field(default_factory=dict)  # shortcut conv → channels of its first half
 
     @property
     def num_groups(self) -> int:
@@ -63,6 +65,7 @@ class CalibrationResult:
                 profile.quantize_bias,
             )
 
+        fp_forward = apply_splits(fp_forward, self.splits, prefix="unet.")
         return replace_layers(fp_forward, lambda n, m: build(n.removeprefix("unet."), m)).eval()
 
     def save(self, path: str | Path) -> None:
@@ -82,6 +85,7 @@ class CalibrationResult:
             "activations": acts,
             "skipped": self.skipped,
             "stats": self.stats,
+            "splits": self.splits,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -129,4 +133,5 @@ class CalibrationResult:
             tensors["group_of_t"].numpy(),
             meta["skipped"],
             meta["stats"],
+            {str(k): int(v) for k, v in meta.get("splits", {}).items()},
         )

@@ -3,6 +3,7 @@ with the sha256 of every file. Written into a temp directory that is renamed at 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from calibration.model_io import LoadedModel
 from calibration.quantizers import quantize_bias
 from calibration.result import CalibrationResult
+from calibration.shortcut import apply_splits
 from exporter.onnx_export import export_float
 from exporter.profiles import get_profile
 from exporter.qdq import LayerQuant, insert_qdq
@@ -109,6 +111,8 @@ def _manifest(model: LoadedModel, result: CalibrationResult, groups: list[dict],
             "selection": cfg.timestep_selection,
             "weight_range": cfg.weight_range,
             "weight_rounding": cfg.weight_rounding,
+            "act_iters": cfg.act_iters,
+            "shortcut_splits": result.splits,
             "activation_range": cfg.activation_range,
             "stats": result.stats,
         },
@@ -138,6 +142,7 @@ def write_bundle(
     if out.exists() and not (overwrite and (out / MANIFEST).is_file()):
         hint = "pass --force to replace it" if (out / MANIFEST).is_file() else "choose a new output path"
         raise BundleError(f"{out}: already exists; {hint}")
+    model = dataclasses.replace(model, unet=apply_splits(model.unet, result.splits))  # Q-Diffusion split
     fp = export_float(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

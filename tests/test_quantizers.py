@@ -137,3 +137,35 @@ def test_adaround_reduces_layer_output_error_versus_nearest(tiny_model):
 
     print("adaround vs nearest", err(w_ada), err(w_rtn))
     assert err(w_ada) < 0.9 * err(w_rtn)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_weight_quantizer_per_channel_on_every_layout_matches_float64(bits):
+    """Conv (O, I, kh, kw) axis 0, ConvTranspose (I, O, kh, kw) axis 1, Linear (O, I) axis 0: min-max
+    scale, integer weights on the restricted b-bit grid, against a float64 numpy reference."""
+    from calibration.quantizers import minmax_weight_scale
+
+    rng = np.random.default_rng(bits)
+    q = 2 ** (bits - 1) - 1
+    for shape, axis in (((6, 4, 3, 3), 0), ((4, 6, 2, 2), 1), ((6, 5), 0)):
+        w = rng.normal(0, 1, shape) * rng.uniform(0.1, 3, shape[axis]).reshape(
+            [-1 if d == axis else 1 for d in range(len(shape))]
+        )
+        scale = minmax_weight_scale(torch.tensor(w), bits, axis=axis)
+        other = tuple(d for d in range(w.ndim) if d != axis)
+        np.testing.assert_allclose(scale.numpy(), np.abs(w).max(axis=other) / q, rtol=1e-6)
+        got = quantize_weight(torch.tensor(w), scale, bits, axis=axis).numpy()
+        s = scale.double().numpy().reshape([-1 if d == axis else 1 for d in range(w.ndim)])
+        np.testing.assert_array_equal(got, np.clip(np.round(w / s), -q, q))
+        assert got.dtype == np.int8 and np.abs(got).max(axis=other).min() == q
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_quantizer_at_every_bit_width_matches_float64(bits, signed):
+    x = np.random.default_rng(bits).normal(0.3, 2.0, 5000)
+    p = activation_params(-1.7, 2.9, signed, bits)
+    assert (p.qmin, p.qmax) == ((-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1))
+    got = p.apply(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(got, _ref_fake_quant(x, p.scale, p.zero_point, p.qmin, p.qmax), atol=1e-12)
+    assert len(np.unique(got)) <= 2**bits

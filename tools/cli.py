@@ -32,10 +32,15 @@ def _compile(a: argparse.Namespace) -> None:
         seed=a.seed,
         activation_range=a.activation_range,
         timestep_selection=a.timestep_selection,
+        weight_range=a.weight_range,
         weight_rounding=a.weight_rounding,
         adaround_iters=a.adaround_iters,
+        adaround_samples=a.adaround_samples,
+        recon_batch=a.recon_batch,
+        act_iters=a.act_iters,
+        shortcut_split=a.shortcut_split,
         percentile=a.percentile,
-        device=a.device,
+        device=a.device or _default_device(),
     )
     out = compile_model(
         a.model,
@@ -47,6 +52,12 @@ def _compile(a: argparse.Namespace) -> None:
         progress=not a.quiet,
     )
     print(f"wrote bundle {out}")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _sample(a: argparse.Namespace) -> None:
@@ -184,18 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--method",
         default="lp",
-        choices=["lp", "naive"],
-        help="calibration preset: lp (default: per-channel L_p weight-range search, min-max activations) or "
-        "naive (min-max ranges, round-to-nearest: what ONNX Runtime's static quantizer does); explicit "
-        "flags override the preset",
+        choices=["lp", "naive", "qdiffusion", "ptq4dm"],
+        help="calibration preset (explicit flags override it): lp (default: per-channel L_p weight-range "
+        "search, min-max activations, round-to-nearest); naive (min-max ranges, round-to-nearest: what ONNX "
+        "Runtime's static quantizer does); qdiffusion (uniform timesteps, BRECQ block reconstruction with "
+        "AdaRound, LSQ activation steps, shortcut split); ptq4dm (normal timesteps, the same reconstruction)",
     )
     c.add_argument("--activation-range", choices=["minmax", "percentile"], help="default: the method's (minmax)")
+    c.add_argument("--weight-range", choices=["lp", "minmax"], help="per-channel weight range: L_p search or max |w|")
     c.add_argument(
         "--weight-rounding",
-        choices=["nearest", "adaround"],
-        help="nearest (default) or adaround: learned up/down rounding per weight, layer by layer",
+        choices=["nearest", "adaround", "brecq"],
+        help="nearest; adaround: learned up/down rounding per weight, layer by layer on float inputs; brecq: "
+        "the same learned per resnet/attention block on the inputs of the already-quantized network",
     )
-    c.add_argument("--adaround-iters", type=int, help="AdaRound iterations per layer (default 1000)")
+    c.add_argument("--adaround-iters", type=int, help="AdaRound iterations per layer or block (default 20000)")
+    c.add_argument("--adaround-samples", type=int, help="calibration inputs a layer/block is fitted on (default 1024)")
+    c.add_argument("--recon-batch", type=int, help="reconstruction batch (default 32)")
+    c.add_argument("--act-iters", type=int, help="LSQ activation step-size iterations per block (0: off; presets)")
+    c.add_argument(
+        "--shortcut-split",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="separate quantizers for the two halves of decoder skip concatenations (qdiffusion: on)",
+    )
     c.add_argument(
         "--timestep-selection",
         choices=["uniform", "random", "normal"],
@@ -203,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--percentile", type=float, default=99.99, help="with --activation-range percentile")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration trajectories")
-    c.add_argument("--device", default="cpu", help="calibration device: cpu or cuda")
+    c.add_argument("--device", help="calibration device: cpu or cuda (default: cuda when present)")
     c.add_argument("--save-calibration", metavar="FILE", help="also write the CalibrationResult file")
     c.add_argument("--force", action="store_true", help="replace an existing bundle")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -1,0 +1,261 @@
+"""BRECQ block reconstruction (Li et al. 2021) as Q-Diffusion runs it (algorithms.md, "AdaRound / BRECQ").
+
+The network is cut into units in execution order: every UNet resnet block and attention block is one unit,
+every quantizable layer outside them (time embedding, conv_in, down/upsampler convs, conv_out) is a unit
+of its own. Two passes over the units:
+
+1. weights — activations float, for unit k: inputs from the network whose units < k are already
+   quantized, target the full-precision unit output on full-precision inputs; minimise
+   E‖unit_Q(x̂) − unit_FP(x)‖² + λ Σ (1 − |2h(V) − 1|^β) over the AdaRound variables V of the unit's
+   layers (eq. 25 of AdaRound, block output instead of layer output); Adam lr 1e-3, batch 32.
+2. activations — hardened weights, every activation quantizer on; the same block loss over the LSQ step
+   sizes of the unit's activation quantizers (LSQ eq. 1–4), Adam lr 4e-4 with cosine decay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.adaround import AdaRoundWeight, annealed_beta, apply_layer
+from calibration.collect import CalibrationData
+from calibration.config import CalibrationConfig
+from calibration.qmodules import QuantLayer, replace_layers
+from calibration.quantizers import ActParams, LsqQuantizer
+
+BLOCK_TYPES = ("ResnetBlock2D", "Attention")
+_REPORT_EVERY = 25
+
+
+class ReconLayer(nn.Module):
+    """A Conv2d or Linear under reconstruction: AdaRound weights (soft, hard, or float) and LSQ
+    activation quantizers on its input and, where the profile has one, its output."""
+
+    def __init__(self, layer: nn.Module, scale: torch.Tensor, bits: int, act_in: ActParams, act_out: ActParams | None):
+        super().__init__()
+        self.layer = layer.requires_grad_(False)
+        self.rounding = AdaRoundWeight(layer.weight, scale, bits)
+        self.act_in = _lsq(act_in, layer.weight.device)
+        self.act_out = None if act_out is None else _lsq(act_out, layer.weight.device)
+        self.weights, self.quant_acts = "float", False  # weights: float | soft | hard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_acts:
+            x = self.act_in(x)
+        w = self.layer.weight if self.weights == "float" else self.rounding(hard=self.weights == "hard")
+        y = apply_layer(self.layer, x, w, self.layer.bias)
+        return self.act_out(y) if self.quant_acts and self.act_out is not None else y
+
+
+def _lsq(p: ActParams, device) -> LsqQuantizer:
+    return LsqQuantizer(torch.tensor(p.scale), p.qmin, p.qmax, float(p.zero_point)).to(device)
+
+
+def _act_params(q: LsqQuantizer, like: ActParams) -> ActParams:
+    scale = float(torch.tensor(max(float(q.scale.detach()), 1e-8), dtype=torch.float32))
+    return ActParams(scale, like.zero_point, like.qmin, like.qmax)
+
+
+@dataclass
+class Unit:
+    name: str  # module path in the forward wrapper, e.g. "unet.down_blocks.0.resnets.0"
+    layers: list[str]  # its quantizable layers, as in the QuantLayer table
+
+
+def reconstruction_units(forward: nn.Module, layers: list[QuantLayer], example: tuple) -> list[Unit]:
+    """Blocks and stand-alone layers in the order the forward pass first reaches them."""
+    names = {f"unet.{layer.name}" for layer in layers}
+    blocks = [n for n, m in forward.named_modules() if type(m).__name__ in BLOCK_TYPES]
+    blocks = [b for b in blocks if not any(b.startswith(f"{o}.") for o in blocks)]  # outermost only
+    inside = {n for n in names if any(n.startswith(f"{b}.") for b in blocks)}
+    candidates = [b for b in blocks if any(n.startswith(f"{b}.") for n in names)] + sorted(names - inside)
+    order: list[str] = []
+    handles = [
+        forward.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: order.append(n) if n not in order else None
+        )
+        for n in candidates
+    ]
+    try:
+        with torch.inference_mode():
+            forward(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    units = []
+    for n in order:
+        members = [
+            layer.name for layer in layers if f"unet.{layer.name}" == n or f"unet.{layer.name}".startswith(f"{n}.")
+        ]
+        units.append(Unit(n, members))
+    return units
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the unit needs computing."""
+
+
+def _collate(calls: list[tuple[tuple, dict]]) -> tuple[list, dict]:
+    """Concatenate captured calls along the batch dimension; non-tensor arguments are taken as given."""
+    first_args, first_kwargs = calls[0]
+    args = [torch.cat([c[0][i] for c in calls]) if torch.is_tensor(a) else a for i, a in enumerate(first_args)]
+    kwargs = {k: torch.cat([c[1][k] for c in calls]) if torch.is_tensor(v) else v for k, v in first_kwargs.items()}
+    return args, kwargs
+
+
+def _index(args: list, kwargs: dict, idx: torch.Tensor) -> tuple[list, dict]:
+    return (
+        [a[idx] if torch.is_tensor(a) else a for a in args],
+        {k: v[idx] if torch.is_tensor(v) else v for k, v in kwargs.items()},
+    )
+
+
+def _capture(forward: nn.Module, unit: str, data: CalibrationData, rows: int, cfg: CalibrationConfig, what: str):
+    """The unit's inputs ("inputs": args and kwargs) or its output ("output") for the first `rows`
+    calibration inputs, stopping each forward pass at the unit."""
+    module = forward.get_submodule(unit)
+    calls: list = []
+    if what == "inputs":
+
+        def hook(m, args, kwargs):
+            calls.append(([a.detach() if torch.is_tensor(a) else a for a in args],
+                          {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}))  # fmt: skip
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    else:
+
+        def hook(m, args, out):
+            calls.append(out.detach())
+            raise _Stop
+
+        handle = module.register_forward_hook(hook)
+    done = 0
+    try:
+        with torch.inference_mode():
+            for x, t, c in data.batches(cfg.batch_size, cfg.device):
+                try:
+                    forward(x, t, c)
+                except _Stop:
+                    pass
+                done += len(x)
+                if done >= rows:
+                    break
+    finally:
+        handle.remove()
+    if what == "inputs":
+        args, kwargs = _collate(calls)
+        return _index(args, kwargs, torch.arange(rows, device=args[0].device))
+    return torch.cat(calls)[:rows].clone()
+
+
+def _loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, idx) -> torch.Tensor:
+    a, k = _index(args, kwargs, idx)
+    out = q_forward.get_submodule(unit)(*a, **k)
+    return (out - target[idx]).pow(2).flatten(1).sum(1).mean()
+
+
+def reconstruct(
+    fp_forward: nn.Module,
+    layers: list[QuantLayer],
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    acts: dict[str, ActParams],
+    data: CalibrationData,
+    cfg: CalibrationConfig,
+    progress: bool = True,
+) -> tuple[dict, dict, dict]:
+    """Block-reconstructed integer weights and, when cfg.act_iters > 0, learned activation scales.
+
+    `weights` gives each layer's range-searched per-channel scales (kept), `acts` the observed activation
+    quantizers that initialise the LSQ step sizes. Returns (weights, acts, stats)."""
+    bits = cfg.parsed_bits.weight
+    rows = min(cfg.adaround_samples, len(data))
+    recon: dict[str, ReconLayer] = {}
+
+    def build(name: str, layer: nn.Module) -> nn.Module:
+        key = name.removeprefix("unet.")
+        if key not in weights:
+            return layer
+        recon[key] = ReconLayer(layer, weights[key][1], bits, acts[f"{key}:input"], acts.get(f"{key}:output"))
+        return recon[key]
+
+    fp_forward = fp_forward.eval().requires_grad_(False)
+    q_forward = replace_layers(fp_forward, build).eval()
+    x0, t0, c0 = next(data.batches(1, cfg.device))
+    units = reconstruction_units(fp_forward, layers, (x0, t0, c0))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stats: dict = {"units": len(units), "rows": rows, "weight_loss": {}, "act_loss": {}}
+
+    def run(phase: str, iters: int) -> None:
+        bar = tqdm(total=len(units) * iters, desc=f"reconstruct {phase}", disable=not progress, leave=False)
+        for unit in units:
+            members = [recon[n] for n in unit.layers if n in recon]
+            if not members:
+                bar.update(iters)
+                continue
+            args, kwargs = _capture(q_forward, unit.name, data, rows, cfg, "inputs")
+            target = _capture(fp_forward, unit.name, data, rows, cfg, "output")
+            if phase == "weights":
+                for m in members:
+                    m.weights = "soft"
+                params = [m.rounding.v for m in members]
+                opt = torch.optim.Adam(params, lr=cfg.adaround_lr)
+                sched = None
+            else:
+                params = [q.scale for m in members for q in (m.act_in, m.act_out) if q is not None]
+                opt = torch.optim.Adam(params, lr=cfg.act_lr)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
+            window = min(_REPORT_EVERY, iters)  # loss reported as means over the first/last `window` steps
+            head, tail, shown = [], [], 0
+            for i in range(iters):
+                idx = torch.randint(0, rows, (cfg.recon_batch,), generator=gen).to(target.device)
+                rec = _loss(q_forward, unit.name, args, kwargs, target, idx)
+                loss = rec
+                if phase == "weights" and (beta := annealed_beta(i, iters)) is not None:
+                    loss = rec + cfg.adaround_reg * sum(m.rounding.regulariser(beta) for m in members)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                    for q in params:  # a step size must stay positive
+                        q.data.clamp_(min=1e-8)
+                if i < window:
+                    head.append(rec.item())
+                if i >= iters - window:
+                    tail.append(rec.item())
+                if (i + 1) % _REPORT_EVERY == 0 or i == iters - 1:
+                    bar.update(i + 1 - shown)
+                    shown = i + 1
+            bar.set_postfix(unit=unit.name.removeprefix("unet."), loss=f"{sum(tail) / len(tail):.4g}")
+            if phase == "weights":
+                for m in members:
+                    m.weights = "hard"
+            stats[f"{'weight' if phase == 'weights' else 'act'}_loss"][unit.name.removeprefix("unet.")] = [
+                round(sum(head) / len(head), 6),
+                round(sum(tail) / len(tail), 6),
+            ]
+        bar.close()
+
+    with torch.enable_grad():
+        if cfg.weight_rounding == "brecq":
+            run("weights", cfg.adaround_iters)
+        else:
+            for name, m in recon.items():  # keep the given (nearest or layer-wise) integer weights
+                m.rounding.v.data = torch.where(weights[name][0].to(m.rounding.v.device).float() > m.rounding.w_floor,
+                                                1.0, -1.0)  # fmt: skip
+        for m in recon.values():
+            m.weights, m.quant_acts = "hard", cfg.act_iters > 0
+        if cfg.act_iters > 0:
+            run("activations", cfg.act_iters)
+    new_weights = {n: (m.rounding.integer().cpu(), weights[n][1]) for n, m in recon.items()}
+    new_acts = dict(acts)
+    if cfg.act_iters > 0:
+        for n, m in recon.items():
+            new_acts[f"{n}:input"] = _act_params(m.act_in, acts[f"{n}:input"])
+            if m.act_out is not None:
+                new_acts[f"{n}:output"] = _act_params(m.act_out, acts[f"{n}:output"])
+    return new_weights, new_acts, stats

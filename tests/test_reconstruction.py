@@ -1,0 +1,194 @@
+"""BRECQ block reconstruction, LSQ activation steps, Q-Diffusion shortcut splits, and their bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.config import CalibrationConfig
+from calibration.shortcut import SplitConv2d, apply_splits, find_shortcut_splits
+from runtime.errors import ConfigError
+from tests.conftest import CALIB
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_split_conv_is_the_whole_conv_in_float64(kernel):
+    conv = torch.nn.Conv2d(24, 8, kernel, padding=kernel // 2).double()
+    x = torch.randn(3, 24, 6, 6, dtype=torch.float64)
+    split = SplitConv2d(conv, 10)
+    assert split.parts[0].in_channels == 10 and split.parts[1].in_channels == 14 and split.parts[1].bias is None
+    torch.testing.assert_close(split(x), conv(x), rtol=0, atol=1e-12)
+
+
+def test_shortcut_splits_sit_at_the_decoder_concatenations(tiny_model):
+    """Every decoder resnet with a shortcut conv is split at the upsampled half's channel count; the split
+    model computes what the original does."""
+    unet = tiny_model.unet
+    splits = find_shortcut_splits(unet)
+    expected = {f"up_blocks.{b}.resnets.{i}.conv_shortcut" for b, blk in enumerate(unet.up_blocks)
+                for i in range(len(blk.resnets))}  # fmt: skip
+    assert set(splits) == expected
+    # what each resnet really receives: record the up blocks' concatenation halves
+    halves = {}
+
+    def hook(block_idx):
+        def pre(m, args, kwargs):
+            hidden, skips = (
+                kwargs.get("hidden_states", args[0] if args else None),
+                kwargs.get("res_hidden_states_tuple"),
+            )
+            skips = skips if skips is not None else args[1]
+            c = hidden.shape[1]
+            for i, r in enumerate(m.resnets):
+                halves[f"up_blocks.{block_idx}.resnets.{i}.conv_shortcut"] = c
+                c = r.out_channels
+            assert len(skips) == len(m.resnets)
+
+        return pre
+
+    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(unet.up_blocks)]
+    forward = tiny_model.wrapper()
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    with torch.no_grad():
+        y = forward(x, t, c)
+    for h in handles:
+        h.remove()
+    assert halves == splits
+    split_forward = apply_splits(forward, splits, prefix="unet.")
+    assert isinstance(split_forward.unet.get_submodule(next(iter(splits))), SplitConv2d)
+    assert not isinstance(forward.unet.get_submodule(next(iter(splits))), SplitConv2d)  # a copy was split
+    with torch.no_grad():
+        torch.testing.assert_close(split_forward(x, t, c), y, rtol=1e-5, atol=1e-5)
+
+
+def _weight_only_error(model, result_weights, x, t, c) -> float:
+    """‖ε_Q − ε_FP‖² / ‖ε_FP‖² with only the weights quantized (activations float)."""
+    from calibration.qmodules import replace_layers
+
+    def build(name, layer):
+        w_int, scale = result_weights[name.removeprefix("unet.")]
+        layer.weight.data = w_int.float() * scale.view(-1, *[1] * (w_int.ndim - 1))  # layer is a copy
+        return layer
+
+    forward = model.wrapper()
+    quant = replace_layers(forward, build)
+    with torch.no_grad():
+        ref, got = forward(x, t, c), quant(x, t, c)
+    return float((got - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+def test_brecq_reduces_network_error_versus_nearest(tiny_model):
+    """3-bit weights: block reconstruction (few iterations) leaves the network output closer to full
+    precision than round-to-nearest on the same per-channel scales."""
+    from calibration.calibrate import calibrate
+
+    common = dict(bits="W3A8", adaround_samples=40, recon_batch=16, **CALIB)
+    nearest = calibrate(tiny_model, CalibrationConfig(**common), progress=False)
+    brecq = calibrate(
+        tiny_model, CalibrationConfig(weight_rounding="brecq", adaround_iters=150, **common), progress=False
+    )
+    for name, (w, s) in brecq.weights.items():
+        w0, s0 = nearest.weights[name]
+        assert torch.equal(s, s0) and int(w.abs().max()) <= 3
+        assert int((w.int() - w0.int()).abs().max()) <= 1  # rounding direction only
+    units = brecq.stats["reconstruction"]["weight_loss"]
+    assert "mid_block.resnets.0" in units and "up_blocks.0.attentions.0" in units and "conv_in" in units
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 1, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    c = torch.randint(0, 10, (32,), generator=g)
+    e_rtn, e_brecq = (_weight_only_error(tiny_model, r.weights, x, t, c) for r in (nearest, brecq))
+    print("relative output error: nearest", e_rtn, "brecq", e_brecq)
+    assert e_brecq < 0.9 * e_rtn
+
+
+def test_qdiffusion_w4a8_compile_end_to_end(tiny_dir, tmp_path):
+    """`dqc compile --method qdiffusion --bits W4A8` (few iterations): shortcut halves are separate
+    quantized convs in the graph, LSQ moved activation steps, every layer matches its fake-quant reference
+    on the integer kernels, and what stayed float is listed."""
+    from calibration.calibrate import calibrate
+    from calibration.model_io import load_model
+    from calibration.result import CalibrationResult
+    from exporter.parity import layer_parity, noised_inputs
+    from tools.cli import main
+
+    out, calib = tmp_path / "b", tmp_path / "calib.safetensors"
+    argv = ["compile", str(tiny_dir), "-o", str(out), "--method", "qdiffusion", "--bits", "W4A8",
+            "--steps", "10", "--calib-samples", "8", "--calib-timesteps", "5", "--adaround-iters", "20",
+            "--act-iters", "20", "--recon-batch", "8", "--save-calibration", str(calib), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    cal = manifest["calibration"]
+    assert cal["method"] == "qdiffusion" and cal["weight_rounding"] == "brecq" and cal["act_iters"] == 20
+    assert len(cal["shortcut_splits"]) == 4
+    layers = {n["layer"] for n in manifest["quantized_nodes"]}
+    for name in cal["shortcut_splits"]:
+        assert {f"{name}.parts.0", f"{name}.parts.1"} <= layers and name not in layers
+    assert any(n.get("name") == "class_embedding" for n in manifest["float_nodes"])
+
+    model = load_model(tiny_dir)
+    result = CalibrationResult.load(calib)
+    assert result.splits == cal["shortcut_splits"]
+    observed = calibrate(model, CalibrationConfig(bits="W4A8", steps=10, calib_samples=8, calib_timesteps=5,
+                                                  shortcut_split=True), progress=False)  # fmt: skip
+    moved = [p for p, (q,) in result.activations.items() if q.scale != observed.activations[p][0].scale]
+    assert len(moved) > len(result.activations) // 2
+    reference = result.reference_model(model.wrapper())
+    feeds = noised_inputs(model.spec, model.schedule, 500, 4, 0)
+    report = layer_parity(out / "group_0.onnx", reference, feeds)
+    assert {f"{n}.parts.1" for n in cal["shortcut_splits"]} <= set(report)
+    assert all(r["flipped"] <= 2e-3 for r in report.values()), report
+
+
+def test_reconstruction_batch_larger_than_the_calibration_set_is_refused(tiny_dir, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="recon_batch=64"):
+        CalibrationConfig(weight_rounding="brecq", recon_batch=64, calib_samples=4, calib_timesteps=5)
+    with pytest.raises(ConfigError, match="recon_batch=48"):
+        CalibrationConfig.for_method("ptq4dm", recon_batch=48, adaround_samples=40)
+    CalibrationConfig(recon_batch=64, calib_samples=4, calib_timesteps=5)  # nothing learned: no constraint
+    from tools.cli import main
+
+    out = tmp_path / "b"
+    argv = ["compile", str(tiny_dir), "-o", str(out), "--method", "qdiffusion", "--recon-batch", "500",
+            "--calib-samples", "4", "--steps", "10", "--calib-timesteps", "5", "-q"]  # fmt: skip
+    assert main(argv) == 2
+    assert "recon_batch=500" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_unknown_layer_types_are_reported_and_left_float():
+    from calibration.qmodules import float_modules, quantizable_layers
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ConvTranspose2d(4, 4, 2),
+        torch.nn.Conv1d(4, 4, 1),
+        torch.nn.GroupNorm(2, 4),
+        torch.nn.Embedding(5, 4),
+        torch.nn.Linear(4, 2),
+    )
+    assert [(q.name, q.op) for q in quantizable_layers(net)] == [("0", "conv"), ("5", "linear")]
+    report = {r["name"]: r for r in float_modules(net)}
+    assert set(report) == {"1", "2", "4"}
+    assert "ConvTranspose2d" in report["1"]["reason"] and "Conv1d" in report["2"]["reason"]
+    assert "embedding" in report["4"]["reason"]
+
+
+def test_presets_set_the_published_recipes():
+    q = CalibrationConfig.for_method("qdiffusion")
+    p = CalibrationConfig.for_method("ptq4dm")
+    assert (q.timestep_selection, q.weight_rounding, q.shortcut_split, q.act_iters) == ("uniform", "brecq", True, 5000)
+    assert (p.timestep_selection, p.weight_rounding, p.shortcut_split) == ("normal", "brecq", False)
+    for c in (q, p):
+        assert (c.adaround_iters, c.recon_batch, c.adaround_lr, c.act_lr, c.adaround_reg) == (
+            20000,
+            32,
+            1e-3,
+            4e-4,
+            0.01,
+        )
+    assert CalibrationConfig.for_method("qdiffusion", shortcut_split=False).shortcut_split is False
+    assert np.isclose(CalibrationConfig.for_method("naive").act_iters, 0)
