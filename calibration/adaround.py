@@ -31,6 +31,13 @@ def apply_layer(layer: torch.nn.Module, x: torch.Tensor, w: torch.Tensor, bias: 
     return F.linear(x, w, bias)
 
 
+def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """‖·‖² over channels, averaged over samples and positions (BRECQ's lp_loss with p = 2): the scale
+    the published λ = 0.01 of the rounding regulariser is set against. Channels are dim 1 of (N, C, H, W)
+    and the last dim of (N, C) / (N, tokens, C)."""
+    return (out - target).pow(2).sum(1 if out.ndim == 4 else -1).mean()
+
+
 class AdaRoundWeight(torch.nn.Module):
     """W̃ of eq. 23 for one weight tensor with per-output-channel scales; V starts where h(V) equals the
     fractional part of W/s, so the soft weight starts at the float weight (inside the grid)."""
@@ -79,7 +86,8 @@ def adaround_layer(
     seed: int = 0,
 ) -> torch.Tensor:
     """Integer weights (int8 container, b-bit grid) for `layer` (Conv2d or Linear, per-output-channel
-    `scale`), learned on `inputs` (N, …) against the layer's full-precision output."""
+    `scale`), learned on `inputs` (N, …; a batch draws N-rows, e.g. whole images) against the layer's
+    full-precision output."""
     rounding = AdaRoundWeight(layer.weight, scale, bits)
     bias = None if layer.bias is None else layer.bias.detach()
     opt = torch.optim.Adam(rounding.parameters(), lr=lr)
@@ -88,7 +96,7 @@ def adaround_layer(
         target = apply_layer(layer, inputs, layer.weight.detach().float(), bias)
     for i in range(iters):
         idx = torch.randint(0, len(inputs), (min(batch, len(inputs)),), generator=gen)
-        rec = (apply_layer(layer, inputs[idx], rounding(), bias) - target[idx]).pow(2).flatten(1).sum(1).mean()
+        rec = block_loss(apply_layer(layer, inputs[idx], rounding(), bias), target[idx])
         beta = annealed_beta(i, iters)
         loss = rec if beta is None else rec + reg_weight * rounding.regulariser(beta)
         opt.zero_grad(set_to_none=True)

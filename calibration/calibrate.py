@@ -51,11 +51,11 @@ def adaround_weights(
     cfg: CalibrationConfig,
     progress: bool,
 ) -> dict:
-    """Layer-wise AdaRound on each layer's full-precision inputs (the first `adaround_samples` recorded
-    calibration inputs), keeping the range-searched scales."""
+    """Layer-wise AdaRound on each layer's full-precision inputs (`adaround_samples` recorded calibration
+    inputs drawn over all timesteps), keeping the range-searched scales."""
     from calibration.adaround import adaround_layer
 
-    rows = min(cfg.adaround_samples, len(data))
+    data = data.subset(cfg.adaround_samples, cfg.seed)
     # one forward pass per layer: holding every layer's inputs at once would not fit for large models
     out = dict(weights)
     forward = model.wrapper()
@@ -65,17 +65,11 @@ def adaround_weights(
         handle = module.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].detach()))
         try:
             with torch.inference_mode():
-                done = 0
                 for x, t, c in data.batches(cfg.batch_size, cfg.device):
                     forward(x, t, c)
-                    done += len(x)
-                    if done >= rows:
-                        break
         finally:
             handle.remove()
-        inputs = torch.cat(seen).clone()
-        if layer.op == "linear" and inputs.ndim > 2:
-            inputs = inputs.flatten(0, -2)  # attention projections: every token is one input row
+        inputs = torch.cat(seen).clone()  # attention projections keep (images, tokens, channels)
         w_int = adaround_layer(
             module, inputs, weights[layer.name][1].to(inputs.device), cfg.parsed_bits.weight,
             iters=cfg.adaround_iters, batch=cfg.recon_batch, lr=cfg.adaround_lr, reg_weight=cfg.adaround_reg,

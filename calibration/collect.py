@@ -25,6 +25,16 @@ class CalibrationData:
     def __len__(self) -> int:
         return sum(len(s) for s in self.samples)
 
+    def subset(self, rows: int, seed: int) -> CalibrationData:
+        """`rows` inputs drawn without replacement (seeded), so every recorded timestep keeps its share;
+        the first rows alone would be the early trajectories' steps only. All of them when rows ≥ len."""
+        n = len(self)
+        if rows >= n:
+            return self
+        keep = np.sort(np.random.default_rng([seed, 3]).permutation(n)[:rows])
+        cat = lambda parts: None if parts[0] is None else [np.concatenate(parts)[keep]]  # noqa: E731
+        return CalibrationData(cat(self.samples), cat(self.timesteps), cat(self.labels) or [None])
+
     def batches(self, batch_size: int, device: str = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
         x = np.concatenate(self.samples)
         t = np.concatenate(self.timesteps)

@@ -14,13 +14,14 @@ of its own. Two passes over the units:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.adaround import AdaRoundWeight, annealed_beta, apply_layer
+from calibration.adaround import AdaRoundWeight, annealed_beta, apply_layer, block_loss
 from calibration.collect import CalibrationData
 from calibration.config import CalibrationConfig
 from calibration.qmodules import QuantLayer, replace_layers
@@ -113,9 +114,9 @@ def _index(args: list, kwargs: dict, idx: torch.Tensor) -> tuple[list, dict]:
     )
 
 
-def _capture(forward: nn.Module, unit: str, data: CalibrationData, rows: int, cfg: CalibrationConfig, what: str):
-    """The unit's inputs ("inputs": args and kwargs) or its output ("output") for the first `rows`
-    calibration inputs, stopping each forward pass at the unit."""
+def _capture(forward: nn.Module, unit: str, data: CalibrationData, cfg: CalibrationConfig, what: str):
+    """The unit's inputs ("inputs": args and kwargs) or its output ("output") for every row of `data`,
+    in order, stopping each forward pass at the unit."""
     module = forward.get_submodule(unit)
     calls: list = []
     if what == "inputs":
@@ -133,7 +134,6 @@ def _capture(forward: nn.Module, unit: str, data: CalibrationData, rows: int, cf
             raise _Stop
 
         handle = module.register_forward_hook(hook)
-    done = 0
     try:
         with torch.inference_mode():
             for x, t, c in data.batches(cfg.batch_size, cfg.device):
@@ -141,21 +141,28 @@ def _capture(forward: nn.Module, unit: str, data: CalibrationData, rows: int, cf
                     forward(x, t, c)
                 except _Stop:
                     pass
-                done += len(x)
-                if done >= rows:
-                    break
     finally:
         handle.remove()
     if what == "inputs":
         args, kwargs = _collate(calls)
-        return _index(args, kwargs, torch.arange(rows, device=args[0].device))
-    return torch.cat(calls)[:rows].clone()
+        return _index(args, kwargs, torch.arange(len(data), device=cfg.device))  # leaves inference mode
+    return torch.cat(calls).clone()
 
 
 def _loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, idx) -> torch.Tensor:
     a, k = _index(args, kwargs, idx)
     out = q_forward.get_submodule(unit)(*a, **k)
-    return (out - target[idx]).pow(2).flatten(1).sum(1).mean()
+    return block_loss(out, target[idx])
+
+
+def _fit_loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, chunk: int) -> float:
+    """The unit's reconstruction error over all its reconstruction inputs, in chunks, without gradients."""
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, len(target), chunk):
+            idx = torch.arange(lo, min(lo + chunk, len(target)), device=target.device)
+            total += _loss(q_forward, unit, args, kwargs, target, idx).item() * len(idx)
+    return total / len(target)
 
 
 def reconstruct(
@@ -172,7 +179,8 @@ def reconstruct(
     `weights` gives each layer's range-searched per-channel scales (kept), `acts` the observed activation
     quantizers that initialise the LSQ step sizes. Returns (weights, acts, stats)."""
     bits = cfg.parsed_bits.weight
-    rows = min(cfg.adaround_samples, len(data))
+    data = data.subset(cfg.adaround_samples, cfg.seed)
+    rows = len(data)
     recon: dict[str, ReconLayer] = {}
 
     def build(name: str, layer: nn.Module) -> nn.Module:
@@ -182,7 +190,7 @@ def reconstruct(
         recon[key] = ReconLayer(layer, weights[key][1], bits, acts[f"{key}:input"], acts.get(f"{key}:output"))
         return recon[key]
 
-    fp_forward = fp_forward.eval().requires_grad_(False)
+    fp_forward = copy.deepcopy(fp_forward).eval().requires_grad_(False)
     q_forward = replace_layers(fp_forward, build).eval()
     x0, t0, c0 = next(data.batches(1, cfg.device))
     units = reconstruction_units(fp_forward, layers, (x0, t0, c0))
@@ -196,8 +204,8 @@ def reconstruct(
             if not members:
                 bar.update(iters)
                 continue
-            args, kwargs = _capture(q_forward, unit.name, data, rows, cfg, "inputs")
-            target = _capture(fp_forward, unit.name, data, rows, cfg, "output")
+            args, kwargs = _capture(q_forward, unit.name, data, cfg, "inputs")
+            target = _capture(fp_forward, unit.name, data, cfg, "output")
             if phase == "weights":
                 for m in members:
                     m.weights = "soft"
@@ -208,8 +216,16 @@ def reconstruct(
                 params = [q.scale for m in members for q in (m.act_in, m.act_out) if q is not None]
                 opt = torch.optim.Adam(params, lr=cfg.act_lr)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
-            window = min(_REPORT_EVERY, iters)  # loss reported as means over the first/last `window` steps
-            head, tail, shown = [], [], 0
+            # reported: the unit's error on all its inputs before (round-to-nearest weights / observed
+            # activation ranges) and after, hard-rounded; and the training loss over the last steps
+            soft = [m.weights for m in members]
+            for m in members:
+                m.weights = "hard"  # at initialisation hard rounding is round-to-nearest
+            before = _fit_loss(q_forward, unit.name, args, kwargs, target, 4 * cfg.recon_batch)
+            for m, w in zip(members, soft, strict=True):
+                m.weights = w
+            window = min(_REPORT_EVERY, iters)
+            tail, shown = [], 0
             for i in range(iters):
                 idx = torch.randint(0, rows, (cfg.recon_batch,), generator=gen).to(target.device)
                 rec = _loss(q_forward, unit.name, args, kwargs, target, idx)
@@ -223,21 +239,20 @@ def reconstruct(
                     sched.step()
                     for q in params:  # a step size must stay positive
                         q.data.clamp_(min=1e-8)
-                if i < window:
-                    head.append(rec.item())
                 if i >= iters - window:
                     tail.append(rec.item())
                 if (i + 1) % _REPORT_EVERY == 0 or i == iters - 1:
                     bar.update(i + 1 - shown)
                     shown = i + 1
             bar.set_postfix(unit=unit.name.removeprefix("unet."), loss=f"{sum(tail) / len(tail):.4g}")
-            if phase == "weights":
-                for m in members:
-                    m.weights = "hard"
-            stats[f"{'weight' if phase == 'weights' else 'act'}_loss"][unit.name.removeprefix("unet.")] = [
-                round(sum(head) / len(head), 6),
-                round(sum(tail) / len(tail), 6),
-            ]
+            for m in members:
+                m.weights = "hard"
+            after = _fit_loss(q_forward, unit.name, args, kwargs, target, 4 * cfg.recon_batch)
+            stats[f"{'weight' if phase == 'weights' else 'act'}_loss"][unit.name.removeprefix("unet.")] = {
+                "before": round(before, 6),
+                "after": round(after, 6),
+                "train_tail": round(sum(tail) / len(tail), 6),
+            }
         bar.close()
 
     with torch.enable_grad():

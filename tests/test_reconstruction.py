@@ -96,6 +96,8 @@ def test_brecq_reduces_network_error_versus_nearest(tiny_model):
         assert int((w.int() - w0.int()).abs().max()) <= 1  # rounding direction only
     units = brecq.stats["reconstruction"]["weight_loss"]
     assert "mid_block.resnets.0" in units and "up_blocks.0.attentions.0" in units and "conv_in" in units
+    # each unit's error on its reconstruction inputs, round-to-nearest → learned (hard) rounding
+    assert sum(u["after"] for u in units.values()) < 0.9 * sum(u["before"] for u in units.values())
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 1, 8, 8, generator=g)
     t = torch.randint(0, 1000, (32,), generator=g)
@@ -192,3 +194,63 @@ def test_presets_set_the_published_recipes():
         )
     assert CalibrationConfig.for_method("qdiffusion", shortcut_split=False).shortcut_split is False
     assert np.isclose(CalibrationConfig.for_method("naive").act_iters, 0)
+
+
+def test_method_table_bench_writes_table_and_plot_and_resumes(tiny_dir, tmp_path, capsys):
+    """`dqc bench --methods` on the tiny model (few samples, few iterations): every cell evaluated on the
+    ORT bundle, table + PNG written; a second run reuses the finished cells instead of recompiling."""
+    from PIL import Image
+
+    from tools.cli import main
+
+    out = tmp_path / "table"
+    argv = ["bench", str(tiny_dir), "--methods", "naive,qdiffusion", "--bits", "W4A8", "--out", str(out),
+            "-n", "8", "--steps", "10", "--sample-batch", "8", "--adaround-iters", "10", "--act-iters", "5",
+            "--recon-batch", "8", "--calib-samples", "4", "--calib-timesteps", "3", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert [(r["method"], r["bits"]) for r in table["rows"]] == [
+        ("fp", "FP32"),
+        ("naive", "W8A8"),
+        ("naive", "W4A8"),
+        ("qdiffusion", "W8A8"),
+        ("qdiffusion", "W4A8"),
+    ]
+    for r in table["rows"][1:]:
+        assert r["fd"] > 0 and r["psnr_db"] is not None and r["calibration_seconds"] > 0 and r["device"]
+    manifest = json.loads((out / "qdiffusion_W4A8" / "bundle" / "manifest.json").read_text())
+    assert manifest["calibration"]["config"]["adaround_iters"] == 10
+    assert Image.open(out / "fd_vs_bits.png").size == (900, 560)
+    assert "| qdiffusion | W4A8 |" in (out / "table.md").read_text()
+    capsys.readouterr()
+    stamp = (out / "naive_W4A8" / "bundle" / "manifest.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert "compiled in" not in capsys.readouterr().out
+    assert (out / "naive_W4A8" / "bundle" / "manifest.json").stat().st_mtime_ns == stamp
+    assert main(["bench", str(tiny_dir), "--methods", "fancy", "--out", str(out), "-q"]) == 2
+
+
+def test_interrupted_reconstruction_writes_nothing(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of block reconstruction (raised from inside its optimisation loop): exit 130,
+    no bundle, no calibration file, no temp files."""
+    import torch.optim
+
+    from tools.cli import main
+
+    steps = {"n": 0}
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        steps["n"] += 1
+        if steps["n"] == 30:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    out = tmp_path / "b"
+    argv = ["compile", str(tiny_dir), "-o", str(out), "--method", "qdiffusion", "--steps", "10",
+            "--calib-samples", "4", "--calib-timesteps", "3", "--recon-batch", "4", "--adaround-iters", "20",
+            "--save-calibration", str(tmp_path / "c.safetensors"), "-q"]  # fmt: skip
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert steps["n"] == 30 and list(tmp_path.iterdir()) == []

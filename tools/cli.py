@@ -161,6 +161,29 @@ def _train_reference(a: argparse.Namespace) -> None:
 
 
 def _bench(a: argparse.Namespace) -> None:
+    if a.methods:
+        from tools.method_table import run_method_table
+
+        run_method_table(
+            a.model or "reference",
+            methods=[m.strip() for m in a.methods.split(",") if m.strip()],
+            bits=[b.strip() for b in a.bits.split(",") if b.strip()],
+            out_dir=a.out,
+            n=a.n,
+            steps=a.steps,
+            eta=a.eta,
+            seed=a.seed,
+            batch_size=a.sample_batch,
+            calibration=dict(
+                adaround_iters=a.adaround_iters,
+                act_iters=a.act_iters,
+                recon_batch=a.recon_batch,
+                calib_samples=a.calib_samples,
+                calib_timesteps=a.calib_timesteps,
+            ),
+            progress=not a.quiet,
+        )
+        return
     from tools.bench import run_bench
 
     run_bench(a.model, synthetic=a.synthetic, batch=a.batch, reps=a.reps, json_out=a.json, progress=not a.quiet)
@@ -319,12 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="latency of a W8A8 bundle against ONNX Runtime FP32",
-        description="Compile a model (a directory, or a synthetic random-weight shape) to W8A8, and "
-        "measure per-step latency of the bundle and of the FP32 ONNX Runtime session in one process "
-        "(interleaved runs; report ratios, not absolute times), with ORT's optimized op counts.",
+        help="latency of a W8A8 bundle against ONNX Runtime FP32, or (--methods) a method × bits quality table",
+        description="Latency (default): compile a model (a directory, or a synthetic random-weight shape) to "
+        "W8A8 and measure per-step latency of the bundle and of the FP32 ONNX Runtime session in one "
+        "process (interleaved runs; report ratios, not absolute times), with ORT's optimized op counts. "
+        "Quality (--methods): for each method and bit-width compile, sample N images on ONNX Runtime with "
+        "the full-precision row's seeds, and report FD, accuracy, PSNR vs FP and calibration time in "
+        "OUT/table.md, OUT/table.json and the plot OUT/fd_vs_bits.png; finished cells in OUT are reused.",
     )
-    b.add_argument("model", nargs="?", help=MODEL_HELP + " (default: a synthetic model)")
+    b.add_argument("model", nargs="?", help=MODEL_HELP + " (default: a synthetic model; with --methods: reference)")
     b.add_argument(
         "--synthetic",
         default="cifar10",
@@ -334,6 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     b.add_argument("--reps", type=int, default=20, help="interleaved timed runs per engine (default 20)")
     b.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    q = b.add_argument_group("quality table (--methods)")
+    q.add_argument("--methods", metavar="M1,M2", help="methods to compare, e.g. naive,ptq4dm,qdiffusion")
+    q.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4", help="bit-widths (default W8A8,W6A6,W4A8,W4A4)")
+    q.add_argument("--out", default="method_table", help="output directory, one sub-directory per cell")
+    q.add_argument("-n", type=int, default=500, help="samples per cell (default 500)")
+    q.add_argument("--steps", type=int, default=100, help="DDIM steps, calibration and sampling (default 100)")
+    q.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    q.add_argument("--seed", type=int, default=0, help="sampling and calibration seed (default 0)")
+    q.add_argument("--sample-batch", type=int, default=250, help="sampling batch (default 250)")
+    q.add_argument("--adaround-iters", type=int, help="override the presets' reconstruction iterations per block")
+    q.add_argument("--act-iters", type=int, help="override the presets' LSQ activation iterations per block")
+    q.add_argument("--recon-batch", type=int, help="override the reconstruction batch (default 32)")
+    q.add_argument("--calib-samples", type=int, help="override the calibration trajectories (default 64)")
+    q.add_argument("--calib-timesteps", type=int, help="override the calibration timesteps (default 20)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
     return p

@@ -1,0 +1,171 @@
+"""`dqc bench --methods …`: quality of calibration methods × bit-widths on the engines that ship.
+
+Each cell compiles the model with one method preset at one bit-width, samples N images from the bundle
+(ONNX Runtime, same seeds as the full-precision row), and evaluates FD, accuracy and PSNR against the
+full-precision samples. Cells live in `<out>/<method>_<bits>/` (bundle/, samples.npz, eval.json) and are
+reused when present and made with the same settings, so an interrupted table resumes; delete a cell
+to recompute it. The table is written as table.json and table.md, the FD-vs-bits plot as fd_vs_bits.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from runtime.errors import ConfigError
+from tools import pipeline
+
+# the settings that define a cell: a bundle made with other values is recompiled
+_CELL_KEYS = (
+    "steps", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters", "act_iters", "recon_batch"
+)  # fmt: skip
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _bundle_matches(bundle: Path, method: str, bits: str, fields: dict) -> bool:
+    manifest = _load_json(bundle / "manifest.json")
+    if manifest is None or manifest.get("bits") != bits or manifest["calibration"].get("method") != method:
+        return False
+    cal = manifest["calibration"]
+    config = cal.get("config", {})
+    for key, value in fields.items():
+        have = config.get(key, cal.get(key))
+        if have is not None and have != value:
+            return False
+    return True
+
+
+def _samples_match(path: Path, n: int, seed: int, steps: int, eta: float, guidance: float) -> bool:
+    import numpy as np
+
+    if not path.is_file():
+        return False
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"])) if "meta" in data else {}
+        count = len(data["samples"])
+    have = (count, meta.get("seed"), meta.get("steps"), meta.get("eta"), meta.get("guidance"))
+    return have == (n, seed, steps, eta, guidance)
+
+
+def run_method_table(
+    model: str = "reference",
+    *,
+    methods: list[str],
+    bits: list[str],
+    out_dir: str | Path,
+    n: int = 500,
+    steps: int = 100,
+    eta: float = 0.0,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 250,
+    calibration: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    from calibration.config import METHODS, CalibrationConfig, parse_bits
+    from tools.metrics import evaluate
+    from tools.plots import line_chart_png
+    from tools.reference import REFERENCE_GUIDANCE, resolve_model
+
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods: unknown method {m!r}; use some of {sorted(METHODS)}")
+    bits = [str(parse_bits(b)) for b in bits]
+    if n < 2:
+        raise ConfigError(f"-n {n}: FD needs at least 2 samples")
+    if guidance is None:
+        guidance = REFERENCE_GUIDANCE if model == "reference" else 1.0
+    source = resolve_model(model)
+    calibration = {k: v for k, v in (calibration or {}).items() if v is not None}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sample_args = dict(n=n, steps=steps, eta=eta, seed=seed, guidance=guidance, batch_size=batch_size)
+
+    def sample_and_eval(cell: Path, engine_source: Path, reference: Path | None) -> dict:
+        samples = cell / "samples.npz"
+        if not _samples_match(samples, n, seed, steps, eta, guidance):
+            pipeline.sample_to_file(engine_source, samples, progress=progress, **sample_args)
+        report = evaluate(samples, reference=reference)
+        pipeline.write_json(cell / "eval.json", report)
+        return report
+
+    fp_cell = out / "fp"
+    fp_cell.mkdir(exist_ok=True)
+    fp = sample_and_eval(fp_cell, source, None)
+    rows = [{"method": "fp", "bits": "FP32", "fd": fp["fd"], "accuracy": fp.get("accuracy"), "psnr_db": None,
+             "calibration_seconds": None, "device": None}]  # fmt: skip
+    for method in methods:
+        for b in bits:
+            cell = out / f"{method}_{b}"
+            bundle = cell / "bundle"
+            fields = dict(steps=steps, guidance=guidance, seed=seed, **calibration)
+            if not _bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS}):
+                cfg = CalibrationConfig.for_method(method, bits=b, **fields)
+                cell.mkdir(exist_ok=True)
+                start = time.perf_counter()
+                pipeline.compile_model(source, bundle, cfg, overwrite=True, progress=progress)
+                print(f"{method} {b}: compiled in {time.perf_counter() - start:.1f} s")
+                (cell / "samples.npz").unlink(missing_ok=True)
+            stats = json.loads((bundle / "manifest.json").read_text())["calibration"]["stats"]
+            report = sample_and_eval(cell, bundle, fp_cell / "samples.npz")
+            rows.append(
+                {
+                    "method": method,
+                    "bits": b,
+                    "fd": report["fd"],
+                    "accuracy": report.get("accuracy"),
+                    "psnr_db": report.get("psnr_vs_reference"),
+                    "calibration_seconds": stats.get("total_seconds"),
+                    "device": stats.get("device_name", stats.get("device")),
+                }
+            )
+    table = {
+        "model": str(model),
+        "n": n,
+        "seed": seed,
+        "sampler": "ddim",
+        "steps": steps,
+        "eta": eta,
+        "guidance": guidance,
+        "calibration_overrides": calibration,
+        "rows": rows,
+    }
+    pipeline.write_json(out / "table.json", table)
+    (out / "table.md").write_text(markdown_table(rows))
+    series = {m: [next((r["fd"] for r in rows if r["method"] == m and r["bits"] == b), None) for b in bits]
+              for m in methods}  # fmt: skip
+    line_chart_png(
+        out / "fd_vs_bits.png",
+        bits,
+        series,
+        title=f"FD vs bit-width ({model}, N={n}, DDIM {steps}, eta {eta:g}; lower is better)",
+        y_label="FD",
+        x_label="weight / activation bits",
+        hline=("full precision", fp["fd"]),
+    )
+    print(markdown_table(rows), end="")
+    print(f"wrote {out / 'table.json'}, {out / 'table.md'}, {out / 'fd_vs_bits.png'}")
+    return table
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "—" if v is None else format(v, spec)
+
+    lines = [
+        "| method | bits | FD ↓ | accuracy | PSNR vs FP (dB) | calibration (s) | device |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['bits']} | {fmt(r['fd'], '.3f')} | {fmt(r['accuracy'], '.1%')} | "
+            f"{fmt(r['psnr_db'], '.2f')} | {fmt(r['calibration_seconds'], '.0f')} | {r['device'] or '—'} |"
+        )
+    return "\n".join(lines) + "\n"
