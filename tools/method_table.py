@@ -16,6 +16,8 @@ from pathlib import Path
 from runtime.errors import ConfigError
 from tools import pipeline
 
+# overrides that only apply to methods that learn by reconstruction
+_RECONSTRUCTION_KEYS = ("adaround_iters", "act_iters", "recon_batch")
 # the settings that define a cell: a bundle made with other values is recompiled
 _CELL_KEYS = (
     "steps", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters", "act_iters", "recon_batch"
@@ -105,7 +107,9 @@ def run_method_table(
         for b in bits:
             cell = out / f"{method}_{b}"
             bundle = cell / "bundle"
-            fields = dict(steps=steps, guidance=guidance, seed=seed, **calibration)
+            preset = CalibrationConfig.for_method(method)
+            given = {k: v for k, v in calibration.items() if preset.reconstructs or k not in _RECONSTRUCTION_KEYS}
+            fields = dict(steps=steps, guidance=guidance, seed=seed, **given)
             if not _bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS}):
                 cfg = CalibrationConfig.for_method(method, bits=b, **fields)
                 cell.mkdir(exist_ok=True)
