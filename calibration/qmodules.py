@@ -49,7 +49,7 @@ def float_modules(unet: nn.Module) -> list[dict]:
             if isinstance(module, nn.Embedding)
             else f"layer type {kind} is not supported by the quantizer (Conv2d, Linear): kept float"
         )
-        out.append({"name": name, "op": kind, "reason": reason})
+        out.append({"node": name, "op": kind, "reason": reason})
     return out
 
 

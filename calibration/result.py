@@ -36,7 +36,7 @@ class CalibrationResult:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer → (int8 weight, float32 scale per channel)
     activations: dict[str, list[ActParams]]  # point → one quantizer per group
     group_of_t: np.ndarray  # (T,) int64
-    skipped: list[dict] = field(default_factory=list)  # {"name", "reason"} of layers left in float
+    skipped: list[dict] = field(default_factory=list)  # {"node", "op", "reason"} of modules left in float
     stats: dict = field(default_factory=dict)  # timings and counts, for reports
     splits: dict[str, int] = field(default_factory=dict)  # shortcut conv → channels of its first half
 
