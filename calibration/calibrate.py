@@ -150,6 +150,17 @@ def calibrate(
         from calibration.reconstruct import reconstruct
 
         weights, acts, recon_stats = reconstruct(model.wrapper(), layers, weights, acts, data, cfg, progress)
+    activations = {p: [a] for p, a in acts.items()}
+    group_of_t = np.zeros(model.spec.num_train_timesteps, np.int64)
+    if cfg.groups > 1:
+        from calibration.groups import compact_groups, run_group_search
+
+        search, group_acts = run_group_search(
+            model, layers, weights, data, cfg, groups=cfg.groups, epochs=cfg.group_epochs, lr=cfg.search_lr,
+            entropy_weight=cfg.group_entropy, progress=progress,
+        )  # fmt: skip
+        group_of_t, activations = compact_groups(search.group_of_t(model.spec.num_train_timesteps), group_acts)
+        recon_stats = dict(recon_stats, group_search={"assignment": search.assignment, "history": search.history})
     stats = {
         "record_seconds": round(t_record, 3),
         "weight_seconds": round(time.perf_counter() - start - t_record, 3),  # ranges, rounding, activations
@@ -158,6 +169,8 @@ def calibrate(
         "device": cfg.device,
         "device_name": device_name(cfg.device),
     }
+    if "group_search" in recon_stats:
+        stats["group_search"] = recon_stats.pop("group_search")
     if recon_stats:
         stats["reconstruction"] = recon_stats
     return CalibrationResult(
@@ -165,8 +178,8 @@ def calibrate(
         model.identity(),
         layers,
         weights,
-        {p: [a] for p, a in acts.items()},
-        np.zeros(model.spec.num_train_timesteps, np.int64),
+        activations,
+        group_of_t,
         float_modules(model.unet),
         stats,
         splits,

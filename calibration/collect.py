@@ -35,6 +35,15 @@ class CalibrationData:
         cat = lambda parts: None if parts[0] is None else [np.concatenate(parts)[keep]]  # noqa: E731
         return CalibrationData(cat(self.samples), cat(self.timesteps), cat(self.labels) or [None])
 
+    def at_timesteps(self, keep: set[int]) -> CalibrationData:
+        """The recorded inputs whose timestep is in `keep`."""
+        t = np.concatenate(self.timesteps)
+        rows = np.isin(t, np.fromiter(keep, np.int64))
+        if not rows.any():
+            raise ValueError(f"no calibration inputs at timesteps {sorted(keep)}")
+        labels = None if self.labels[0] is None else np.concatenate(self.labels)[rows]
+        return CalibrationData([np.concatenate(self.samples)[rows]], [t[rows]], [labels])
+
     def batches(self, batch_size: int, device: str = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
         x = np.concatenate(self.samples)
         t = np.concatenate(self.timesteps)

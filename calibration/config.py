@@ -25,6 +25,8 @@ METHODS = {
     "qdiffusion": dict(timestep_selection="uniform", shortcut_split=True, **_RECONSTRUCTION),
     # PTQ4DM: normally distributed timesteps, the same reconstruction
     "ptq4dm": dict(timestep_selection="normal", **_RECONSTRUCTION),
+    # APQ-DM: G = 8 timestep groups from the differentiable search (timestep selection: work in progress)
+    "apqdm": dict(groups=8),
 }
 
 
@@ -80,6 +82,10 @@ class CalibrationConfig:
     act_iters: int = 0  # LSQ activation step-size learning per block after the weights; Q-Diffusion: 5k
     act_lr: float = 4e-4  # cosine-decayed to 0
     shortcut_split: bool = False  # Q-Diffusion: separate quantizers for the two halves of decoder concats
+    groups: int = 1  # APQ-DM timestep groups, each with its own activation quantizers and graph
+    group_epochs: int = 10  # APQ-DM: 10 epochs of the joint search
+    group_lr: float = 0.0  # 0: APQ-DM's 5e-3 for 8-bit and 3e-3 below, decaying to 1e-5
+    group_entropy: float = 0.8  # λ of the entropy term on σ^t (APQ-DM Eq. 7)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -115,6 +121,18 @@ class CalibrationConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be > 0")
         if self.adaround_reg < 0:
             raise ConfigError(f"adaround_reg={self.adaround_reg}: must be ≥ 0")
+        if self.groups < 1:
+            raise ConfigError(f"--groups {self.groups}: must be at least 1")
+        if self.groups > self.calib_timesteps:
+            raise ConfigError(
+                f"--groups {self.groups}: more groups than the {self.calib_timesteps} calibrated timesteps; "
+                "lower --groups or raise --calib-timesteps"
+            )
+        if self.group_epochs < 1 or self.group_lr < 0 or self.group_entropy < 0:
+            raise ConfigError(
+                f"group search: epochs={self.group_epochs} must be ≥ 1, lr={self.group_lr} and "
+                f"entropy weight={self.group_entropy} ≥ 0"
+            )
         if self.reconstructs:
             recorded = self.calib_samples * self.calib_timesteps
             rows = min(self.adaround_samples, recorded)
@@ -141,6 +159,11 @@ class CalibrationConfig:
     def reconstructs(self) -> bool:
         """Whether calibration learns anything by gradient descent (AdaRound, BRECQ, LSQ)."""
         return self.weight_rounding != "nearest" or self.act_iters > 0
+
+    @property
+    def search_lr(self) -> float:
+        """The group search's initial learning rate (APQ-DM: 5e-3 at 8-bit activations, 3e-3 below)."""
+        return self.group_lr or (5e-3 if self.parsed_bits.activation >= 8 else 3e-3)
 
     @property
     def parsed_bits(self) -> Bits:

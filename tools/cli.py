@@ -39,6 +39,8 @@ def _compile(a: argparse.Namespace) -> None:
         recon_batch=a.recon_batch,
         act_iters=a.act_iters,
         shortcut_split=a.shortcut_split,
+        groups=a.groups,
+        group_epochs=a.group_epochs,
         percentile=a.percentile,
         device=a.device or _default_device(),
     )
@@ -218,11 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--method",
         default="lp",
-        choices=["lp", "naive", "qdiffusion", "ptq4dm"],
+        choices=["lp", "naive", "qdiffusion", "ptq4dm", "apqdm"],
         help="calibration preset (explicit flags override it): lp (default: per-channel L_p weight-range "
         "search, min-max activations, round-to-nearest); naive (min-max ranges, round-to-nearest: what ONNX "
         "Runtime's static quantizer does); qdiffusion (uniform timesteps, BRECQ block reconstruction with "
-        "AdaRound, LSQ activation steps, shortcut split); ptq4dm (normal timesteps, the same reconstruction)",
+        "AdaRound, LSQ activation steps, shortcut split); ptq4dm (normal timesteps, the same reconstruction); "
+        "apqdm (8 timestep groups from APQ-DM's differentiable search, one graph per group)",
     )
     c.add_argument("--activation-range", choices=["minmax", "percentile"], help="default: the method's (minmax)")
     c.add_argument("--weight-range", choices=["lp", "minmax"], help="per-channel weight range: L_p search or max |w|")
@@ -236,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adaround-samples", type=int, help="calibration inputs a layer/block is fitted on (default 1024)")
     c.add_argument("--recon-batch", type=int, help="reconstruction batch (default 32)")
     c.add_argument("--act-iters", type=int, help="LSQ activation step-size iterations per block (0: off; presets)")
+    c.add_argument("--groups", type=int, help="timestep groups G (apqdm: 8; 1: one shared set of scales)")
+    c.add_argument("--group-epochs", type=int, help="epochs of the group search (default 10)")
     c.add_argument(
         "--shortcut-split",
         action=argparse.BooleanOptionalAction,

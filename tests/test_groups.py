@@ -1,0 +1,120 @@
+"""APQ-DM group search core: valid assignments, the entropy regulariser, nearest-timestep routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from calibration.groups import (
+    GroupMixer,
+    assignment_from_sigma,
+    contiguous_assignment,
+    nearest_group_table,
+    run_group_search,
+)
+
+
+def test_contiguous_assignment_and_nearest_table():
+    ts = [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    init = contiguous_assignment(ts, 4)
+    assert sorted(set(init)) == [0, 1, 2, 3]
+    assert init[ts.index(1)] == 0 and init[ts.index(901)] == 3  # sorted ascending: low t → group 0
+    table = nearest_group_table(dict(zip(ts, init, strict=True)), 1000)
+    assert table.shape == (1000,) and table.dtype == np.int64
+    for t in (0, 1, 50, 51, 950, 999, 455):
+        nearest = min(ts, key=lambda s: (abs(s - t), s))
+        assert table[t] == init[ts.index(nearest)], t
+
+
+def test_sigma_argmax_gives_one_group_per_timestep():
+    sigma = torch.softmax(torch.randn(7, 3, generator=torch.Generator().manual_seed(0)), -1)
+    ts = list(range(10, 80, 10))
+    a = assignment_from_sigma(sigma, ts)
+    assert set(a) == set(ts) and all(0 <= g < 3 for g in a.values())
+    assert all(a[t] == int(sigma[i].argmax()) for i, t in enumerate(ts))
+
+
+def test_group_search_on_tiny_model_is_valid_and_entropy_falls(tiny_model):
+    """Search G = 3 groups on the tiny model's calibration data: each calibrated t gets exactly the argmax
+    group of its σ, the entropy of σ decreases under the λ-weighted regulariser, and every group has its
+    own quantizers for every activation point."""
+    from calibration.calibrate import calibrate
+    from calibration.collect import record_trajectories
+    from calibration.config import CalibrationConfig
+    from calibration.qmodules import quantizable_layers
+
+    cfg = CalibrationConfig(bits="W6A6", steps=10, calib_samples=8, calib_timesteps=6, batch_size=16)
+    base = calibrate(tiny_model, cfg, progress=False)
+    data = record_trajectories(tiny_model, cfg, progress=False)
+    layers = quantizable_layers(tiny_model.unet)
+    result, acts = run_group_search(tiny_model, layers, base.weights, data, cfg, groups=3, epochs=6, lr=5e-3)
+    assert len(result.assignment) == 6
+    assert all(result.assignment[t] == int(result.sigma[i].argmax()) for i, t in enumerate(result.timesteps))
+    entropies = [h["entropy"] for h in result.history]
+    print("entropy per epoch", np.round(entropies, 4))
+    assert entropies[-1] < entropies[0]
+    assert set(acts) == set(base.activations) and all(len(v) == 3 for v in acts.values())
+    table = result.group_of_t(tiny_model.schedule.num_train_timesteps)
+    assert set(table.tolist()) <= {0, 1, 2} and len(table) == tiny_model.schedule.num_train_timesteps
+    assert GroupMixer.entropy(torch.tensor(result.sigma)) < np.log(3)
+
+
+def test_apqdm_compile_routes_steps_to_group_graphs_with_parity(tiny_dir, tmp_path):
+    """`dqc compile --method apqdm --groups 3`: one graph per used group sharing one weights file, a table
+    over every training timestep, each group's engine matching the fake-quant model with its scales."""
+    import json
+
+    from calibration.model_io import load_model
+    from calibration.result import CalibrationResult
+    from exporter.parity import layer_parity, noised_inputs
+    from runtime.bundle import load_bundle
+    from tools.cli import main
+
+    out, calib = tmp_path / "b", tmp_path / "c.safetensors"
+    argv = ["compile", str(tiny_dir), "-o", str(out), "--method", "apqdm", "--groups", "3", "--group-epochs", "2",
+            "--bits", "W6A6", "--steps", "10", "--calib-samples", "8", "--calib-timesteps", "6",
+            "--save-calibration", str(calib), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    result = CalibrationResult.load(calib)
+    used = sorted(set(manifest["timestep_to_group"]))
+    assert used == list(range(len(manifest["groups"]))) == list(range(result.num_groups))
+    assert len(manifest["timestep_to_group"]) == 1000
+    graphs = [out / g["file"] for g in manifest["groups"]]
+    import onnx
+
+    # every large initializer (the integer weights) is a reference into the one weights.bin, at the same
+    # place for every group graph: the weight bytes exist once on disk
+    refs = []
+    for path in graphs:
+        m = onnx.load(str(path), load_external_data=False)
+        ext = {i.name: tuple((e.key, e.value) for e in i.external_data) for i in m.graph.initializer
+               if i.data_location == onnx.TensorProto.EXTERNAL}  # fmt: skip
+        assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer
+                   if i.name.endswith("/weight/int") and len(i.dims) and np.prod(i.dims) >= 1024)  # fmt: skip
+        refs.append(ext)
+    assert refs[0] and all(r == refs[0] for r in refs)
+    stored = sum(int(dict(v)["length"]) for v in refs[0].values())
+    assert (out / "weights.bin").stat().st_size < stored + 64 * len(refs[0]) + 1
+    bundle = load_bundle(out)
+    engines = bundle.engines()
+    for t in (0, 333, 999):
+        assert engines.group_of(t) == manifest["timestep_to_group"][t]
+    model = load_model(tiny_dir)
+    feeds = noised_inputs(model.spec, model.schedule, 500, 4, 0)
+    for g, path in enumerate(graphs):
+        report = layer_parity(path, result.reference_model(model.wrapper(), group=g), feeds)
+        assert report and all(r["flipped"] <= 2e-3 for r in report.values()), (g, report)
+
+
+def test_more_groups_than_calibrated_timesteps_is_refused():
+    import pytest
+
+    from calibration.config import CalibrationConfig
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--groups 9"):
+        CalibrationConfig(groups=9, calib_timesteps=8)
+    with pytest.raises(ConfigError, match="--groups 0"):
+        CalibrationConfig(groups=0)
+    assert CalibrationConfig.for_method("apqdm").groups == 8
