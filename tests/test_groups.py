@@ -118,3 +118,29 @@ def test_more_groups_than_calibrated_timesteps_is_refused():
     with pytest.raises(ConfigError, match="--groups 0"):
         CalibrationConfig(groups=0)
     assert CalibrationConfig.for_method("apqdm").groups == 8
+
+
+def test_shared_weights_store_keeps_per_group_biases_in_their_graphs():
+    """Group graphs share integer weights by reference, but a bias on the accumulator grid differs per group
+    (its input scale does): it stays inside each graph instead of failing the export."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporter.bundle_writer import SharedWeights
+
+    w = np.arange(4096, dtype=np.int8)
+    graphs = []
+    for g in range(2):
+        bias = np.full(512, 7 + g, np.int32)  # 2 KiB, differs by group
+        inits = [numpy_helper.from_array(w, "conv/weight/int"), numpy_helper.from_array(bias, "conv/bias/int")]
+        graph = helper.make_graph([], f"g{g}", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
+        graphs.append(helper.make_model(graph))
+    shared = SharedWeights()
+    for m in graphs:
+        shared.externalize(m)
+    assert len(shared.blob) == 4096  # the weights once
+    for g, m in enumerate(graphs):
+        by_name = {i.name: i for i in m.graph.initializer}
+        assert by_name["conv/weight/int"].data_location == onnx.TensorProto.EXTERNAL
+        assert by_name["conv/bias/int"].data_location != onnx.TensorProto.EXTERNAL
+        assert numpy_helper.to_array(by_name["conv/bias/int"])[0] == 7 + g
