@@ -26,8 +26,8 @@ from runtime.errors import BundleError, ExportError
 
 WEIGHTS = "weights.bin"
 _ALIGN = 64
-_MIN_EXTERNAL = 1024
-_PER_GROUP = ("/bias/int",)  # initializers at least this many bytes go to the shared weights file
+_MIN_EXTERNAL = 1024  # initializers at least this many bytes go to the shared weights file
+_PER_GROUP = ("/bias/int", "/bias/scale")  # except these: they depend on the group's input scale
 
 
 def layer_table(model: LoadedModel, result: CalibrationResult, group: int) -> dict[str, LayerQuant]:
@@ -58,8 +58,8 @@ class SharedWeights:
     def externalize(self, model: onnx.ModelProto) -> None:
         for tensor in model.graph.initializer:
             raw = tensor.raw_data
-            # an int32 bias sits on the accumulator grid s_in·s_w, and s_in is per group: it stays in its
-            # group's graph (one int32 per output channel; the weights are what is shared)
+            # an int32 bias and its scale sit on the accumulator grid s_in·s_w, and s_in is per group:
+            # they stay in their group's graph (one value per output channel; the weights are shared)
             if len(raw) < _MIN_EXTERNAL or tensor.name.endswith(_PER_GROUP):
                 continue
             if tensor.name in self.index:

@@ -132,7 +132,9 @@ def test_shared_weights_store_keeps_per_group_biases_in_their_graphs():
     graphs = []
     for g in range(2):
         bias = np.full(512, 7 + g, np.int32)  # 2 KiB, differs by group
-        inits = [numpy_helper.from_array(w, "conv/weight/int"), numpy_helper.from_array(bias, "conv/bias/int")]
+        scale = np.full(512, 0.01 * (g + 1), np.float32)
+        inits = [numpy_helper.from_array(w, "conv/weight/int"), numpy_helper.from_array(bias, "conv/bias/int"),
+                 numpy_helper.from_array(scale, "conv/bias/scale")]  # fmt: skip
         graph = helper.make_graph([], f"g{g}", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
         graphs.append(helper.make_model(graph))
     shared = SharedWeights()
@@ -143,4 +145,5 @@ def test_shared_weights_store_keeps_per_group_biases_in_their_graphs():
         by_name = {i.name: i for i in m.graph.initializer}
         assert by_name["conv/weight/int"].data_location == onnx.TensorProto.EXTERNAL
         assert by_name["conv/bias/int"].data_location != onnx.TensorProto.EXTERNAL
+        assert by_name["conv/bias/scale"].data_location != onnx.TensorProto.EXTERNAL
         assert numpy_helper.to_array(by_name["conv/bias/int"])[0] == 7 + g
