@@ -152,6 +152,7 @@ def calibrate(
         weights, acts, recon_stats = reconstruct(model.wrapper(), layers, weights, acts, data, cfg, progress)
     activations = {p: [a] for p, a in acts.items()}
     group_of_t = np.zeros(model.spec.num_train_timesteps, np.int64)
+    group_stats = None
     if cfg.groups > 1:
         from calibration.groups import compact_groups, run_group_search
 
@@ -160,7 +161,7 @@ def calibrate(
             entropy_weight=cfg.group_entropy, progress=progress,
         )  # fmt: skip
         group_of_t, activations = compact_groups(search.group_of_t(model.spec.num_train_timesteps), group_acts)
-        recon_stats = dict(recon_stats, group_search={"assignment": search.assignment, "history": search.history})
+        group_stats = {"assignment": search.assignment, "history": search.history}
     stats = {
         "record_seconds": round(t_record, 3),
         "weight_seconds": round(time.perf_counter() - start - t_record, 3),  # ranges, rounding, activations
@@ -169,8 +170,8 @@ def calibrate(
         "device": cfg.device,
         "device_name": device_name(cfg.device),
     }
-    if "group_search" in recon_stats:
-        stats["group_search"] = recon_stats.pop("group_search")
+    if group_stats is not None:
+        stats["group_search"] = group_stats
     if recon_stats:
         stats["reconstruction"] = recon_stats
     return CalibrationResult(

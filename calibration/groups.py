@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from calibration.adaround import apply_layer
 from calibration.quantizers import ActParams, LsqQuantizer
 
 
@@ -57,9 +58,7 @@ class MixedQuantizer(nn.Module):
 
     def __init__(self, inits: list[ActParams], mixer: GroupMixer) -> None:
         super().__init__()
-        self.quantizers = nn.ModuleList(
-            LsqQuantizer(torch.tensor(p.scale), p.qmin, p.qmax, float(p.zero_point)) for p in inits
-        )
+        self.quantizers = nn.ModuleList(LsqQuantizer.from_params(p) for p in inits)
         self._mixer = [mixer]  # not a submodule: α is registered once, on the mixer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,13 +66,9 @@ class MixedQuantizer(nn.Module):
         w = sigma.to(x.dtype).reshape(sigma.shape[0], sigma.shape[1], *[1] * (x.ndim - 1))
         return sum(w[:, g] * q(x) for g, q in enumerate(self.quantizers))
 
-    def params(self, like: list[ActParams]) -> list[ActParams]:
-        """Each group's quantizer as ActParams (scale rounded to float32, kept positive)."""
-        out = []
-        for q, p in zip(self.quantizers, like, strict=True):
-            s = float(torch.tensor(max(float(q.scale.detach()), 1e-8), dtype=torch.float32))
-            out.append(ActParams(s, p.zero_point, p.qmin, p.qmax))
-        return out
+    def params(self) -> list[ActParams]:
+        """Each group's learned quantizer."""
+        return [q.to_params() for q in self.quantizers]
 
 
 @dataclass
@@ -132,6 +127,7 @@ def search_loop(
     mixer: GroupMixer,
     quant_params: list[torch.Tensor],
     batches,
+    steps_per_epoch: int,
     *,
     epochs: int,
     lr: float,
@@ -140,12 +136,11 @@ def search_loop(
     progress: bool = False,
 ) -> GroupSearchResult:
     """Joint optimisation of the quantizer steps and α on J (Eq. 7). `batches()` yields (x, t, c, target)
-    for one epoch; `forward(x, t, c)` is the mixed fake-quant model whose quantizers read mixer.current.
-    The learning rate decays exponentially from lr to lr_end over the run."""
+    for one epoch, in `steps_per_epoch` batches; `forward(x, t, c)` is the mixed fake-quant model whose
+    quantizers read mixer.current. The learning rate decays exponentially from lr to lr_end over the run."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.Adam([{"params": quant_params}, {"params": [mixer.alpha]}], lr=lr)
-    steps_per_epoch = sum(1 for _ in batches())
     total = max(epochs * steps_per_epoch, 1)
     gamma = (lr_end / lr) ** (1 / total)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
@@ -184,8 +179,6 @@ class MixedLayer(nn.Module):
         self.register_buffer("weight", (w_int.float() * w_scale.float().reshape(shape)).to(layer.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from calibration.adaround import apply_layer
-
         y = apply_layer(self.layer, self.q_in(x), self.weight, self.layer.bias)
         return y if self.q_out is None else self.q_out(y)
 
@@ -225,15 +218,16 @@ def run_group_search(model, layers, weights: dict, data, cfg, *, groups: int, ep
     fp = model.wrapper().eval()
     forward = replace_layers(fp, build).eval()
     with torch.inference_mode():
-        targets = [fp(x, t, c).clone() for x, t, c in data.batches(cfg.batch_size, cfg.device)]
+        targets = [fp(x, t, c) for x, t, c in data.batches(cfg.batch_size, cfg.device)]
+    targets = [y.clone() for y in targets]  # out of inference mode, once
 
     def batches():
         for (x, t, c), y in zip(data.batches(cfg.batch_size, cfg.device), targets, strict=True):
-            yield x, t, c, y.clone()
+            yield x, t, c, y
 
     params = [q.scale for m in mixed.values() for q in m.quantizers]
     with torch.enable_grad():
-        result = search_loop(forward, mixer, params, batches, epochs=epochs, lr=lr,
+        result = search_loop(forward, mixer, params, batches, len(targets), epochs=epochs, lr=lr,
                              entropy_weight=entropy_weight, progress=progress)  # fmt: skip
-    acts = {p: m.params(inits[p]) for p, m in mixed.items()}
+    acts = {p: m.params() for p, m in mixed.items()}
     return result, acts

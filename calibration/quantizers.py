@@ -155,6 +155,16 @@ class LsqQuantizer(torch.nn.Module):
         self.register_buffer("zero_point", torch.tensor(float(zero_point)))
         self.qmin, self.qmax, self.axis = qmin, qmax, axis
 
+    @classmethod
+    def from_params(cls, p: ActParams) -> LsqQuantizer:
+        """A per-tensor LSQ quantizer starting at the calibrated activation quantizer `p`."""
+        return cls(torch.tensor(p.scale), p.qmin, p.qmax, float(p.zero_point))
+
+    def to_params(self) -> ActParams:
+        """The learned per-tensor quantizer as ActParams (step rounded to float32, kept positive)."""
+        scale = float(torch.tensor(max(float(self.scale.detach()), 1e-8), dtype=torch.float32))
+        return ActParams(scale, int(self.zero_point), self.qmin, self.qmax)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
         s = _grad_scale(self.scale, 1.0 / (n * max(self.qmax, 1)) ** 0.5).to(x.dtype)

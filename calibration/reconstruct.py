@@ -39,8 +39,8 @@ class ReconLayer(nn.Module):
         super().__init__()
         self.layer = layer.requires_grad_(False)
         self.rounding = AdaRoundWeight(layer.weight, scale, bits)
-        self.act_in = _lsq(act_in, layer.weight.device)
-        self.act_out = None if act_out is None else _lsq(act_out, layer.weight.device)
+        self.act_in = LsqQuantizer.from_params(act_in).to(layer.weight.device)
+        self.act_out = None if act_out is None else LsqQuantizer.from_params(act_out).to(layer.weight.device)
         self.weights, self.quant_acts = "float", False  # weights: float | soft | hard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,15 +49,6 @@ class ReconLayer(nn.Module):
         w = self.layer.weight if self.weights == "float" else self.rounding(hard=self.weights == "hard")
         y = apply_layer(self.layer, x, w, self.layer.bias)
         return self.act_out(y) if self.quant_acts and self.act_out is not None else y
-
-
-def _lsq(p: ActParams, device) -> LsqQuantizer:
-    return LsqQuantizer(torch.tensor(p.scale), p.qmin, p.qmax, float(p.zero_point)).to(device)
-
-
-def _act_params(q: LsqQuantizer, like: ActParams) -> ActParams:
-    scale = float(torch.tensor(max(float(q.scale.detach()), 1e-8), dtype=torch.float32))
-    return ActParams(scale, like.zero_point, like.qmin, like.qmax)
 
 
 @dataclass
@@ -270,7 +261,7 @@ def reconstruct(
     new_acts = dict(acts)
     if cfg.act_iters > 0:
         for n, m in recon.items():
-            new_acts[f"{n}:input"] = _act_params(m.act_in, acts[f"{n}:input"])
+            new_acts[f"{n}:input"] = m.act_in.to_params()
             if m.act_out is not None:
-                new_acts[f"{n}:output"] = _act_params(m.act_out, acts[f"{n}:output"])
+                new_acts[f"{n}:output"] = m.act_out.to_params()
     return new_weights, new_acts, stats
