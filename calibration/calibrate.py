@@ -133,7 +133,8 @@ def calibrate(
     model = dataclasses.replace(model, unet=apply_splits(model.unet, splits))
     layers = quantizable_layers(model.unet)
     start = time.perf_counter()
-    data = record_trajectories(model, cfg, progress)
+    active = cfg.timestep_selection == "active"
+    data = None if active else record_trajectories(model, cfg, progress)
     t_record = time.perf_counter() - start
     if cfg.reconstructs and len(data) < cfg.recon_batch:
         raise CalibrationError(
@@ -144,24 +145,35 @@ def calibrate(
     if cfg.weight_rounding == "adaround":
         with torch.enable_grad():
             weights = adaround_weights(model, layers, data, weights, cfg, progress)
-    acts = observe_activations(model, layers, data, cfg, progress)
     recon_stats = {}
-    if cfg.weight_rounding == "brecq" or cfg.act_iters > 0:
-        from calibration.reconstruct import reconstruct
+    if cfg.reconstructs or not cfg.searches_groups:
+        acts = observe_activations(model, layers, data, cfg, progress)
+        if cfg.reconstructs:
+            from calibration.reconstruct import reconstruct
 
-        weights, acts, recon_stats = reconstruct(model.wrapper(), layers, weights, acts, data, cfg, progress)
-    activations = {p: [a] for p, a in acts.items()}
+            weights, acts, recon_stats = reconstruct(model.wrapper(), layers, weights, acts, data, cfg, progress)
+        activations = {p: [a] for p, a in acts.items()}
     group_of_t = np.zeros(model.spec.num_train_timesteps, np.int64)
     group_stats = None
-    if cfg.groups > 1:
-        from calibration.groups import compact_groups, run_group_search
+    if cfg.searches_groups:
+        from calibration import groups
 
-        search, group_acts = run_group_search(
-            model, layers, weights, data, cfg, groups=cfg.groups, epochs=cfg.group_epochs, lr=cfg.search_lr,
-            entropy_weight=cfg.group_entropy, progress=progress,
-        )  # fmt: skip
-        group_of_t, activations = compact_groups(search.group_of_t(model.spec.num_train_timesteps), group_acts)
-        group_stats = {"assignment": search.assignment, "history": search.history}
+        search_args = dict(groups=cfg.groups, epochs=cfg.group_epochs, lr=cfg.search_lr,
+                           entropy_weight=cfg.group_entropy, progress=progress)  # fmt: skip
+        if active:
+            search, group_acts, data = groups.run_active_search(
+                model, layers, weights, cfg, rounds=cfg.calib_timesteps, per_round=cfg.calib_samples,
+                eta=cfg.active_eta, **search_args,
+            )  # fmt: skip
+        else:
+            search, group_acts = groups.run_group_search(model, layers, weights, data, cfg, **search_args)
+        table = search.group_of_t(model.spec.num_train_timesteps)
+        group_of_t, activations = groups.compact_groups(table, group_acts)
+        group_stats = {"assignment": search.assignment, "history": thin(search.history, 12),
+                       "sigma_rows": search.rows or search.timesteps}  # fmt: skip
+        if search.counts:
+            group_stats["draws"] = search.counts
+    errors = activation_errors(model, layers, data, cfg, activations, group_of_t) if cfg.activation_error else None
     stats = {
         "record_seconds": round(t_record, 3),
         "weight_seconds": round(time.perf_counter() - start - t_record, 3),  # ranges, rounding, activations
@@ -174,6 +186,8 @@ def calibrate(
         stats["group_search"] = group_stats
     if recon_stats:
         stats["reconstruction"] = recon_stats
+    if errors:
+        stats["activation_error"] = errors
     return CalibrationResult(
         cfg,
         model.identity(),
@@ -185,6 +199,28 @@ def calibrate(
         stats,
         splits,
     )
+
+
+def thin(history: list, keep: int) -> list:
+    """At most `keep` evenly spaced entries of a history, first and last included."""
+    if len(history) <= keep:
+        return history
+    idx = np.unique(np.linspace(0, len(history) - 1, keep).round().astype(int))
+    return [history[i] for i in idx]
+
+
+def activation_errors(model, layers, data, cfg, activations, group_of_t) -> dict:
+    """C-Error on the calibration inputs and G-Error on 16 fresh full-precision generation trajectories at
+    every sampling step (APQ-DM Table 1)."""
+    from calibration.groups import activation_error
+
+    generation = dataclasses.replace(cfg, calib_samples=16, calib_timesteps=cfg.steps, timestep_selection="uniform",
+                                     fresh_trajectories=False, seed=cfg.seed + 10_000)  # fmt: skip
+    gen = record_trajectories(model, generation, False)
+    return {
+        "c_error": activation_error(model, layers, data, cfg, activations, group_of_t),
+        "g_error": activation_error(model, layers, gen, cfg, activations, group_of_t),
+    }
 
 
 def device_name(device: str) -> str:

@@ -57,17 +57,25 @@ class CalibrationData:
             )
 
 
+class _Reached(Exception):
+    """Raised by a recorder with `stop_after` once it has kept that timestep: the rest of the trajectory
+    is not needed."""
+
+
 class _Recorder:
     """An engine that forwards to another and keeps the inputs of the selected timesteps."""
 
-    def __init__(self, engine: Engine, keep: set[int], data: CalibrationData) -> None:
-        self.engine, self.spec, self.keep, self.data = engine, engine.spec, keep, data
+    def __init__(self, engine: Engine, keep: set[int], data: CalibrationData, stop_after: int | None = None) -> None:
+        self.engine, self.spec, self.keep, self.data, self.stop_after = engine, engine.spec, keep, data, stop_after
 
     def infer(self, sample, timestep, class_labels=None):
-        if int(timestep[0]) in self.keep:
+        t = int(timestep[0])
+        if t in self.keep:
             self.data.samples.append(sample.copy())
             self.data.timesteps.append(np.asarray(timestep, np.int64).copy())
             self.data.labels.append(None if class_labels is None else np.asarray(class_labels, np.int64).copy())
+        if t == self.stop_after:
+            raise _Reached
         return self.engine.infer(sample, timestep, class_labels)
 
 
@@ -114,9 +122,45 @@ def default_labels(model: LoadedModel, n: int) -> np.ndarray | None:
     return None if k is None else np.arange(n, dtype=np.int64) % max(k - 1, 1)
 
 
+def record_at(model: LoadedModel, cfg: CalibrationConfig, t: int, n: int, seed: int) -> CalibrationData:
+    """The inputs at sampling step t of n fresh full-precision trajectories (noise seeded by `seed`); the
+    trajectories stop there."""
+    data = CalibrationData([], [], [])
+    fp = TorchEngine(model.wrapper(), model.spec, device=cfg.device)
+    recorder = _Recorder(fp, {t}, data, stop_after=t)
+    labels = default_labels(model, n)
+    try:
+        sample(EngineSet.single(recorder), model.schedule, cfg.sampler_config, n=n, seed=seed, labels=labels,
+               null_class=model.null_class, batch_size=n, progress=False)  # fmt: skip
+    except _Reached:
+        return data
+    raise ValueError(f"timestep {t} is not a step of the {cfg.steps}-step {cfg.sampler} sampler")
+
+
+def fresh_seed(seed: int, draw: int) -> int:
+    """Noise seed of the `draw`-th fresh calibration batch: apart from the small seeds samples are drawn with."""
+    return 1_000_000 * (seed + 1) + draw
+
+
+def concat(parts: list[CalibrationData]) -> CalibrationData:
+    """One CalibrationData of all of `parts`, in order."""
+    out = CalibrationData([], [], [])
+    for p in parts:
+        out.samples += p.samples
+        out.timesteps += p.timesteps
+        out.labels += p.labels
+    return out
+
+
 def record_trajectories(model: LoadedModel, cfg: CalibrationConfig, progress: bool = True) -> CalibrationData:
     sampler = cfg.sampler_config
     keep = select_timesteps(model, cfg)
+    if cfg.fresh_trajectories:  # each timestep from its own calib_samples trajectories
+        from tqdm.auto import tqdm
+
+        ordered = tqdm(sorted(keep, reverse=True), desc="calibration inputs", disable=not progress, leave=False)
+        n = cfg.calib_samples
+        return concat([record_at(model, cfg, t, n, fresh_seed(cfg.seed, i)) for i, t in enumerate(ordered)])
     data = CalibrationData([], [], [])
     fp = TorchEngine(model.wrapper(), model.spec, device=cfg.device)
     engines = EngineSet.single(_Recorder(fp, keep, data))

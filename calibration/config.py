@@ -12,7 +12,7 @@ from runtime.sampler import SamplerConfig
 
 _BITS = re.compile(r"^W(\d+)A(\d+)$")
 ACTIVATION_RANGES = ("minmax", "percentile")
-TIMESTEP_SELECTIONS = ("uniform", "random", "normal")
+TIMESTEP_SELECTIONS = ("uniform", "random", "normal", "active")
 WEIGHT_RANGES = ("lp", "minmax")
 WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
 _RECONSTRUCTION = dict(weight_range="lp", weight_rounding="brecq", act_iters=5000)
@@ -25,8 +25,8 @@ METHODS = {
     "qdiffusion": dict(timestep_selection="uniform", shortcut_split=True, **_RECONSTRUCTION),
     # PTQ4DM: normally distributed timesteps, the same reconstruction
     "ptq4dm": dict(timestep_selection="normal", **_RECONSTRUCTION),
-    # APQ-DM: G = 8 timestep groups from the differentiable search (timestep selection: work in progress)
-    "apqdm": dict(groups=8),
+    # APQ-DM: G = 8 timestep groups from the differentiable search, on 16 actively chosen batches of 64
+    "apqdm": dict(groups=8, timestep_selection="active", calib_timesteps=16),
 }
 
 
@@ -62,9 +62,12 @@ class CalibrationConfig:
     steps: int = 100
     eta: float = 0.0
     guidance: float = 1.0
-    calib_samples: int = 64  # full-precision trajectories recorded
-    calib_timesteps: int = 20  # sampling steps whose inputs are kept
-    timestep_selection: str = "uniform"  # uniform (Q-Diffusion) | random | normal (PTQ4DM)
+    calib_samples: int = 64  # full-precision trajectories recorded (active: per round)
+    calib_timesteps: int = 20  # sampling steps whose inputs are kept (active: rounds)
+    # uniform (Q-Diffusion) | random | normal (PTQ4DM) | active (APQ-DM Eq. 12, during the group search)
+    timestep_selection: str = "uniform"
+    fresh_trajectories: bool = False  # each kept timestep from its own calib_samples trajectories (active: always)
+    active_eta: float = 1.5  # η of APQ-DM Eq. 12
     normal_mean: float = 0.4  # normal selection: μ = normal_mean · T (PTQ4DM: μ < T/2)
     batch_size: int = 32
     seed: int = 0
@@ -86,6 +89,7 @@ class CalibrationConfig:
     group_epochs: int = 10  # APQ-DM: 10 epochs of the joint search
     group_lr: float = 0.0  # 0: APQ-DM's 5e-3 for 8-bit and 3e-3 below, decaying to 1e-5
     group_entropy: float = 0.8  # λ of the entropy term on σ^t (APQ-DM Eq. 7)
+    activation_error: bool = False  # also measure C-Error / G-Error (APQ-DM Table 1) into the stats
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -97,7 +101,13 @@ class CalibrationConfig:
         for name in ("calib_samples", "calib_timesteps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
-        if self.calib_timesteps > self.steps:
+        if self.timestep_selection == "active":
+            if self.calib_timesteps > 4 * self.steps:
+                raise ConfigError(
+                    f"calib_timesteps={self.calib_timesteps}: active rounds beyond four per sampling step "
+                    f"(steps={self.steps}) only repeat steps; lower --calib-timesteps or raise --calib-samples"
+                )
+        elif self.calib_timesteps > self.steps:
             raise ConfigError(f"calib_timesteps={self.calib_timesteps}: cannot exceed steps={self.steps}")
         if self.activation_range not in ACTIVATION_RANGES:
             raise ConfigError(f"activation_range={self.activation_range!r}: use one of {ACTIVATION_RANGES}")
@@ -124,10 +134,19 @@ class CalibrationConfig:
         if self.groups < 1:
             raise ConfigError(f"--groups {self.groups}: must be at least 1")
         if self.groups > self.calib_timesteps:
+            what = "active rounds" if self.timestep_selection == "active" else "calibrated timesteps"
             raise ConfigError(
-                f"--groups {self.groups}: more groups than the {self.calib_timesteps} calibrated timesteps; "
+                f"--groups {self.groups}: more groups than the {self.calib_timesteps} {what}; "
                 "lower --groups or raise --calib-timesteps"
             )
+        if self.timestep_selection == "active" and self.reconstructs:
+            raise ConfigError(
+                "--timestep-selection active builds the calibration set during the group search, after the weights "
+                "are fixed; it cannot feed BRECQ/AdaRound/LSQ reconstruction: use --weight-rounding nearest "
+                "--act-iters 0, or another --timestep-selection"
+            )
+        if self.active_eta < 0:
+            raise ConfigError(f"active_eta={self.active_eta}: must be ≥ 0")
         if self.group_epochs < 1 or self.group_lr < 0 or self.group_entropy < 0:
             raise ConfigError(
                 f"group search: epochs={self.group_epochs} must be ≥ 1, lr={self.group_lr} and "
@@ -159,6 +178,11 @@ class CalibrationConfig:
     def reconstructs(self) -> bool:
         """Whether calibration learns anything by gradient descent (AdaRound, BRECQ, LSQ)."""
         return self.weight_rounding != "nearest" or self.act_iters > 0
+
+    @property
+    def searches_groups(self) -> bool:
+        """Whether calibration runs the APQ-DM group search (which also learns the LSQ steps of G = 1)."""
+        return self.method == "apqdm" or self.groups > 1 or self.timestep_selection == "active"
 
     @property
     def search_lr(self) -> float:

@@ -17,6 +17,7 @@ ranges on the g-th contiguous share of the calibrated timesteps and α towards t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,32 +26,48 @@ from torch import nn
 from calibration.adaround import apply_layer
 from calibration.quantizers import ActParams, LsqQuantizer
 
+if TYPE_CHECKING:
+    from calibration.collect import CalibrationData
+
 
 class GroupMixer(nn.Module):
     """α (one row of G logits per calibrated timestep) and the σ of the batch being run."""
 
-    def __init__(self, timesteps: list[int], groups: int, init_assignment: list[int], bias: float = 1.0) -> None:
+    def __init__(self, timesteps: list[int], groups: int, init_assignment: list[int], bias: float = 1.0,
+                 fixed: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.timesteps = [int(t) for t in timesteps]
         self.row = {t: i for i, t in enumerate(self.timesteps)}
         alpha = torch.zeros(len(self.timesteps), groups)
-        alpha[torch.arange(len(self.timesteps)), torch.tensor(init_assignment)] = bias
-        self.alpha = nn.Parameter(alpha)
+        alpha[torch.arange(len(self.timesteps)), torch.tensor(init_assignment)] = 1.0 if fixed else bias
+        # fixed: σ is the one-hot initial assignment and is not learned (one group per timestep)
+        self.alpha = nn.Parameter(alpha, requires_grad=not fixed)
+        self.fixed = fixed
         self.current: torch.Tensor | None = None
+        self.current_group: torch.Tensor | None = None
 
     def set_batch(self, t: torch.Tensor) -> torch.Tensor:
         """σ for each row of a batch of timesteps (all must be calibrated timesteps)."""
         rows = torch.tensor([self.row[int(x)] for x in t.tolist()], device=self.alpha.device)
-        self.current = torch.softmax(self.alpha[rows], dim=-1)
+        if self.fixed:
+            self.current = self.alpha[rows].detach()
+        else:
+            self.current = torch.softmax(self.alpha[rows], dim=-1)
+        self.current_group = self.current.argmax(-1)
         return self.current
 
     def sigma(self) -> torch.Tensor:
-        return torch.softmax(self.alpha, dim=-1)
+        return self.alpha.detach().clone() if self.fixed else torch.softmax(self.alpha, dim=-1)
+
+    @staticmethod
+    def row_entropy(sigma: torch.Tensor) -> torch.Tensor:
+        """Σ_g −σ_g log σ_g of each row."""
+        return -(sigma * torch.log(sigma.clamp_min(1e-12))).sum(-1)
 
     @staticmethod
     def entropy(sigma: torch.Tensor) -> torch.Tensor:
         """Mean over rows of Σ_g −σ_g log σ_g."""
-        return -(sigma * torch.log(sigma.clamp_min(1e-12))).sum(-1).mean()
+        return GroupMixer.row_entropy(sigma).mean()
 
 
 class MixedQuantizer(nn.Module):
@@ -62,7 +79,14 @@ class MixedQuantizer(nn.Module):
         self._mixer = [mixer]  # not a submodule: α is registered once, on the mixer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = self._mixer[0].current
+        mixer = self._mixer[0]
+        if mixer.fixed:  # one-hot σ: run each row through its own group's quantizer only
+            out = torch.empty_like(x)
+            for g in mixer.current_group.unique().tolist():
+                rows = mixer.current_group == g
+                out[rows] = self.quantizers[g](x[rows])
+            return out
+        sigma = mixer.current
         w = sigma.to(x.dtype).reshape(sigma.shape[0], sigma.shape[1], *[1] * (x.ndim - 1))
         return sum(w[:, g] * q(x) for g, q in enumerate(self.quantizers))
 
@@ -76,7 +100,9 @@ class GroupSearchResult:
     assignment: dict[int, int]  # calibrated sampling timestep → group
     sigma: np.ndarray  # (K, G) final importance weights, rows in `timesteps` order
     timesteps: list[int]
-    history: list[dict] = field(default_factory=list)  # per epoch: loss, entropy, σ snapshot
+    history: list[dict] = field(default_factory=list)  # per epoch or round: step, loss, entropy, σ snapshot
+    counts: dict[int, int] | None = None  # active selection: how often each timestep was drawn
+    rows: list[int] | None = None  # the timestep of each σ row in `history` (default: `timesteps`)
 
     def group_of_t(self, num_train_timesteps: int) -> np.ndarray:
         return nearest_group_table(self.assignment, num_train_timesteps)
@@ -122,6 +148,46 @@ def assignment_from_sigma(sigma: torch.Tensor, timesteps: list[int]) -> dict[int
     return {int(t): int(g) for t, g in zip(timesteps, best, strict=True)}
 
 
+class _Optimizer:
+    """Adam on the quantizer steps and α of J (Eq. 7), the learning rate decaying exponentially from lr to
+    lr_end over `total` steps (APQ-DM: 5e-3 / 3e-3 → 1e-5).
+
+    A step size's rate is relative to its initial value: Adam's update is about lr in absolute terms
+    whatever the gradient's scale, and the activation steps of one network span three orders of magnitude,
+    so an absolute 5e-3 would move a 0.01 step by half of itself per iteration."""
+
+    def __init__(self, mixer: GroupMixer, quant_params: list[torch.Tensor], total: int, *, lr: float,
+                 lr_end: float = 1e-5, alpha_lr: float | None = None, entropy_weight: float = 0.8) -> None:  # fmt: skip
+        groups = [{"params": [p], "lr": lr * float(p.detach().abs().max())} for p in quant_params]
+        if not mixer.fixed:
+            groups.append({"params": [mixer.alpha], "lr": alpha_lr or lr})
+        self.opt = torch.optim.Adam(groups, lr=lr)
+        self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, (lr_end / lr) ** (1 / max(total, 1)))
+        self.floor = [0.01 * float(p.detach().abs().max()) for p in quant_params]
+        self.mixer, self.quant_params, self.entropy_weight = mixer, quant_params, entropy_weight
+
+    def step(self, forward: nn.Module, x, t, c, target) -> float:
+        sigma = self.mixer.set_batch(t)
+        rec = (forward(x, t, c) - target).pow(2).flatten(1).sum(1).mean()
+        loss = rec + self.entropy_weight * GroupMixer.entropy(sigma)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        for p, floor in zip(self.quant_params, self.floor, strict=True):  # a step size must stay positive
+            p.data.clamp_(min=floor)
+        return rec.item()
+
+
+def snapshot(mixer: GroupMixer, step: int, loss: float | None = None) -> dict:
+    """One point of σ's evolution, for the manifest's history and its plot."""
+    sigma = mixer.sigma().detach()
+    out = {"step": step, "entropy": float(GroupMixer.entropy(sigma)), "sigma": sigma.cpu().numpy().round(3).tolist()}
+    if loss is not None:
+        out["loss"] = loss
+    return out
+
+
 def search_loop(
     forward: nn.Module,
     mixer: GroupMixer,
@@ -133,40 +199,46 @@ def search_loop(
     lr: float,
     lr_end: float = 1e-5,
     entropy_weight: float = 0.8,
+    alpha_lr: float | None = None,
     progress: bool = False,
 ) -> GroupSearchResult:
-    """Joint optimisation of the quantizer steps and α on J (Eq. 7). `batches()` yields (x, t, c, target)
-    for one epoch, in `steps_per_epoch` batches; `forward(x, t, c)` is the mixed fake-quant model whose
-    quantizers read mixer.current. The learning rate decays exponentially from lr to lr_end over the run."""
+    """Joint optimisation of the quantizer steps and α on J (Eq. 7) over a fixed calibration set.
+    `batches()` yields (x, t, c, target) for one epoch, in `steps_per_epoch` batches; `forward(x, t, c)`
+    is the mixed fake-quant model whose quantizers read mixer.current."""
     from tqdm.auto import tqdm
 
-    opt = torch.optim.Adam([{"params": quant_params}, {"params": [mixer.alpha]}], lr=lr)
-    total = max(epochs * steps_per_epoch, 1)
-    gamma = (lr_end / lr) ** (1 / total)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
-    history = [{"epoch": 0, "entropy": float(GroupMixer.entropy(mixer.sigma().detach())),
-                "sigma": mixer.sigma().detach().cpu().numpy().round(4).tolist()}]  # fmt: skip
-    bar = tqdm(total=total, desc="group search", disable=not progress, leave=False)
-    for epoch in range(1, epochs + 1):
+    opt = _Optimizer(mixer, quant_params, epochs * steps_per_epoch, lr=lr, lr_end=lr_end, alpha_lr=alpha_lr,
+                     entropy_weight=entropy_weight)  # fmt: skip
+    history = [snapshot(mixer, 0)]
+    bar = tqdm(total=epochs * steps_per_epoch, desc="group search", disable=not progress, leave=False)
+    for _ in range(epochs):
         losses = []
         for x, t, c, target in batches():
-            sigma = mixer.set_batch(t)
-            rec = (forward(x, t, c) - target).pow(2).flatten(1).sum(1).mean()
-            loss = rec + entropy_weight * GroupMixer.entropy(sigma)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for p in quant_params:  # a step size must stay positive
-                p.data.clamp_(min=1e-8)
-            losses.append(rec.item())
+            losses.append(opt.step(forward, x, t, c, target))
             bar.update(1)
-        sigma = mixer.sigma().detach()
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "entropy": float(GroupMixer.entropy(sigma)),
-                        "sigma": sigma.cpu().numpy().round(4).tolist()})  # fmt: skip
+        history.append(snapshot(mixer, history[-1]["step"] + len(losses), float(np.mean(losses))))
     bar.close()
     sigma = mixer.sigma().detach().cpu()
     return GroupSearchResult(assignment_from_sigma(sigma, mixer.timesteps), sigma.numpy(), mixer.timesteps, history)
+
+
+def select_active(entropy: np.ndarray, counts: np.ndarray, timesteps: np.ndarray, eta: float = 1.5) -> int:
+    """Index of the next calibration timestep (APQ-DM Eq. 12): argmax_t H(σ^t) + η / (N_t + 1).
+
+    σ^t of a timestep never drawn has had no data to learn from, so its entropy is read at the nearest
+    drawn timestep (the one whose group it would be routed to). Ties go to the timestep farthest from every
+    drawn one, then to the later step."""
+    timesteps = np.asarray(timesteps)
+    drawn = np.flatnonzero(counts > 0)
+    if len(drawn):
+        nearest = drawn[np.abs(timesteps[:, None] - timesteps[drawn][None, :]).argmin(1)]
+        h = np.where(counts > 0, entropy, entropy[nearest])
+        gap = np.abs(timesteps - timesteps[nearest])
+    else:
+        h, gap = entropy, np.zeros(len(timesteps))
+    score = np.round(h + eta / (counts + 1.0), 9)
+    best = np.flatnonzero(score == score.max())
+    return int(best[np.lexsort((-timesteps[best], -gap[best]))[0]])
 
 
 class MixedLayer(nn.Module):
@@ -183,51 +255,202 @@ class MixedLayer(nn.Module):
         return y if self.q_out is None else self.q_out(y)
 
 
-def run_group_search(model, layers, weights: dict, data, cfg, *, groups: int, epochs: int, lr: float,
-                     entropy_weight: float = 0.8, progress: bool = False):  # fmt: skip
-    """Search G groups on the recorded calibration data of `model` (a LoadedModel with `weights` from
-    calibration). Targets are the full-precision model's ε on the same inputs (data-free distillation of
-    Eq. 7's ε). Returns (GroupSearchResult, {point: [ActParams per group]})."""
-    from calibration.calibrate import observe_activations
-    from calibration.qmodules import replace_layers
+class _Search:
+    """The mixed fake-quant network of Eq. 6 over a calibration set that may grow between phases, with the
+    full-precision model's ε on the same inputs as targets (data-free distillation of Eq. 7's ε)."""
 
+    def __init__(self, model, layers, weights: dict, cfg, timesteps: list[int], groups: int,
+                 inits: dict[str, list[ActParams]], alpha_bias: float = 1.0) -> None:  # fmt: skip
+        from calibration.qmodules import replace_layers
+
+        fixed = groups == len(timesteps)  # one group per calibrated timestep: nothing to search
+        init = contiguous_assignment(timesteps, groups)
+        self.mixer = GroupMixer(timesteps, groups, init, alpha_bias, fixed=fixed).to(cfg.device)
+        self.mixed: dict[str, MixedQuantizer] = {}
+
+        def quantizer(point: str) -> MixedQuantizer | None:
+            if point not in inits:
+                return None
+            self.mixed[point] = MixedQuantizer(inits[point], self.mixer).to(cfg.device)
+            return self.mixed[point]
+
+        def build(name: str, layer: nn.Module) -> nn.Module:
+            key = name.removeprefix("unet.")
+            if key not in weights:
+                return layer
+            return MixedLayer(layer, *weights[key], quantizer(f"{key}:input"), quantizer(f"{key}:output"))
+
+        self.fp = model.wrapper().eval()
+        self.forward = replace_layers(model.wrapper(), build).eval()
+        self.params = [q.scale for m in self.mixed.values() for q in m.quantizers]
+        self.cfg, self.rows, self.passes = cfg, None, 0
+
+    def add(self, data) -> None:
+        with torch.inference_mode():
+            new = [(x, t, c, self.fp(x, t, c)) for x, t, c in data.batches(self.cfg.batch_size, self.cfg.device)]
+        cols = [None if v[0] is None else torch.cat(v).clone() for v in zip(*new, strict=True)]  # out of inference
+        if self.rows is not None:
+            cols = [None if a is None else torch.cat([a, b]) for a, b in zip(self.rows, cols, strict=True)]
+        self.rows = cols
+
+    def __len__(self) -> int:
+        return 0 if self.rows is None else len(self.rows[0])
+
+    def batches(self, count: int | None = None):
+        """`count` batches (default: one epoch), rows reshuffled (seeded) on every pass over the set, so a
+        batch mixes timesteps."""
+        count = -(-len(self) // self.cfg.batch_size) if count is None else count
+        done = 0
+        while done < count:
+            self.passes += 1
+            gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.passes)
+            order = torch.randperm(len(self), generator=gen).to(self.rows[0].device)
+            for lo in range(0, len(order), self.cfg.batch_size):
+                if done == count:
+                    return
+                rows = order[lo : lo + self.cfg.batch_size]
+                yield tuple(None if v is None else v[rows] for v in self.rows)
+                done += 1
+
+    def group_params(self) -> dict[str, list[ActParams]]:
+        return {p: m.params() for p, m in self.mixed.items()}
+
+
+def _share_inits(model, layers, cfg, shares: list) -> dict[str, list[ActParams]]:
+    """Initial ranges of each group's quantizers: observed on that group's share of the data."""
+    from calibration.calibrate import observe_activations
+
+    inits: dict[str, list[ActParams]] = {}
+    for share in shares:
+        for point, p in observe_activations(model, layers, share, cfg, False).items():
+            inits.setdefault(point, []).append(p)
+    return inits
+
+
+def run_group_search(model, layers, weights: dict, data, cfg, *, groups: int, epochs: int, lr: float,
+                     entropy_weight: float = 0.8, alpha_lr: float | None = None, alpha_bias: float = 1.0,
+                     progress: bool = False):  # fmt: skip
+    """Search G groups on the recorded calibration data of `model` (a LoadedModel with `weights` from
+    calibration). G equal to the number of calibrated timesteps gives each its own quantizers (no search).
+    Returns (GroupSearchResult, {point: [ActParams per group]})."""
     timesteps = sorted({int(t) for ts in data.timesteps for t in ts})
     if not 1 <= groups <= len(timesteps):
         raise ValueError(f"groups={groups}: must be between 1 and the {len(timesteps)} calibrated timesteps")
     init = contiguous_assignment(timesteps, groups)
-    inits: dict[str, list[ActParams]] = {}
-    for g in range(groups):
-        share = {t for t, a in zip(timesteps, init, strict=True) if a == g}
-        for point, p in observe_activations(model, layers, data.at_timesteps(share), cfg, False).items():
-            inits.setdefault(point, []).append(p)
-    mixer = GroupMixer(timesteps, groups, init).to(cfg.device)
-    mixed: dict[str, MixedQuantizer] = {}
-
-    def quantizer(point: str) -> MixedQuantizer | None:
-        if point not in inits:
-            return None
-        mixed[point] = MixedQuantizer(inits[point], mixer).to(cfg.device)
-        return mixed[point]
-
-    def build(name: str, layer: nn.Module) -> nn.Module:
-        key = name.removeprefix("unet.")
-        if key not in weights:
-            return layer
-        return MixedLayer(layer, *weights[key], quantizer(f"{key}:input"), quantizer(f"{key}:output"))
-
-    fp = model.wrapper().eval()
-    forward = replace_layers(fp, build).eval()
-    with torch.inference_mode():
-        targets = [fp(x, t, c) for x, t, c in data.batches(cfg.batch_size, cfg.device)]
-    targets = [y.clone() for y in targets]  # out of inference mode, once
-
-    def batches():
-        for (x, t, c), y in zip(data.batches(cfg.batch_size, cfg.device), targets, strict=True):
-            yield x, t, c, y
-
-    params = [q.scale for m in mixed.values() for q in m.quantizers]
+    shares = [data.at_timesteps({t for t, a in zip(timesteps, init, strict=True) if a == g}) for g in range(groups)]
+    search = _Search(model, layers, weights, cfg, timesteps, groups, _share_inits(model, layers, cfg, shares),
+                     alpha_bias)  # fmt: skip
+    search.add(data)
+    steps = -(-len(search) // cfg.batch_size)
     with torch.enable_grad():
-        result = search_loop(forward, mixer, params, batches, len(targets), epochs=epochs, lr=lr,
-                             entropy_weight=entropy_weight, progress=progress)  # fmt: skip
-    acts = {p: m.params() for p, m in mixed.items()}
-    return result, acts
+        result = search_loop(search.forward, search.mixer, search.params, search.batches, steps, epochs=epochs,
+                             lr=lr, entropy_weight=entropy_weight, alpha_lr=alpha_lr, progress=progress)  # fmt: skip
+    return result, search.group_params()
+
+
+def run_active_search(model, layers, weights: dict, cfg, *, groups: int, rounds: int, per_round: int, epochs: int,
+                      lr: float, eta: float = 1.5, entropy_weight: float = 0.8, progress: bool = False):  # fmt: skip
+    """APQ-DM's group search with active calibration timestep selection (Eq. 12).
+
+    The candidates are the deployment sampler's steps, each with its own α row. The first G rounds draw one
+    batch at the middle step of each group's contiguous share (so every group's quantizers start from
+    data of their own); every later round picks t = argmax H(σ^t) + η / (N_t + 1), records `per_round`
+    fresh full-precision trajectories at t and trains on all data so far. The training budget is that of
+    `epochs` passes over the final set, spread evenly over the phases. Only drawn timesteps are calibrated:
+    the others route to the group of the nearest drawn one. Returns (GroupSearchResult restricted to the
+    drawn timesteps, {point: [ActParams per group]}, CalibrationData drawn)."""
+    from tqdm.auto import tqdm
+
+    from calibration.collect import concat, fresh_seed, record_at
+
+    candidates = [int(t) for t in model.schedule.timesteps(cfg.steps)]
+    if not 1 <= groups <= rounds:
+        raise ValueError(f"groups={groups}: active selection needs at least one round per group (rounds={rounds})")
+    if rounds > 4 * len(candidates):
+        raise ValueError(f"rounds={rounds}: more than four per sampling step; raise --steps or lower the rounds")
+    init = np.array(contiguous_assignment(candidates, groups))
+    counts = np.zeros(len(candidates), np.int64)
+    bar = tqdm(total=rounds, desc="active rounds", disable=not progress, leave=False)
+
+    def draw(i: int) -> CalibrationData:
+        counts[i] += 1
+        bar.update(1)
+        return record_at(model, cfg, candidates[i], per_round, fresh_seed(cfg.seed, int(counts.sum())))
+
+    pilot = []
+    for g in range(groups):
+        share = np.flatnonzero(init == g)
+        pilot.append(draw(int(share[len(share) // 2])))
+    search = _Search(model, layers, weights, cfg, candidates, groups, _share_inits(model, layers, cfg, pilot))
+    drawn = [concat(pilot)]
+    search.add(drawn[0])
+    phases = rounds - groups + 1
+    total = epochs * -(-len(search) * rounds // groups // cfg.batch_size)
+    opt = _Optimizer(search.mixer, search.params, total, lr=lr, entropy_weight=entropy_weight)
+    history = [snapshot(search.mixer, 0)]
+    with torch.enable_grad():
+        for phase in range(phases):
+            if phase:
+                entropy = GroupMixer.row_entropy(search.mixer.sigma().detach()).cpu().numpy()
+                drawn.append(draw(select_active(entropy, counts, np.array(candidates), eta)))
+                search.add(drawn[-1])
+            steps = total // phases + (total % phases if phase == phases - 1 else 0)
+            losses = [opt.step(search.forward, *batch) for batch in search.batches(steps)]
+            loss = float(np.mean(losses)) if losses else None
+            history.append(snapshot(search.mixer, history[-1]["step"] + steps, loss))
+    bar.close()
+    keep = counts > 0
+    sigma = search.mixer.sigma().detach().cpu()[torch.from_numpy(keep)]
+    timesteps = [t for t, k in zip(candidates, keep, strict=True) if k]
+    result = GroupSearchResult(
+        assignment_from_sigma(sigma, timesteps),
+        sigma.numpy(),
+        timesteps,
+        history,
+        {t: int(n) for t, n in zip(candidates, counts, strict=True) if n},
+        candidates,
+    )
+    return result, search.group_params(), concat(drawn)
+
+
+def activation_error(model, layers, data, cfg, acts: dict[str, list[ActParams]], group_of_t: np.ndarray) -> float:
+    """Quantization error of the activations (APQ-DM Table 1's C-Error on calibration inputs, G-Error on
+    generation inputs): 100 · mean over quantization points of Σ (Q_g(t)(a) − a)² / Σ a², with a the
+    full-precision network's activation and g(t) the group serving the input's timestep."""
+    from exporter.profiles import get_profile
+
+    profile = get_profile(cfg.target)
+    err: dict[str, list[float]] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def record(point: str, a: torch.Tensor) -> None:
+        a = a.float()
+        q = torch.empty_like(a)
+        for g in current["g"].unique().tolist():
+            rows = current["g"] == g
+            q[rows] = acts[point][g].apply(a[rows])
+        e = err.setdefault(point, [0.0, 0.0])
+        e[0] += float((q - a).pow(2).sum())
+        e[1] += float(a.pow(2).sum())
+
+    handles = []
+    for layer in layers:
+        module = model.unet.get_submodule(layer.name)
+        for point in layer.points(profile):
+            if point not in acts:
+                continue
+            if point.endswith(":input"):
+                handles.append(module.register_forward_pre_hook(lambda m, args, p=point: record(p, args[0])))
+            else:
+                handles.append(module.register_forward_hook(lambda m, args, y, p=point: record(p, y)))
+    table = torch.from_numpy(np.asarray(group_of_t, np.int64))
+    forward = model.wrapper()
+    try:
+        with torch.inference_mode():
+            for x, t, c in data.batches(cfg.batch_size, cfg.device):
+                current["g"] = table[t.cpu()].to(t.device)
+                forward(x, t, c)
+    finally:
+        for h in handles:
+            h.remove()
+    return 100.0 * float(np.mean([e / max(r, 1e-30) for e, r in err.values()]))

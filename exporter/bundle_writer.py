@@ -1,5 +1,11 @@
 """Write a bundle: one Q/DQ graph per timestep group, weights stored once in `weights.bin`, a manifest
-with the sha256 of every file. Written into a temp directory that is renamed at the end."""
+with the sha256 of every file. Written into a temp directory that is renamed at the end.
+
+Group graphs differ only in activation scales, zero points and the int32 biases that sit on their
+accumulator grid. Group 0 is stored whole (`group_0.onnx`, a standard ONNX graph with external data);
+every other group as an overlay (`group_<g>.overlay.onnx`): an ONNX file holding just the initializers
+that differ from group 0, which the runtime substitutes into group 0's graph. Disk therefore grows by a
+few kilobytes per group, not by a graph's structure."""
 
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ from runtime.errors import BundleError, ExportError
 
 WEIGHTS = "weights.bin"
 _ALIGN = 64
-_MIN_EXTERNAL = 1024  # initializers at least this many bytes go to the shared weights file
-_PER_GROUP = ("/bias/int", "/bias/scale")  # except these: they depend on the group's input scale
+_MIN_EXTERNAL = 1024  # shared initializers this large must be equal in every group graph
+_MIN_REFERENCE = 64  # shared initializers this large go to weights.bin (smaller: an inline copy is cheaper)
+_PER_GROUP = ("/bias/int", "/bias/scale")  # large, yet per group: they depend on the group's input scale
 
 
 def layer_table(model: LoadedModel, result: CalibrationResult, group: int) -> dict[str, LayerQuant]:
@@ -50,35 +57,58 @@ def layer_table(model: LoadedModel, result: CalibrationResult, group: int) -> di
 
 
 class SharedWeights:
-    """One weights file for every group graph: an initializer already stored is referenced, not copied."""
+    """One weights file for every group graph: an initializer equal in all of them is stored once and
+    referenced (ONNX external data); those that differ between groups stay inline in each graph."""
 
     def __init__(self) -> None:
         self.blob, self.index = bytearray(), {}
 
-    def externalize(self, model: onnx.ModelProto) -> None:
-        for tensor in model.graph.initializer:
+    def externalize(self, models: list[onnx.ModelProto]) -> None:
+        tables = [{t.name: t for t in m.graph.initializer} for m in models]
+        for name, tensor in tables[0].items():
+            copies = [table.get(name) for table in tables]
+            if any(c is None for c in copies):
+                raise ExportError(f"initializer {name}: missing from some group graphs; they must share structure")
             raw = tensor.raw_data
-            # an int32 bias and its scale sit on the accumulator grid s_in·s_w, and s_in is per group:
-            # they stay in their group's graph (one value per output channel; the weights are shared)
-            if len(raw) < _MIN_EXTERNAL or tensor.name.endswith(_PER_GROUP):
+            if any(c.raw_data != raw or list(c.dims) != list(tensor.dims) for c in copies[1:]):
+                # an int32 bias and its scale sit on the accumulator grid s_in·s_w, and s_in is per group
+                if len(raw) >= _MIN_EXTERNAL and not name.endswith(_PER_GROUP):
+                    raise ExportError(f"initializer {name}: differs between group graphs; weights must be shared")
                 continue
-            if tensor.name in self.index:
-                offset, length = self.index[tensor.name]
-                if self.blob[offset : offset + length] != raw:
-                    raise ExportError(
-                        f"initializer {tensor.name}: differs between group graphs; weights must be shared"
-                    )
-            else:
-                self.blob.extend(b"\0" * (-len(self.blob) % _ALIGN))
-                offset, length = len(self.blob), len(raw)
-                self.blob.extend(raw)
-                self.index[tensor.name] = (offset, length)
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, value in (("location", WEIGHTS), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            if len(raw) < _MIN_REFERENCE:
+                continue
+            offset = self._store(name, raw)
+            for c in copies:
+                c.ClearField("raw_data")
+                c.data_location = onnx.TensorProto.EXTERNAL
+                del c.external_data[:]
+                for key, value in (("location", WEIGHTS), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = c.external_data.add()
+                    entry.key, entry.value = key, value
+
+    def _store(self, name: str, raw: bytes) -> int:
+        self.blob.extend(b"\0" * (-len(self.blob) % _ALIGN))
+        offset = len(self.blob)
+        self.blob.extend(raw)
+        self.index[name] = (offset, len(raw))
+        return offset
+
+
+def overlay(base: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The initializers of `model` that differ from `base`, as an ONNX file without nodes; None when the
+    graphs differ in anything but initializer values (then the group is stored whole)."""
+    same = (
+        len(base.graph.node) == len(model.graph.node)
+        and all(a == b for a, b in zip(base.graph.node, model.graph.node, strict=True))
+        and list(base.graph.input) == list(model.graph.input)
+        and list(base.graph.output) == list(model.graph.output)
+        and [t.name for t in base.graph.initializer] == [t.name for t in model.graph.initializer]
+    )
+    if not same:
+        return None
+    diff = [t for a, t in zip(base.graph.initializer, model.graph.initializer, strict=True) if a != t]
+    graph = onnx.helper.make_graph([], f"{model.graph.name}-overlay", [], [], diff)
+    return onnx.helper.make_model(graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
 
 
 def _group_graph(
@@ -152,13 +182,18 @@ def write_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shared, groups, report = SharedWeights(), [], {}
+        shared, groups, graphs, report = SharedWeights(), [], [], {}
         for g in tqdm(range(result.num_groups), desc="export", disable=not progress, leave=False):
             graph, report = _group_graph(fp, layer_table(model, result, g), result)
-            shared.externalize(graph)
-            name = f"group_{g}.onnx"
-            onnx.save(graph, str(tmp / name))
-            groups.append({"id": g, "file": name, "bits": result.config.bits})
+            graphs.append(graph)
+        shared.externalize(graphs)
+        for g, graph in enumerate(graphs):
+            delta = overlay(graphs[0], graph) if g else None
+            entry = {"id": g, "file": f"group_{g}.onnx", "bits": result.config.bits}
+            if delta is not None:
+                entry |= {"file": f"group_{g}.overlay.onnx", "base": "group_0.onnx"}
+            onnx.save(graph if delta is None else delta, str(tmp / entry["file"]))
+            groups.append(entry)
         (tmp / WEIGHTS).write_bytes(bytes(shared.blob))
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         manifest = _manifest(model, result, groups, report, files)

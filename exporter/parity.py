@@ -14,8 +14,12 @@ import numpy as np
 import onnx
 
 
-def _probe_model(graph_path: Path, layers: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
-    model = onnx.load(str(graph_path))
+def _probe_model(graph: Path | onnx.ModelProto, layers: list[str]) -> tuple[onnx.ModelProto, dict]:
+    if isinstance(graph, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(graph)
+    else:
+        model = onnx.load(str(graph))
     producers = {n.name: n for n in model.graph.node}
     probes = {}
     for name in layers:
@@ -38,24 +42,19 @@ def _probe_model(graph_path: Path, layers: list[str]) -> tuple[onnx.ModelProto, 
 
 
 def layer_parity(
-    graph_path: str | Path, reference, feeds: dict[str, np.ndarray], scope: str = "unet"
+    graph: str | Path | onnx.ModelProto, reference, feeds: dict[str, np.ndarray], scope: str = "unet"
 ) -> dict[str, dict]:
     """Per layer: fraction of output elements where engine and reference differ by more than half an
-    output step (quantized outputs), and the relative error ‖Δ‖/‖y‖."""
+    output step (quantized outputs), and the relative error ‖Δ‖/‖y‖. `graph`: a graph file, or a model
+    with its weights loaded (e.g. `Bundle.group_model(g, load_weights=True)`)."""
     import onnxruntime as ort
     import torch
 
-    graph_path = Path(graph_path)
     names = [n.removeprefix(f"{scope}.") for n, m in reference.named_modules() if hasattr(m, "act_in")]
-    model, probes = _probe_model(graph_path, names)
+    model, probes = _probe_model(graph if isinstance(graph, onnx.ModelProto) else Path(graph), names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    tmp = graph_path.with_name(f".probe.{graph_path.name}")
-    try:
-        onnx.save(model, str(tmp), save_as_external_data=False)
-        session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
-    finally:
-        tmp.unlink(missing_ok=True)
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
     report = {}
     for name, (pre, post) in probes.items():

@@ -72,20 +72,88 @@ class Bundle:
     def null_class(self) -> int | None:
         return self.manifest.get("null_class")
 
-    def graph_path(self, group: int) -> Path:
+    def _entry(self, group: int) -> dict:
         for g in self.manifest["groups"]:
             if g["id"] == group:
-                return self.root / g["file"]
+                return g
         raise BundleError(f"{self.root / MANIFEST}: no group {group} in 'groups'")
 
-    def engines(self, providers: list[str] | None = None, threads: int = 0) -> EngineSet:
-        """ONNX Runtime engines, one per group, created on first use."""
-        spec = self.spec
-        factories = {
-            g["id"]: (lambda p=self.root / g["file"]: OrtEngine(p, spec, providers=providers, threads=threads))
-            for g in self.manifest["groups"]
-        }
-        return EngineSet(factories, self.group_of_t, spec)
+    def graph_path(self, group: int) -> Path:
+        """The group's file: a whole ONNX graph, or (with a 'base') an overlay of initializers."""
+        return self.root / self._entry(group)["file"]
+
+    def group_model(self, group: int, load_weights: bool = False):
+        """The group's whole ONNX graph: its base graph with the overlay's initializers substituted. External
+        weights stay references into the bundle unless `load_weights`."""
+        import onnx
+
+        entry = self._entry(group)
+        if "base" not in entry:
+            return onnx.load(str(self.root / entry["file"]), load_external_data=load_weights)
+        model = onnx.load(str(self.root / entry["base"]), load_external_data=load_weights)
+        tensors = {t.name: i for i, t in enumerate(model.graph.initializer)}
+        for t in onnx.load(str(self.root / entry["file"])).graph.initializer:
+            if t.name not in tensors:
+                raise BundleError(
+                    f"{self.root / entry['file']}: overlay initializer {t.name!r} is not in its base graph "
+                    f"{entry['base']}; recompile the bundle"
+                )
+            model.graph.initializer[tensors[t.name]].CopyFrom(t)
+        return model
+
+    def engines(
+        self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
+        prepack: bool = True,
+    ) -> EngineSet:  # fmt: skip
+        """ONNX Runtime engines, one per group, created on first use. All group sessions take the weights
+        from one in-memory copy of weights.bin and allocate activations from one shared arena;
+        `max_resident` bounds how many sessions stay loaded (least recently used ones are released);
+        `prepack=False` stops each session from keeping its own pre-packed copy of the weights. With several
+        groups the sessions' worker threads do not spin-wait between calls (idle sessions would compete
+        with the running one)."""
+        spec, state = self.spec, {}
+        single = len(self.manifest["groups"]) == 1  # several sessions: no spin-waiting worker threads
+
+        def make(group: int) -> OrtEngine:
+            if "weights" not in state:
+                state["weights"] = SharedInitializers.from_bundle(self)
+            graph = self.group_model(group).SerializeToString()
+            return OrtEngine(graph, spec, providers=providers, threads=threads, external_dir=self.root,
+                             initializers=state["weights"], prepack=prepack, spin=single)  # fmt: skip
+
+        factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in self.manifest["groups"]}
+        return EngineSet(factories, self.group_of_t, spec, max_resident=max_resident)
+
+
+class SharedInitializers:
+    """The bundle's weights file read once, as ONNX Runtime values every group session uses in place of its
+    external initializers (SessionOptions.add_initializer): the weights are in memory once for all groups."""
+
+    def __init__(self, values: dict, buffers: list) -> None:
+        self.values, self._buffers = values, buffers  # the buffers back the values: keep them alive
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> SharedInitializers:
+        import onnx
+        import onnxruntime as ort
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        blobs, values = {}, {}
+        for g in bundle.manifest["groups"]:
+            model = onnx.load(str(bundle.root / g.get("base", g["file"])), load_external_data=False)
+            for t in model.graph.initializer:
+                if t.data_location != onnx.TensorProto.EXTERNAL or t.name in values:
+                    continue
+                e = {x.key: x.value for x in t.external_data}
+                loc = e.get("location", "")
+                if loc not in blobs:
+                    blobs[loc] = np.fromfile(bundle.root / loc, dtype=np.uint8)
+                offset, length = int(e.get("offset", 0)), int(e.get("length", len(blobs[loc])))
+                if offset + length > len(blobs[loc]):
+                    raise BundleError(f"{bundle.root / loc}: initializer {t.name} lies past the end of the file")
+                array = blobs[loc][offset : offset + length].view(tensor_dtype_to_np_dtype(t.data_type))
+                values[t.name] = ort.OrtValue.ortvalue_from_numpy(array.reshape(tuple(t.dims)))
+        return cls(values, list(blobs.values()))
 
 
 def _inside(root: Path, name: str) -> bool:
@@ -126,15 +194,36 @@ def load_bundle(path: str | Path) -> Bundle:
             )
     bundle = Bundle(root, manifest)
     for g in manifest["groups"]:
-        if g["file"] not in manifest["files"]:
-            raise BundleError(f"{mpath}: group {g['id']} graph {g['file']!r} is not hashed in 'files'")
-        for loc in external_data_locations(root / g["file"]):
-            if not _inside(root, loc):
-                raise BundleError(
-                    f"{root / g['file']}: external data path {loc!r} leaves the bundle directory; refusing to load"
-                )
-            if loc not in manifest["files"]:
-                raise BundleError(f"{root / g['file']}: external data {loc!r} is not hashed in {MANIFEST}")
-    if len(bundle.group_of_t) != bundle.spec.num_train_timesteps:
+        for name in (g["file"], g.get("base")):
+            if name is not None and name not in manifest["files"]:
+                raise BundleError(f"{mpath}: group {g['id']} graph {name!r} is not hashed in 'files'")
+            if name is None:
+                continue
+            for loc in external_data_locations(root / name):
+                if not _inside(root, loc):
+                    raise BundleError(
+                        f"{root / name}: external data path {loc!r} leaves the bundle directory; refusing to load"
+                    )
+                if loc not in manifest["files"]:
+                    raise BundleError(f"{root / name}: external data {loc!r} is not hashed in {MANIFEST}")
+    table = manifest["timestep_to_group"]
+    if not isinstance(table, list) or len(table) != bundle.spec.num_train_timesteps:
         raise BundleError(f"{mpath}: 'timestep_to_group' must have one entry per training timestep")
+    ids = {g["id"] for g in manifest["groups"]}
+    holes = sorted({t for t, g in enumerate(table) if not isinstance(g, int) or g not in ids})
+    if holes:
+        raise BundleError(
+            f"{mpath}: 'timestep_to_group' routes timesteps {_ranges(holes)} to no listed group "
+            f"(groups: {sorted(ids)}); recompile the bundle"
+        )
     return bundle
+
+
+def _ranges(ts: list[int]) -> str:
+    """[0, 1, 2, 7] → '0-2, 7'."""
+    out, start = [], ts[0]
+    for a, b in zip(ts, [*ts[1:], None], strict=True):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a != start else f"{a}")
+            start = b
+    return ", ".join(out)

@@ -93,21 +93,45 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+_ENV_ARENA: list[bool] = []
+
+
+def _shared_arena(ort) -> None:
+    """Register one process-wide CPU arena (once) that sessions opting in allocate from, so G group
+    sessions do not each keep an arena as large as the biggest batch they ran."""
+    if not _ENV_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _ENV_ARENA.append(True)
+
+
 class OrtEngine:
-    """An ONNX Runtime session over one graph; created on the first `infer`."""
+    """An ONNX Runtime session over one graph (a file, or serialized bytes whose external data lives in
+    `external_dir`); created on the first `infer`. `initializers` (SharedInitializers) replace the graph's
+    external weights with buffers shared by other sessions, which also allocate from one shared arena."""
 
     def __init__(
         self,
-        path: str | Path,
+        graph: str | Path | bytes,
         spec: InputSpec,
         *,
         providers: list[str] | None = None,
         optimized_model_path: str | Path | None = None,
         threads: int = 0,
+        external_dir: str | Path | None = None,
+        initializers=None,
+        prepack: bool = True,
+        spin: bool = True,
     ) -> None:
-        self.path, self.spec, self.providers = Path(path), spec, providers
+        self.graph = graph if isinstance(graph, bytes) else Path(graph)
+        self.spec, self.providers, self.external_dir = spec, providers, external_dir
         self.optimized_model_path, self.threads = optimized_model_path, threads
+        self.initializers, self.prepack, self.spin = initializers, prepack, spin
         self._session = None
+
+    @property
+    def path(self) -> Path | None:
+        return self.graph if isinstance(self.graph, Path) else None
 
     def activate(self):
         if self._session is None:
@@ -118,7 +142,20 @@ class OrtEngine:
             opts.intra_op_num_threads = self.threads
             if self.optimized_model_path is not None:
                 opts.optimized_model_filepath = str(self.optimized_model_path)
-            self._session = ort.InferenceSession(str(self.path), opts, providers=self.providers or default_providers())
+            if self.external_dir is not None:
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              str(self.external_dir))  # fmt: skip
+            if self.initializers is not None:
+                for name, value in self.initializers.values.items():
+                    opts.add_initializer(name, value)
+                _shared_arena(ort)
+                opts.add_session_config_entry("session.use_env_allocators", "1")
+            if not self.prepack:
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+            if not self.spin:  # idle sessions' spinning worker threads would compete with the running one
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            graph = self.graph if isinstance(self.graph, bytes) else str(self.graph)
+            self._session = ort.InferenceSession(graph, opts, providers=self.providers or default_providers())
         return self._session
 
     def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
@@ -148,7 +185,10 @@ class TorchEngine:
 class EngineSet:
     """One engine per timestep group, created lazily; `for_timestep(t)` routes by the group table."""
 
-    def __init__(self, factories: dict[int, Callable[[], Engine]], group_of_t: np.ndarray, spec: InputSpec) -> None:
+    def __init__(
+        self, factories: dict[int, Callable[[], Engine]], group_of_t: np.ndarray, spec: InputSpec,
+        max_resident: int | None = None,
+    ) -> None:  # fmt: skip
         if len(group_of_t) != spec.num_train_timesteps:
             raise EngineInputError(
                 f"group table covers {len(group_of_t)} timesteps, the model has {spec.num_train_timesteps}"
@@ -156,8 +196,11 @@ class EngineSet:
         missing = set(np.unique(group_of_t).tolist()) - set(factories)
         if missing:
             raise EngineInputError(f"group table names groups {sorted(missing)} that have no engine")
+        if max_resident is not None and max_resident < 1:
+            raise EngineInputError(f"max_resident={max_resident}: at least one engine must stay loaded")
         self._factories, self._engines = factories, {}
         self.group_of_t, self.spec = np.asarray(group_of_t, dtype=np.int64), spec
+        self.max_resident, self.created = max_resident, 0
 
     @classmethod
     def single(cls, engine: Engine) -> EngineSet:
@@ -171,8 +214,13 @@ class EngineSet:
 
     def for_timestep(self, t: int) -> Engine:
         g = self.group_of(t)
-        if g not in self._engines:
+        if g in self._engines:
+            self._engines[g] = self._engines.pop(g)  # most recently used last
+        else:
+            while self.max_resident is not None and len(self._engines) >= self.max_resident:
+                self._engines.pop(next(iter(self._engines)))  # release the least recently used
             self._engines[g] = self._factories[g]()
+            self.created += 1
         return self._engines[g]
 
     @property

@@ -89,8 +89,12 @@ def test_info(compiled, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["timestep_ranges"] == [{"group": 0, "t_from": 0, "t_to": 999}]
     assert info["bits"] == "W8A8" and info["target"] == "ort-cpu"
+    steps = info["calibration"]["steps"]
+    assert info["step_ranges"] == [{"group": 0, "step_from": 0, "step_to": steps - 1,
+                                    "t_from": info["step_ranges"][0]["t_from"], "t_to": 0}]  # fmt: skip
     assert main(["info", str(compiled)]) == 0
-    assert "group 0: t = 0..999" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "t = 0..999: group 0" in out and f"steps   0–{steps - 1}" in out
 
 
 @pytest.mark.parametrize(

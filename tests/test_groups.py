@@ -80,14 +80,22 @@ def test_apqdm_compile_routes_steps_to_group_graphs_with_parity(tiny_dir, tmp_pa
     used = sorted(set(manifest["timestep_to_group"]))
     assert used == list(range(len(manifest["groups"]))) == list(range(result.num_groups))
     assert len(manifest["timestep_to_group"]) == 1000
-    graphs = [out / g["file"] for g in manifest["groups"]]
     import onnx
 
+    bundle = load_bundle(out)
+    # group 0 is a whole graph; the others are overlays of the initializers that differ from it (no nodes)
+    entries = manifest["groups"]
+    assert "base" not in entries[0] and all(e["base"] == entries[0]["file"] for e in entries[1:])
+    for e in entries[1:]:
+        delta = onnx.load(str(out / e["file"]))
+        assert not delta.graph.node and delta.graph.initializer
+        assert all(t.name.endswith(("scale", "zero_point", "/bias/int", "clip_min", "clip_max"))
+                   for t in delta.graph.initializer), [t.name for t in delta.graph.initializer]  # fmt: skip
     # every large initializer (the integer weights) is a reference into the one weights.bin, at the same
     # place for every group graph: the weight bytes exist once on disk
     refs = []
-    for path in graphs:
-        m = onnx.load(str(path), load_external_data=False)
+    for g in range(len(entries)):
+        m = bundle.group_model(g)
         ext = {i.name: tuple((e.key, e.value) for e in i.external_data) for i in m.graph.initializer
                if i.data_location == onnx.TensorProto.EXTERNAL}  # fmt: skip
         assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer
@@ -96,15 +104,24 @@ def test_apqdm_compile_routes_steps_to_group_graphs_with_parity(tiny_dir, tmp_pa
     assert refs[0] and all(r == refs[0] for r in refs)
     stored = sum(int(dict(v)["length"]) for v in refs[0].values())
     assert (out / "weights.bin").stat().st_size < stored + 64 * len(refs[0]) + 1
-    bundle = load_bundle(out)
     engines = bundle.engines()
     for t in (0, 333, 999):
         assert engines.group_of(t) == manifest["timestep_to_group"][t]
     model = load_model(tiny_dir)
     feeds = noised_inputs(model.spec, model.schedule, 500, 4, 0)
-    for g, path in enumerate(graphs):
-        report = layer_parity(path, result.reference_model(model.wrapper(), group=g), feeds)
+    for g in range(len(entries)):
+        graph = bundle.group_model(g, load_weights=True)
+        report = layer_parity(graph, result.reference_model(model.wrapper(), group=g), feeds)
         assert report and all(r["flipped"] <= 2e-3 for r in report.values()), (g, report)
+        # the shipped engine (shared weights and arena) computes what the standalone graph does
+        t = next(t for t, x in enumerate(manifest["timestep_to_group"]) if x == g)
+        feeds_t = dict(feeds, timestep=np.full(4, t, np.int64))
+        import onnxruntime as ort
+
+        alone = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        want = alone.run(["eps"], feeds_t)[0]
+        got = engines.for_timestep(t).infer(feeds_t["sample"], feeds_t["timestep"], feeds_t.get("class_labels"))
+        np.testing.assert_array_equal(got, want)
 
 
 def test_more_groups_than_calibrated_timesteps_is_refused():
@@ -138,8 +155,7 @@ def test_shared_weights_store_keeps_per_group_biases_in_their_graphs():
         graph = helper.make_graph([], f"g{g}", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
         graphs.append(helper.make_model(graph))
     shared = SharedWeights()
-    for m in graphs:
-        shared.externalize(m)
+    shared.externalize(graphs)
     assert len(shared.blob) == 4096  # the weights once
     for g, m in enumerate(graphs):
         by_name = {i.name: i for i in m.graph.initializer}

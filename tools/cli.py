@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from runtime.errors import DqcError
+from runtime.errors import ConfigError, DqcError
 
 MODEL_HELP = (
     "a diffusers pipeline directory (unet/ + scheduler/), a bare UNet2DModel directory with --scheduler, "
@@ -39,8 +39,10 @@ def _compile(a: argparse.Namespace) -> None:
         recon_batch=a.recon_batch,
         act_iters=a.act_iters,
         shortcut_split=a.shortcut_split,
-        groups=a.groups,
+        groups=_resolve_groups(a.groups, a),
         group_epochs=a.group_epochs,
+        fresh_trajectories=a.fresh_trajectories,
+        active_eta=a.active_eta,
         percentile=a.percentile,
         device=a.device or _default_device(),
     )
@@ -54,6 +56,28 @@ def _compile(a: argparse.Namespace) -> None:
         progress=not a.quiet,
     )
     print(f"wrote bundle {out}")
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [v.strip() for v in text.split(",") if v.strip()] if text else None
+
+
+def _groups_arg(text: str) -> int | str:
+    if text == "per-step":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of groups, or per-step") from None
+
+
+def _resolve_groups(groups: int | str | None, a: argparse.Namespace) -> int | None:
+    """per-step: one group per calibrated timestep (the method's calib_timesteps unless given)."""
+    if groups != "per-step":
+        return groups
+    from calibration.config import CalibrationConfig
+
+    return a.calib_timesteps or CalibrationConfig.for_method(a.method).calib_timesteps
 
 
 def _default_device() -> str:
@@ -90,20 +114,31 @@ def _info(a: argparse.Namespace) -> None:
     from tools.pipeline import bundle_info
 
     info = bundle_info(a.bundle)
+    if a.plots:
+        from tools.pipeline import group_plots
+
+        for path in group_plots(a.bundle, a.plots):
+            print(f"wrote {path}")
     if a.json:
         print(json.dumps(info, indent=1))
         return
     print(f"bundle {info['bundle']}  (format v{info['format_version']}, target {info['target']}, bits {info['bits']})")
     print(f"model  {info['model']['class']}  weights sha256 {info['model']['weight_sha256'][:16]}…")
     cal = info["calibration"]
+    per = "rounds" if cal.get("selection") == "active" else "steps"
     print(
         f"calibrated for {cal.get('sampler')} {cal.get('steps')} steps, eta {cal.get('eta')}, "
-        f"{cal.get('samples')} trajectories, method {cal.get('method')}, {cal.get('selection')} timesteps, "
+        f"{cal.get('samples')} trajectories × {cal.get('timesteps')} {per}, "
+        f"method {cal.get('method')}, {cal.get('selection')} timesteps, "
         f"{cal.get('activation_range')} activation ranges"
     )
-    print("groups:")
+    n_steps = info["step_ranges"][-1]["step_to"] + 1 if info["step_ranges"] else 0
+    print(f"groups ({len(info['groups'])}) over the {n_steps} calibrated {cal.get('sampler')} steps:")
+    for r in info["step_ranges"]:
+        print(f"  steps {r['step_from']:>3}–{r['step_to']:<3} (t = {r['t_from']}..{r['t_to']}): group {r['group']}")
+    print("training timesteps t → group (other step counts route by this table):")
     for r in info["timestep_ranges"]:
-        print(f"  group {r['group']}: t = {r['t_from']}..{r['t_to']}")
+        print(f"  t = {r['t_from']}..{r['t_to']}: group {r['group']}")
     print(f"quantized nodes: {info['quantized_nodes']}; left in float: {len(info['float_nodes'])}")
     for f in info["float_nodes"]:
         print(f"  {f['node']} ({f['op']}): {f['reason']}")
@@ -163,13 +198,20 @@ def _train_reference(a: argparse.Namespace) -> None:
 
 
 def _bench(a: argparse.Namespace) -> None:
+    if a.groups_vs:
+        from tools.group_bench import run_group_bench
+
+        if not a.model:
+            raise ConfigError("--groups-vs: give the multi-group bundle as MODEL")
+        run_group_bench(a.model, a.groups_vs, batch=a.batch, reps=a.reps, json_out=a.json, progress=not a.quiet)
+        return
     if a.methods:
         from tools.method_table import run_method_table
 
         run_method_table(
             a.model or "reference",
-            methods=[m.strip() for m in a.methods.split(",") if m.strip()],
-            bits=[b.strip() for b in a.bits.split(",") if b.strip()],
+            methods=_csv(a.methods),
+            bits=_csv(a.bits),
             out_dir=a.out,
             n=a.n,
             steps=a.steps,
@@ -182,7 +224,13 @@ def _bench(a: argparse.Namespace) -> None:
                 recon_batch=a.recon_batch,
                 calib_samples=a.calib_samples,
                 calib_timesteps=a.calib_timesteps,
+                group_epochs=a.group_epochs,
+                fresh_trajectories=a.fresh_trajectories,
+                activation_error=a.activation_error or None,
             ),
+            groups=_csv(a.groups),
+            timesteps=_csv(a.timesteps),
+            calib_sizes=[int(v) for v in _csv(a.calib_sizes) or []] or None,
             progress=not a.quiet,
         )
         return
@@ -214,8 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=100, help="deployment sampling steps (default 100)")
     c.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
-    c.add_argument("--calib-samples", type=int, default=64, help="full-precision trajectories (default 64)")
-    c.add_argument("--calib-timesteps", type=int, default=20, help="sampling steps whose inputs are kept (default 20)")
+    c.add_argument(
+        "--calib-samples", type=int, help="full-precision trajectories (default 64; --timesteps active: per round)"
+    )
+    c.add_argument(
+        "--calib-timesteps",
+        type=int,
+        help="sampling steps whose inputs are kept (default 20; --timesteps active: rounds, apqdm default 16)",
+    )
     c.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     c.add_argument(
         "--method",
@@ -239,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adaround-samples", type=int, help="calibration inputs a layer/block is fitted on (default 1024)")
     c.add_argument("--recon-batch", type=int, help="reconstruction batch (default 32)")
     c.add_argument("--act-iters", type=int, help="LSQ activation step-size iterations per block (0: off; presets)")
-    c.add_argument("--groups", type=int, help="timestep groups G (apqdm: 8; 1: one shared set of scales)")
+    c.add_argument(
+        "--groups",
+        type=_groups_arg,
+        help="timestep groups G (apqdm: 8; 1: one shared set of scales; per-step: one per calibrated timestep)",
+    )
     c.add_argument("--group-epochs", type=int, help="epochs of the group search (default 10)")
     c.add_argument(
         "--shortcut-split",
@@ -248,10 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="separate quantizers for the two halves of decoder skip concatenations (qdiffusion: on)",
     )
     c.add_argument(
+        "--timesteps",
         "--timestep-selection",
-        choices=["uniform", "random", "normal"],
-        help="which sampling steps feed calibration: uniform (Q-Diffusion, default), random, normal (PTQ4DM)",
+        dest="timestep_selection",
+        choices=["uniform", "random", "normal", "active"],
+        help="which sampling steps feed calibration: uniform (Q-Diffusion, default), random, normal (PTQ4DM), "
+        "active (apqdm's default: APQ-DM Eq. 12, each round records --calib-samples fresh trajectories at the "
+        "step of highest group-weight entropy + eta/(draws + 1), for --calib-timesteps rounds)",
     )
+    c.add_argument(
+        "--fresh-trajectories",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="record each calibrated step from its own --calib-samples trajectories instead of the same ones "
+        "at every step (active: always)",
+    )
+    c.add_argument("--active-eta", type=float, help="eta of the active selection score (default 1.5)")
     c.add_argument("--percentile", type=float, default=99.99, help="with --activation-range percentile")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration trajectories")
     c.add_argument("--device", help="calibration device: cpu or cuda (default: cuda when present)")
@@ -284,11 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "info",
         help="show what a bundle holds",
-        description="Verify a bundle and show its groups "
-        "(as timestep ranges), bits, profile, float nodes, files and sizes.",
+        description="Verify a bundle and show its groups (as ranges of the calibrated sampler's steps and of "
+        "training timesteps), bits, profile, float nodes, files and sizes.",
     )
     i.add_argument("bundle", help="bundle directory")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument(
+        "--plots", metavar="DIR", help="also write group_map.png and (searched bundles) sigma_evolution.png to DIR"
+    )
     i.set_defaults(func=_info)
 
     d = sub.add_parser(
@@ -365,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     b.add_argument("--reps", type=int, default=20, help="interleaved timed runs per engine (default 20)")
     b.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    b.add_argument(
+        "--groups-vs",
+        metavar="BUNDLE1",
+        help="group costs (MODEL is then a multi-group bundle): disk and resident memory against the bundle "
+        "BUNDLE1 (e.g. its G = 1 counterpart), per-step latency with group switching against one engine",
+    )
     q = b.add_argument_group("quality table (--methods)")
     q.add_argument("--methods", metavar="M1,M2", help="methods to compare, e.g. naive,ptq4dm,qdiffusion")
     q.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4", help="bit-widths (default W8A8,W6A6,W4A8,W4A4)")
@@ -379,6 +458,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recon-batch", type=int, help="override the reconstruction batch (default 32)")
     q.add_argument("--calib-samples", type=int, help="override the calibration trajectories (default 64)")
     q.add_argument("--calib-timesteps", type=int, help="override the calibration timesteps (default 20)")
+    q.add_argument("--groups", metavar="G1,G2", help="APQ-DM group counts to compare, e.g. 1,4,8,16,per-step")
+    q.add_argument("--group-epochs", type=int, help="override the group search epochs (default 10)")
+    q.add_argument("--timesteps", metavar="S1,S2", help="calibration timestep strategies, e.g. random,normal,active")
+    q.add_argument(
+        "--calib-sizes",
+        metavar="N1,N2",
+        help="calibration set sizes (inputs = --calib-samples × timesteps or rounds), e.g. 128,256,512,1024",
+    )
+    q.add_argument(
+        "--fresh-trajectories",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="record each calibrated step from its own trajectories (active always does)",
+    )
+    q.add_argument(
+        "--activation-error", action="store_true", help="also measure C-Error / G-Error (APQ-DM Table 1) per cell"
+    )
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
     return p

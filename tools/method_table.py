@@ -1,10 +1,12 @@
 """`dqc bench --methods …`: quality of calibration methods × bit-widths on the engines that ship.
 
-Each cell compiles the model with one method preset at one bit-width, samples N images from the bundle
+Each cell compiles the model with one method preset at one bit-width (and, when asked, one group count,
+timestep strategy and calibration-set size: APQ-DM's Tables 1 and 2), samples N images from the bundle
 (ONNX Runtime, same seeds as the full-precision row), and evaluates FD, accuracy and PSNR against the
-full-precision samples. Cells live in `<out>/<method>_<bits>/` (bundle/, samples.npz, eval.json) and are
-reused when present and made with the same settings, so an interrupted table resumes; delete a cell
-to recompute it. The table is written as table.json and table.md, the FD-vs-bits plot as fd_vs_bits.png.
+full-precision samples. Cells live in `<out>/<method>[_G<g>][_<strategy>][_n<size>]_<bits>/` (bundle/,
+samples.npz, eval.json) and are reused when present and made with the same settings, so an interrupted
+table resumes; delete a cell to recompute it. The table is written as table.json and table.md, the
+FD-vs-bits plot as fd_vs_bits.png.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from tools import pipeline
 _RECONSTRUCTION_KEYS = ("adaround_iters", "act_iters", "recon_batch")
 # the settings that define a cell: a bundle made with other values is recompiled
 _CELL_KEYS = (
-    "steps", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters", "act_iters", "recon_batch"
+    "steps", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters", "act_iters", "recon_batch",
+    "groups", "group_epochs", "timestep_selection", "fresh_trajectories", "activation_error",
 )  # fmt: skip
 
 
@@ -69,6 +72,9 @@ def run_method_table(
     seed: int = 0,
     batch_size: int = 250,
     calibration: dict | None = None,
+    groups: list[str] | None = None,
+    timesteps: list[str] | None = None,
+    calib_sizes: list[int] | None = None,
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
@@ -103,33 +109,50 @@ def run_method_table(
     fp = sample_and_eval(fp_cell, source, None)
     rows = [{"method": "fp", "bits": "FP32", "fd": fp["fd"], "accuracy": fp.get("accuracy"), "psnr_db": None,
              "calibration_seconds": None, "device": None}]  # fmt: skip
-    for method in methods:
-        for b in bits:
-            cell = out / f"{method}_{b}"
-            bundle = cell / "bundle"
-            preset = CalibrationConfig.for_method(method)
-            given = {k: v for k, v in calibration.items() if preset.reconstructs or k not in _RECONSTRUCTION_KEYS}
-            fields = dict(steps=steps, guidance=guidance, seed=seed, **given)
-            if not _bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS}):
-                cfg = CalibrationConfig.for_method(method, bits=b, **fields)
-                cell.mkdir(exist_ok=True)
-                start = time.perf_counter()
-                pipeline.compile_model(source, bundle, cfg, overwrite=True, progress=progress)
-                print(f"{method} {b}: compiled in {time.perf_counter() - start:.1f} s")
-                (cell / "samples.npz").unlink(missing_ok=True)
-            stats = json.loads((bundle / "manifest.json").read_text())["calibration"]["stats"]
-            report = sample_and_eval(cell, bundle, fp_cell / "samples.npz")
-            rows.append(
-                {
-                    "method": method,
-                    "bits": b,
-                    "fd": report["fd"],
-                    "accuracy": report.get("accuracy"),
-                    "psnr_db": report.get("psnr_vs_reference"),
-                    "calibration_seconds": stats.get("total_seconds"),
-                    "device": stats.get("device_name", stats.get("device")),
-                }
-            )
+    for method, g, strategy, size, b in cells(methods, groups, timesteps, calib_sizes, bits):
+        cell = out / cell_name(method, g, strategy, size, b)
+        bundle = cell / "bundle"
+        preset = CalibrationConfig.for_method(method)
+        given = {k: v for k, v in calibration.items() if preset.reconstructs or k not in _RECONSTRUCTION_KEYS}
+        fields = dict(steps=steps, guidance=guidance, seed=seed, **given)
+        if strategy is not None:
+            fields["timestep_selection"] = strategy
+        if size is not None:
+            per = fields.get("calib_samples", preset.calib_samples)
+            if size % per:
+                raise ConfigError(f"--calib-sizes {size}: not a multiple of --calib-samples {per}")
+            fields["calib_timesteps"] = size // per
+        if g is not None:
+            fields["groups"] = fields.get("calib_timesteps", preset.calib_timesteps) if g == "per-step" else int(g)
+        if not _bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS}):
+            cfg = CalibrationConfig.for_method(method, bits=b, **fields)
+            cell.mkdir(exist_ok=True)
+            start = time.perf_counter()
+            pipeline.compile_model(source, bundle, cfg, overwrite=True, progress=progress)
+            print(f"{cell.name}: compiled in {time.perf_counter() - start:.1f} s")
+            (cell / "samples.npz").unlink(missing_ok=True)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        stats = manifest["calibration"]["stats"]
+        report = sample_and_eval(cell, bundle, fp_cell / "samples.npz")
+        errors = stats.get("activation_error", {})
+        config = manifest["calibration"].get("config", {})
+        rows.append(
+            {
+                "method": method,
+                "bits": b,
+                "groups": len(manifest["groups"]),
+                "groups_asked": g,
+                "timesteps": config.get("timestep_selection"),
+                "calibration_inputs": stats.get("calibration_inputs"),
+                "fd": report["fd"],
+                "accuracy": report.get("accuracy"),
+                "psnr_db": report.get("psnr_vs_reference"),
+                "c_error": errors.get("c_error"),
+                "g_error": errors.get("g_error"),
+                "calibration_seconds": stats.get("total_seconds"),
+                "device": stats.get("device_name", stats.get("device")),
+            }
+        )
     table = {
         "model": str(model),
         "n": n,
@@ -143,8 +166,9 @@ def run_method_table(
     }
     pipeline.write_json(out / "table.json", table)
     (out / "table.md").write_text(markdown_table(rows))
-    series = {m: [next((r["fd"] for r in rows if r["method"] == m and r["bits"] == b), None) for b in bits]
-              for m in methods}  # fmt: skip
+    labels = list(dict.fromkeys(_series(r) for r in rows[1:]))
+    series = {k: [next((r["fd"] for r in rows[1:] if _series(r) == k and r["bits"] == b), None) for b in bits]
+              for k in labels}  # fmt: skip
     line_chart_png(
         out / "fd_vs_bits.png",
         bits,
@@ -159,17 +183,47 @@ def run_method_table(
     return table
 
 
+def cells(methods, groups, timesteps, sizes, bits):
+    """(method, groups, strategy, size, bits) of every cell; None where the axis was not asked for."""
+    import itertools
+
+    return itertools.product(methods, groups or [None], timesteps or [None], sizes or [None], bits)
+
+
+def cell_name(method: str, groups, strategy, size, bits: str) -> str:
+    parts = [method]
+    if groups is not None:
+        parts.append(f"G{groups}")
+    if strategy is not None:
+        parts.append(strategy)
+    if size is not None:
+        parts.append(f"n{size}")
+    return "_".join([*parts, bits])
+
+
+def _series(row: dict) -> str:
+    parts = [row["method"]]
+    if row.get("groups_asked") is not None:
+        parts.append(f"G={row['groups_asked']}")
+    if row.get("timesteps") and row.get("calibration_inputs") is not None and "G=" not in "".join(parts):
+        parts.append(row["timesteps"])
+    return " ".join(parts)
+
+
 def markdown_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)
 
     lines = [
-        "| method | bits | FD ↓ | accuracy | PSNR vs FP (dB) | calibration (s) | device |",
-        "|---|---|---|---|---|---|---|",
+        "| method | bits | groups | timesteps | calib inputs | FD ↓ | accuracy | PSNR vs FP (dB) | C-Error | G-Error "
+        "| calibration (s) | device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['bits']} | {fmt(r['fd'], '.3f')} | {fmt(r['accuracy'], '.1%')} | "
-            f"{fmt(r['psnr_db'], '.2f')} | {fmt(r['calibration_seconds'], '.0f')} | {r['device'] or '—'} |"
+            f"| {r['method']} | {r['bits']} | {fmt(r.get('groups'), 'd')} | {r.get('timesteps') or '—'} | "
+            f"{fmt(r.get('calibration_inputs'), 'd')} | {fmt(r['fd'], '.3f')} | {fmt(r['accuracy'], '.1%')} | "
+            f"{fmt(r['psnr_db'], '.2f')} | {fmt(r.get('c_error'), '.4f')} | {fmt(r.get('g_error'), '.4f')} | "
+            f"{fmt(r['calibration_seconds'], '.0f')} | {r['device'] or '—'} |"
         )
     return "\n".join(lines) + "\n"

@@ -195,6 +195,13 @@ def bundle_info(path: str | Path) -> dict:
         if t == len(table) or table[t] != table[start]:
             ranges.append({"group": int(table[start]), "t_from": start, "t_to": t - 1})
             start = t
+    steps = bundle.schedule.timesteps(int(m.get("calibration", {}).get("steps", 100)))
+    step_ranges, start = [], 0
+    for i in range(1, len(steps) + 1):
+        if i == len(steps) or table[steps[i]] != table[steps[start]]:
+            step_ranges.append({"group": int(table[steps[start]]), "step_from": start, "step_to": i - 1,
+                                "t_from": int(steps[start]), "t_to": int(steps[i - 1])})  # fmt: skip
+            start = i
     return {
         "bundle": str(bundle.root),
         "format_version": m["format_version"],
@@ -204,10 +211,34 @@ def bundle_info(path: str | Path) -> dict:
         "calibration": {k: v for k, v in m.get("calibration", {}).items() if k != "stats"},
         "groups": m["groups"],
         "timestep_ranges": ranges,
+        "step_ranges": step_ranges,
         "quantized_nodes": len(m.get("quantized_nodes", [])),
         "float_nodes": m.get("float_nodes", []),
         "files": {name: (bundle.root / name).stat().st_size for name in m["files"]},
     }
+
+
+def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
+    """`dqc info --plots`: the timestep→group map over the calibrated sampler's steps and, for a searched
+    bundle, the evolution of σ during the search."""
+    from tools.plots import group_map_png, sigma_evolution_png
+
+    bundle = load_bundle(path)
+    cal = bundle.manifest.get("calibration", {})
+    steps = bundle.schedule.timesteps(int(cal.get("steps", 100)))
+    search = cal.get("stats", {}).get("group_search")
+    drawn = {int(t): n for t, n in (search or {}).get("draws", {}).items()}
+    out = Path(out_dir)
+    written = [out / "group_map.png"]
+    title = f"timestep -> group ({len(bundle.manifest['groups'])} groups, {cal.get('sampler')} {len(steps)} steps)"
+    group_map_png(written[0], [int(t) for t in steps], [int(bundle.group_of_t[t]) for t in steps], title=title,
+                  drawn=drawn)  # fmt: skip
+    if search and search.get("history") and search.get("sigma_rows"):
+        written.append(out / "sigma_evolution.png")
+        assignment = {int(t): g for t, g in search["assignment"].items()}
+        sigma_evolution_png(written[1], search["history"], assignment, search["sigma_rows"],
+                            title="group search: importance weights sigma (APQ-DM Eq. 6)")  # fmt: skip
+    return written
 
 
 def fp32_engine(model, workdir: str | Path) -> OrtEngine:
