@@ -211,6 +211,38 @@ def write_bundle(
     return out
 
 
+PTQD_FILE = "ptqd.safetensors"
+
+
+def add_ptqd(bundle_dir: str | Path, tables, *, samples: int) -> Path:
+    """Store PTQD statistics in a bundle: the tensor file first, then the manifest (hash and metadata)
+    replaced atomically, so an interruption leaves the bundle as it was."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    root = Path(bundle_dir)
+    manifest = json.loads((root / MANIFEST).read_text())
+    tmp = root / f".{PTQD_FILE}.tmp"
+    tensors = {"timesteps": tables.timesteps.astype(np.int64), "k": tables.k.astype(np.float64),
+               "bias": tables.bias.astype(np.float64), "sigma_q": tables.sigma_q.astype(np.float64)}  # fmt: skip
+    save_file(tensors, str(tmp))
+    os.replace(tmp, root / PTQD_FILE)
+    manifest["files"][PTQD_FILE] = sha256_file(root / PTQD_FILE)
+    manifest["ptqd"] = {
+        "file": PTQD_FILE,
+        "sampler": tables.sampler,
+        "steps": tables.steps,
+        "eta": tables.eta,
+        "samples": samples,
+        "other_step_counts": "nearest gathered timestep",
+        "k_fallback": list(tables.k_fallback),
+    }
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / MANIFEST)
+    return root / PTQD_FILE
+
+
 def ort_optimized_op_counts(graph_path: str | Path, optimized_path: str | Path) -> dict[str, int]:
     """Load a graph in ONNX Runtime (CPU, all optimizations), save the optimized model, count its ops."""
     import onnxruntime as ort

@@ -101,6 +101,28 @@ class Bundle:
             model.graph.initializer[tensors[t.name]].CopyFrom(t)
         return model
 
+    def ptqd(self):
+        """The bundle's PTQD statistics (validated PtqdTables), or None when it has none."""
+        meta = self.manifest.get("ptqd")
+        if meta is None:
+            return None
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        from runtime.ptqd import PtqdTables
+
+        path = self.root / meta["file"]
+        try:
+            t = load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise BundleError(f"{path}: unreadable PTQD statistics ({e}); regather them with dqc compile --ptqd") from e
+        missing = [k for k in ("timesteps", "k", "bias", "sigma_q") if k not in t]
+        if missing:
+            raise BundleError(f"{path}: PTQD statistics lack {missing}; regather them with dqc compile --ptqd")
+        return PtqdTables.checked(t["timesteps"], t["k"], t["bias"], t["sigma_q"], sampler=meta["sampler"],
+                                  steps=meta["steps"], eta=meta["eta"], channels=self.spec.sample_shape[0],
+                                  where=str(path))  # fmt: skip
+
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
         prepack: bool = True,
@@ -206,6 +228,9 @@ def load_bundle(path: str | Path) -> Bundle:
                     )
                 if loc not in manifest["files"]:
                     raise BundleError(f"{root / name}: external data {loc!r} is not hashed in {MANIFEST}")
+    ptqd = manifest.get("ptqd")
+    if ptqd is not None and ptqd.get("file") not in manifest["files"]:
+        raise BundleError(f"{mpath}: PTQD statistics {ptqd.get('file')!r} are not hashed in 'files'")
     table = manifest["timestep_to_group"]
     if not isinstance(table, list) or len(table) != bundle.spec.num_train_timesteps:
         raise BundleError(f"{mpath}: 'timestep_to_group' must have one entry per training timestep")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from runtime.engine import EngineSet
 from runtime.errors import SamplerError
+from runtime.ptqd import correct_eps
 from runtime.schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "ddpm")
@@ -47,6 +48,9 @@ class SampleRun:
     step_groups: list[int] = field(default_factory=list)
     engine_seconds: float = 0.0
     engine_calls: int = 0
+    ptqd: list[str] = field(default_factory=list)  # the PTQD corrections applied ([] when none)
+    ptqd_seconds: float = 0.0  # host time spent on them
+    ptqd_notes: list[str] = field(default_factory=list)
 
     @property
     def seconds_per_step(self) -> float:
@@ -81,8 +85,10 @@ def _guided_eps(engine, x: np.ndarray, t: int, labels, null_class, guidance: flo
     return uncond + guidance * (cond - uncond)
 
 
-def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, eps, t: int, prev: int, noise: _Noise):
-    """One update x_t → x_prev; prev = −1 after the last step."""
+def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, eps, t: int, prev: int, noise: _Noise,
+          sigma_q: float | None = None):  # fmt: skip
+    """One update x_t → x_prev; prev = −1 after the last step. `sigma_q` (PTQD VSC): the residual
+    quantization noise std in ε, absorbed by shrinking the sampler's own noise."""
     ac = schedule.alphas_cumprod
     a_t = ac[t]
     if cfg.name == "ddim":
@@ -102,9 +108,38 @@ def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, eps, t: int, prev: int
         beta = 1 - a_t / a_prev
         out = (np.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
         sigma = np.sqrt(max((1 - a_prev) / (1 - a_t) * beta, 1e-20)) if prev >= 0 else 0.0
+    if sigma > 0 and sigma_q is not None:
+        from runtime.ptqd import calibrated_sigma, eps_coefficient
+
+        sigma = calibrated_sigma(sigma, eps_coefficient(cfg.name, a_t, a_prev, sigma), sigma_q)
     if sigma > 0:
         out = out + sigma * noise.draw()
     return out.astype(np.float32)
+
+
+def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun) -> tuple[str, ...]:
+    """Which corrections run, with the reasons for any that cannot."""
+    from runtime.ptqd import COMPONENTS
+
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise SamplerError(f"--ptqd {','.join(sorted(unknown))}: unknown; use some of {','.join(COMPONENTS)}")
+    if ptqd is None or not components:
+        return ()
+    if ptqd.sampler != cfg.name:
+        raise SamplerError(
+            f"PTQD statistics were gathered for {ptqd.sampler}, not {cfg.name}; sample with --sampler "
+            f"{ptqd.sampler}, regather them, or pass --no-ptqd"
+        )
+    use = tuple(c for c in COMPONENTS if c in components)
+    if "vsc" in use and cfg.name == "ddim" and cfg.eta == 0:
+        run.ptqd_notes.append("VSC does nothing with DDIM eta = 0: the sampler adds no noise to shrink")
+    if ptqd.steps != cfg.steps:
+        run.ptqd_notes.append(f"statistics gathered for {ptqd.steps} steps, sampling {cfg.steps}: nearest step's used")
+    if ptqd.k_fallback:
+        run.ptqd_notes.append(f"k_t <= -1 at timesteps {list(ptqd.k_fallback)}: CNC off there (k = 0)")
+    run.ptqd = list(use)
+    return use
 
 
 def sample(
@@ -118,8 +153,11 @@ def sample(
     null_class: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    ptqd=None,
+    ptqd_components: tuple[str, ...] = ("cnc", "bc", "vsc"),
 ) -> SampleRun:
-    """Draw `n` samples; class-conditional engines need `labels` (and `null_class` for guidance ≠ 1)."""
+    """Draw `n` samples; class-conditional engines need `labels` (and `null_class` for guidance ≠ 1).
+    `ptqd` (PtqdTables) applies the chosen PTQD corrections to each step's (guided) prediction."""
     if n < 1:
         raise SamplerError(f"-n {n}: the number of samples must be at least 1")
     if batch_size < 1:
@@ -135,6 +173,7 @@ def sample(
         raise SamplerError("--class-label given, but the model is unconditional; drop it")
     ts = schedule.timesteps(cfg.steps)
     run = SampleRun(np.empty((n, *spec.sample_shape), np.float32), labels, ts)
+    use = _ptqd_plan(ptqd, ptqd_components, cfg, run)
     bar = tqdm(total=n * len(ts), desc="sampling", unit="step", disable=not progress, leave=False)
     for lo in range(0, n, batch_size):
         idx = range(lo, min(lo + batch_size, n))
@@ -150,7 +189,16 @@ def sample(
             if lo == 0:
                 run.step_groups.append(engines.group_of(int(t)))
             prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
-            x = _step(schedule, cfg, x, eps, int(t), prev, noise)
+            sigma_q = None
+            if use:
+                start = time.perf_counter()
+                r = ptqd.row(int(t))
+                k = ptqd.k[r]
+                eps = correct_eps(eps, k, ptqd.bias[r], cnc="cnc" in use, bc="bc" in use)
+                if "vsc" in use:  # the residual std after CNC: σ_q / (1 + k)
+                    sigma_q = ptqd.sigma_q[r] / (1.0 + k) if "cnc" in use else ptqd.sigma_q[r]
+                run.ptqd_seconds += time.perf_counter() - start
+            x = _step(schedule, cfg, x, eps, int(t), prev, noise, sigma_q)
             bar.update(len(idx))
         run.samples[lo : idx.stop] = x
     bar.close()

@@ -53,6 +53,7 @@ def _compile(a: argparse.Namespace) -> None:
         scheduler=a.scheduler,
         overwrite=a.force,
         calibration_out=a.save_calibration,
+        ptqd_samples=a.ptqd_samples if a.ptqd else None,
         progress=not a.quiet,
     )
     print(f"wrote bundle {out}")
@@ -102,12 +103,18 @@ def _sample(a: argparse.Namespace) -> None:
         batch_size=a.batch_size,
         png=a.png,
         scheduler=a.scheduler,
+        ptqd=() if a.no_ptqd else tuple(_csv(a.ptqd) or ()),
         progress=not a.quiet,
     )
     print(
         f"wrote {a.output}: {a.n} samples, {len(run.timesteps)} steps, "
         f"{1e3 * run.seconds_per_step:.2f} ms per engine call"
     )
+    if run.ptqd:
+        share = run.ptqd_seconds / max(run.engine_seconds, 1e-12)
+        print(f"PTQD corrections {','.join(run.ptqd)}: {share:.2%} of the engine time")
+    for note in run.ptqd_notes:
+        print(f"PTQD: {note}")
 
 
 def _info(a: argparse.Namespace) -> None:
@@ -326,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration trajectories")
     c.add_argument("--device", help="calibration device: cpu or cuda (default: cuda when present)")
     c.add_argument("--save-calibration", metavar="FILE", help="also write the CalibrationResult file")
+    c.add_argument("--ptqd", action="store_true", help="also gather PTQD statistics (k, bias, residual std per step)")
+    c.add_argument("--ptqd-samples", type=int, default=1024, help="trajectories for the PTQD statistics (default 1024)")
     c.add_argument("--force", action="store_true", help="replace an existing bundle")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_compile)
@@ -346,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     s.add_argument("--class-label", help="label or comma list for class-conditional models (default: cycle classes)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: calibrated, else 1)")
+    s.add_argument(
+        "--ptqd",
+        default="cnc,bc,vsc",
+        metavar="C1,C2",
+        help="PTQD corrections applied when the bundle has statistics: cnc (correlated noise), bc (bias), "
+        "vsc (variance schedule; no effect with DDIM eta 0) (default: all)",
+    )
+    s.add_argument("--no-ptqd", action="store_true", help="apply no PTQD correction")
     s.add_argument("--batch-size", type=int, default=16, help="samples per engine call (default 16)")
     s.add_argument("--scheduler", help="scheduler for a bare model directory")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -24,9 +24,11 @@ def compile_model(
     scheduler: str | Path | None = None,
     overwrite: bool = False,
     calibration_out: str | Path | None = None,
+    ptqd_samples: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Calibrate + export: a model directory (or an already loaded model) in, a bundle directory out."""
+    """Calibrate + export: a model directory (or an already loaded model) in, a bundle directory out;
+    with `ptqd_samples`, also gather PTQD statistics on the written bundle's engines."""
     from calibration.calibrate import calibrate
     from calibration.model_io import LoadedModel, load_model
     from exporter.bundle_writer import write_bundle
@@ -38,7 +40,15 @@ def compile_model(
     if calibration_out is not None:
         result.save(calibration_out)
     model.unet.cpu()
-    return write_bundle(model, result, out, overwrite=overwrite, progress=progress)
+    out = write_bundle(model, result, out, overwrite=overwrite, progress=progress)
+    if ptqd_samples:
+        from calibration.ptqd import gather
+        from exporter.bundle_writer import add_ptqd
+
+        tables = gather(model, load_bundle(out).engines(), cfg.sampler_config, n=ptqd_samples,
+                        seed=cfg.seed + 20_000, batch_size=cfg.batch_size, progress=progress)  # fmt: skip
+        add_ptqd(out, tables, samples=ptqd_samples)
+    return out
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -144,9 +154,11 @@ def sample_to_file(
     batch_size: int = 16,
     png: str | Path | None = None,
     scheduler: str | Path | None = None,
+    ptqd: tuple[str, ...] = ("cnc", "bc", "vsc"),
     progress: bool = True,
 ) -> SampleRun:
-    """`dqc sample`: draw n samples from a bundle or a model directory into an .npz (and a PNG grid)."""
+    """`dqc sample`: draw n samples from a bundle or a model directory into an .npz (and a PNG grid).
+    A bundle's PTQD statistics, when it has them, correct each step with the `ptqd` components."""
     if n < 1:
         raise ConfigError(f"-n {n}: the number of samples must be at least 1")
     engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler)
@@ -168,6 +180,8 @@ def sample_to_file(
         null_class=null_class,
         batch_size=batch_size,
         progress=progress,
+        ptqd=load_bundle(path).ptqd() if ptqd and is_bundle(path) else None,
+        ptqd_components=ptqd,
     )
     samples = np.clip(run.samples, -1, 1).astype(np.float32)
     meta = {
@@ -178,6 +192,8 @@ def sample_to_file(
         "eta": cfg.eta,
         "guidance": cfg.guidance,
         "seconds": round(time.perf_counter() - start, 3),
+        "ptqd": run.ptqd,
+        "ptqd_notes": run.ptqd_notes,
     }
     save_samples(out, samples, labels, meta)
     if png is not None:

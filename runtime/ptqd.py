@@ -1,0 +1,95 @@
+"""PTQD quantization-noise correction (NeurIPS 2023), applied on the host inside the sampler loop.
+
+The quantized network's prediction is modelled per sampling step t as
+
+    ε̂ = (1 + k_t) · ε + b_t[c] + n,   n ~ N(0, σ_q,t²)                                 (PTQD Eq. 7)
+
+- correlated-noise correction (CNC) divides the correlated part out:   ε ← (ε̂ − b_t) / (1 + k_t)
+  (with bias correction (BC) off, b_t is not subtracted). The residual std becomes σ_q' = σ_q/(1 + k).
+- variance-schedule calibration (VSC) shrinks the sampler's own noise so that the residual quantization
+  noise, entering x_prev with the coefficient λ_t of ε in the update, keeps the total variance on the
+  schedule:  σ'_t² = σ_t² − λ_t² σ_q'²  if that is ≥ 0, else 0          (supplement Eqs. E–F)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.errors import BundleError
+
+COMPONENTS = ("cnc", "bc", "vsc")
+
+
+@dataclass(frozen=True)
+class PtqdTables:
+    """Per sampling step statistics, rows in the order of `timesteps` (the calibrated sampler's steps)."""
+
+    timesteps: np.ndarray  # (S,) int64
+    k: np.ndarray  # (S,) correlation coefficient of Δε on ε_FP
+    bias: np.ndarray  # (S, C) per-channel mean of the residual Δε − k·ε_FP
+    sigma_q: np.ndarray  # (S,) std of the residual after the bias
+    sampler: str
+    steps: int
+    eta: float
+    k_fallback: tuple[int, ...] = ()  # timesteps whose k ≤ −1 was replaced by 0 (no correlated correction)
+
+    @classmethod
+    def checked(cls, timesteps, k, bias, sigma_q, *, sampler: str, steps: int, eta: float, channels: int,
+                where: str = "PTQD tables") -> PtqdTables:  # fmt: skip
+        """Validated tables: finite, one row per step, `channels` bias columns, σ_q ≥ 0. A k_t ≤ −1 would
+        make (1 + k_t) vanish or flip the sign of ε: that step falls back to k = 0, recorded in
+        `k_fallback`."""
+        ts = np.asarray(timesteps, np.int64)
+        k = np.asarray(k, np.float64)
+        bias = np.asarray(bias, np.float64)
+        sigma_q = np.asarray(sigma_q, np.float64)
+        n = len(ts)
+        if n == 0 or len(set(ts.tolist())) != n:
+            raise BundleError(f"{where}: timesteps must be non-empty and distinct")
+        if k.shape != (n,) or sigma_q.shape != (n,):
+            raise BundleError(f"{where}: k {k.shape} and sigma_q {sigma_q.shape} must have one entry per step ({n})")
+        if bias.shape != (n, channels):
+            raise BundleError(f"{where}: bias {bias.shape} must be (steps, channels) = ({n}, {channels})")
+        for name, v in (("k", k), ("bias", bias), ("sigma_q", sigma_q)):
+            if not np.isfinite(v).all():
+                bad = ts[~np.isfinite(v.reshape(n, -1)).all(1)]
+                raise BundleError(f"{where}: {name} is NaN or Inf at timesteps {bad.tolist()}; regather the statistics")
+        if (sigma_q < 0).any():
+            raise BundleError(f"{where}: sigma_q is negative at timesteps {ts[sigma_q < 0].tolist()}")
+        fallback = tuple(int(t) for t in ts[k <= -1])
+        k = np.where(k <= -1, 0.0, k)
+        return cls(ts, k, bias, sigma_q, sampler, int(steps), float(eta), fallback)
+
+    def row(self, t: int) -> int:
+        """The row of timestep t: its own, or the nearest gathered step's (other step counts)."""
+        return int(np.abs(self.timesteps - int(t)).argmin())
+
+
+def correct_eps(eps: np.ndarray, k: float, bias: np.ndarray, *, cnc: bool, bc: bool) -> np.ndarray:
+    """ε ← (ε̂ − b) / (1 + k) with each part switchable; bias is per channel (axis 1)."""
+    out = eps
+    if bc:
+        out = out - bias.reshape(1, -1, *[1] * (eps.ndim - 2)).astype(eps.dtype)
+    if cnc:
+        out = out / np.float32(1.0 + k)
+    return out.astype(np.float32, copy=False)
+
+
+def eps_coefficient(name: str, a_t: float, a_prev: float, sigma: float) -> float:
+    """λ_t: the coefficient of ε in the update x_t → x_prev (so a noise n in ε adds λ_t·n to x_prev).
+
+    DDIM: x_prev = √ā_prev x̂_0 + √(1 − ā_prev − σ_t²) ε with x̂_0 = (x_t − √(1−ā_t) ε)/√ā_t, so
+    λ_t = √(1 − ā_prev − σ_t²) − √ā_prev √(1 − ā_t)/√ā_t (supplement, before Eq. E, without 1/(1+k):
+    the corrected residual std σ_q' carries it). DDPM: the posterior mean's x̂_0 term, c_0 = √ā_prev β/(1 − ā_t),
+    gives λ_t = −c_0 √(1 − ā_t)/√ā_t."""
+    if name == "ddim":
+        return float(np.sqrt(max(1 - a_prev - sigma**2, 0.0)) - np.sqrt(a_prev) * np.sqrt(1 - a_t) / np.sqrt(a_t))
+    beta = 1 - a_t / a_prev
+    return float(-np.sqrt(a_prev) * beta / (1 - a_t) * np.sqrt(1 - a_t) / np.sqrt(a_t))
+
+
+def calibrated_sigma(sigma: float, lam: float, sigma_q: float) -> float:
+    """σ'_t = √(σ_t² − λ_t² σ_q²) when that is ≥ 0, else 0 (supplement Eq. F); never negative."""
+    return float(np.sqrt(max(sigma**2 - lam**2 * sigma_q**2, 0.0)))

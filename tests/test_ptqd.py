@@ -1,0 +1,173 @@
+"""PTQD core: statistics recover planted noise, the corrections invert it, VSC stays non-negative, and the
+sampler applies them only when asked and only for the sampler they were gathered for."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from calibration.ptqd import step_statistics
+from runtime.errors import BundleError, SamplerError
+from runtime.ptqd import PtqdTables, calibrated_sigma, correct_eps, eps_coefficient
+
+
+def _planted(k=0.08, sigma=0.05, n=256, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    fp = rng.standard_normal((n, c, 8, 8))
+    bias = np.array([0.03, -0.02, 0.01])[:c]
+    q = (1 + k) * fp + bias.reshape(1, -1, 1, 1) + sigma * rng.standard_normal(fp.shape)
+    return q, fp, bias
+
+
+def test_statistics_recover_planted_correlation_bias_and_noise():
+    q, fp, bias = _planted()
+    k, b, sq = step_statistics(q, fp)
+    assert abs(k - 0.08) < 2e-3
+    np.testing.assert_allclose(b, bias, atol=2e-3)
+    assert abs(sq - 0.05) < 1e-3
+
+
+def test_corrections_divide_out_the_correlated_part_and_the_bias():
+    q, fp, bias = _planted(sigma=0.0)
+    k, b, _ = step_statistics(q, fp)
+    fixed = correct_eps(q.astype(np.float32), k, b, cnc=True, bc=True)
+    # k is the slope without intercept (the design's definition): the planted bias leaks into it by
+    # ⟨b, ε_FP⟩/⟨ε_FP, ε_FP⟩, which is 1e-4 of ε here
+    np.testing.assert_allclose(fixed, fp, rtol=1e-4, atol=1e-5)
+    only_cnc = correct_eps(q.astype(np.float32), k, b, cnc=True, bc=False)
+    assert np.abs(only_cnc - fp).max() > 0.01  # the bias is still there
+    np.testing.assert_array_equal(correct_eps(q.astype(np.float32), k, b, cnc=False, bc=False), q.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_eps_coefficient_is_the_samplers_own_derivative(name):
+    """λ_t from the formula equals d x_prev / d ε of the sampler's update (finite difference, no noise)."""
+    from runtime.sampler import SamplerConfig, _step
+    from runtime.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule(tuple(np.linspace(1e-4, 0.02, 1000).tolist()), "linear")
+    cfg = SamplerConfig(name, 50, 0.0 if name == "ddim" else 1.0, 1.0)
+    ts = schedule.timesteps(50)
+    t, prev = int(ts[10]), int(ts[11])
+    x = np.random.default_rng(0).standard_normal((1, 1, 4, 4)).astype(np.float32)
+    eps = np.zeros_like(x)
+    quiet = type("Quiet", (), {"draw": lambda self: np.zeros_like(x)})()
+    d = 1e-2
+    slope = (_step(schedule, cfg, x, eps + d, t, prev, quiet) - _step(schedule, cfg, x, eps, t, prev, quiet)) / d
+    a_t, a_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[prev]
+    assert np.allclose(slope, eps_coefficient(name, a_t, a_prev, 0.0), rtol=1e-3, atol=1e-4)
+
+
+def test_variance_schedule_calibration_never_goes_negative():
+    rng = np.random.default_rng(1)
+    for sigma, lam, sq in rng.uniform(0, 2, size=(500, 3)):
+        out = calibrated_sigma(sigma, lam, sq)
+        assert out >= 0
+        assert np.isclose(out**2, max(sigma**2 - lam**2 * sq**2, 0.0))
+
+
+def test_tables_refuse_garbage_and_record_the_k_fallback():
+    ts, c = [900, 500, 100], 2
+    ok = dict(sampler="ddim", steps=3, eta=1.0, channels=c)
+    with pytest.raises(BundleError, match="k is NaN or Inf at timesteps \\[500\\]"):
+        PtqdTables.checked(ts, [0.1, np.nan, 0.1], np.zeros((3, c)), [0.1] * 3, **ok)
+    with pytest.raises(BundleError, match="bias"):
+        PtqdTables.checked(ts, [0.1] * 3, np.zeros((3, c + 1)), [0.1] * 3, **ok)
+    with pytest.raises(BundleError, match="one entry per step"):
+        PtqdTables.checked(ts, [0.1] * 2, np.zeros((3, c)), [0.1] * 3, **ok)
+    with pytest.raises(BundleError, match="negative"):
+        PtqdTables.checked(ts, [0.1] * 3, np.zeros((3, c)), [0.1, -0.1, 0.1], **ok)
+    tables = PtqdTables.checked(ts, [0.1, -1.0, -3.0], np.zeros((3, c)), [0.1] * 3, **ok)
+    assert tables.k_fallback == (500, 100) and tables.k.tolist() == [0.1, 0.0, 0.0]
+    assert tables.row(880) == 0 and tables.row(120) == 2
+
+
+class _Distorted:
+    """A 'quantized' engine: the FP engine's ε times (1 + k) plus a per-channel bias (no residual noise)."""
+
+    def __init__(self, engine, k, bias):
+        self.engine, self.spec, self.k, self.bias = engine, engine.spec, k, bias
+
+    def infer(self, sample, timestep, class_labels=None):
+        eps = self.engine.infer(sample, timestep, class_labels)
+        return ((1 + self.k) * eps + self.bias.reshape(1, -1, 1, 1)).astype(np.float32)
+
+
+def test_corrected_sampling_matches_the_full_precision_sampler(tiny_model):
+    from runtime.engine import EngineSet, TorchEngine
+    from runtime.sampler import SamplerConfig, sample
+
+    fp = TorchEngine(tiny_model.wrapper(), tiny_model.spec)
+    channels = tiny_model.spec.sample_shape[0]
+    bias = np.full(channels, 0.05)
+    cfg = SamplerConfig("ddim", 10, 1.0, 1.0)
+    ts = tiny_model.schedule.timesteps(10)
+    labels = None if tiny_model.spec.num_class_embeds is None else np.zeros(4, np.int64)
+    args = dict(n=4, seed=3, labels=labels, null_class=tiny_model.null_class, progress=False)
+    ref = sample(EngineSet.single(fp), tiny_model.schedule, cfg, **args)
+    tables = PtqdTables.checked(ts, [0.1] * len(ts), np.tile(bias, (len(ts), 1)), [0.0] * len(ts), sampler="ddim",
+                                steps=10, eta=1.0, channels=channels)  # fmt: skip
+    bad = EngineSet.single(_Distorted(fp, 0.1, bias))
+    raw = sample(bad, tiny_model.schedule, cfg, **args)
+    fixed = sample(bad, tiny_model.schedule, cfg, ptqd=tables, **args)
+    assert fixed.ptqd == ["cnc", "bc", "vsc"] and raw.ptqd == []
+    err_raw = np.abs(raw.samples - ref.samples).max()
+    assert np.abs(fixed.samples - ref.samples).max() < 1e-3 < err_raw
+    with pytest.raises(SamplerError, match="gathered for ddim, not ddpm"):
+        sample(bad, tiny_model.schedule, SamplerConfig("ddpm", 10, 1.0, 1.0), ptqd=tables, **args)
+    quiet = sample(bad, tiny_model.schedule, SamplerConfig("ddim", 10, 0.0, 1.0), ptqd=tables, **args)
+    assert any("eta = 0" in note for note in quiet.ptqd_notes)
+    with pytest.raises(SamplerError, match="unknown"):
+        sample(bad, tiny_model.schedule, cfg, ptqd=tables, ptqd_components=("cnc", "magic"), **args)
+
+
+def test_streamed_statistics_equal_the_one_shot_estimate():
+    from calibration.ptqd import StepAccumulator
+
+    q, fp, _ = _planted(n=64)
+    acc = StepAccumulator(3)
+    for lo in range(0, 64, 10):
+        acc.add(q[lo : lo + 10], fp[lo : lo + 10])
+    k, b, sq = acc.result()
+    k1, b1, sq1 = step_statistics(q, fp)
+    assert np.isclose(k, k1, rtol=1e-10) and np.allclose(b, b1, atol=1e-12) and np.isclose(sq, sq1, rtol=1e-8)
+
+
+def test_gather_on_a_shipped_bundle_finds_the_engines_error(tiny_model, tiny_bundle):
+    """Statistics of the tiny W8A8 bundle against its FP model: one row per step, finite, and a residual
+    that is small next to ε (std 1) but not zero."""
+    from calibration.ptqd import gather
+    from runtime.bundle import load_bundle
+    from runtime.sampler import SamplerConfig
+
+    cfg = SamplerConfig("ddim", 5, 1.0, 1.0)
+    tables = gather(tiny_model, load_bundle(tiny_bundle).engines(), cfg, n=4, seed=0, batch_size=2, progress=False)
+    assert len(tables.timesteps) == 5 and tables.bias.shape == (5, tiny_model.spec.sample_shape[0])
+    assert (tables.sigma_q > 0).all() and (tables.sigma_q < 0.5).all() and tables.sampler == "ddim"
+
+
+def test_compile_with_ptqd_stores_statistics_and_sample_applies_them(tiny_dir, tmp_path):
+    from runtime.bundle import load_bundle
+    from tools.cli import main
+
+    out = tmp_path / "b"
+    argv = ["compile", str(tiny_dir), "-o", str(out), "--steps", "6", "--eta", "1", "--calib-samples", "4",
+            "--calib-timesteps", "3", "--ptqd", "--ptqd-samples", "4", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    bundle = load_bundle(out)
+    tables = bundle.ptqd()
+    assert bundle.manifest["ptqd"]["samples"] == 4 and len(tables.timesteps) == 6
+    args = ["sample", str(out), "-n", "2", "-q"]
+    assert main([*args, "-o", str(tmp_path / "a.npz")]) == 0
+    assert main([*args, "--no-ptqd", "-o", str(tmp_path / "b.npz")]) == 0
+    a, b = (np.load(tmp_path / f"{x}.npz")["samples"] for x in "ab")
+    assert not np.array_equal(a, b)
+    meta = json.loads(str(np.load(tmp_path / "a.npz")["meta"]))
+    assert meta["ptqd"] == ["cnc", "bc", "vsc"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["ptqd"]["file"] = "elsewhere.safetensors"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not hashed"):
+        load_bundle(out)
