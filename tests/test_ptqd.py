@@ -166,6 +166,9 @@ def test_compile_with_ptqd_stores_statistics_and_sample_applies_them(tiny_dir, t
     assert not np.array_equal(a, b)
     meta = json.loads(str(np.load(tmp_path / "a.npz")["meta"]))
     assert meta["ptqd"] == ["cnc", "bc", "vsc"]
+    assert main(["info", str(out), "--plots", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "ptqd.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["info", str(out), "--json"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["ptqd"]["file"] = "elsewhere.safetensors"
     (out / "manifest.json").write_text(json.dumps(manifest))

@@ -146,6 +146,13 @@ def _info(a: argparse.Namespace) -> None:
     print("training timesteps t → group (other step counts route by this table):")
     for r in info["timestep_ranges"]:
         print(f"  t = {r['t_from']}..{r['t_to']}: group {r['group']}")
+    if info["ptqd"]:
+        q = info["ptqd"]
+        print(
+            f"PTQD statistics ({q['sampler']} {q['steps']} steps, eta {q['eta']}): k in {q['k_range']} "
+            f"({q['k_positive_share']:.0%} positive), sigma_q in {q['sigma_q_range']}, |bias| ≤ {q['bias_abs_max']}"
+            + (f"; k ≤ −1 fell back to 0 at t = {q['k_fallback']}" if q["k_fallback"] else "")
+        )
     print(f"quantized nodes: {info['quantized_nodes']}; left in float: {len(info['float_nodes'])}")
     for f in info["float_nodes"]:
         print(f"  {f['node']} ({f['op']}): {f['reason']}")
@@ -377,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bundle", help="bundle directory")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument(
-        "--plots", metavar="DIR", help="also write group_map.png and (searched bundles) sigma_evolution.png to DIR"
+        "--plots",
+        metavar="DIR",
+        help="also write group_map.png, (searched bundles) sigma_evolution.png and (with PTQD statistics) ptqd.png",
     )
     i.set_defaults(func=_info)
 

@@ -228,10 +228,50 @@ def bundle_info(path: str | Path) -> dict:
         "groups": m["groups"],
         "timestep_ranges": ranges,
         "step_ranges": step_ranges,
+        "ptqd": None if bundle.ptqd() is None else ptqd_summary(bundle.ptqd()),
         "quantized_nodes": len(m.get("quantized_nodes", [])),
         "float_nodes": m.get("float_nodes", []),
         "files": {name: (bundle.root / name).stat().st_size for name in m["files"]},
     }
+
+
+def ptqd_summary(tables) -> dict:
+    """What `dqc info` shows of a bundle's PTQD statistics."""
+    return {
+        "sampler": tables.sampler,
+        "steps": tables.steps,
+        "eta": tables.eta,
+        "k_range": [round(float(tables.k.min()), 4), round(float(tables.k.max()), 4)],
+        "k_positive_share": round(float((tables.k > 0).mean()), 3),
+        "sigma_q_range": [round(float(tables.sigma_q.min()), 4), round(float(tables.sigma_q.max()), 4)],
+        "bias_abs_max": round(float(np.abs(tables.bias).max()), 4),
+        "k_fallback": list(tables.k_fallback),
+    }
+
+
+def ptqd_plot(path: str | Path, schedule, tables) -> None:
+    """k_t, σ_q,t and VSC's σ'_t/σ_t per step (the sampler's own noise kept after VSC, with CNC's σ_q')."""
+    from runtime.ptqd import calibrated_sigma, eps_coefficient
+    from tools.plots import line_chart_png
+
+    ac = schedule.alphas_cumprod
+    ratio = []
+    for i, t in enumerate(tables.timesteps):
+        prev = int(tables.timesteps[i + 1]) if i + 1 < len(tables.timesteps) else -1
+        a_t = ac[int(t)]
+        a_prev = ac[prev] if prev >= 0 else (schedule.final_alpha_cumprod() if tables.sampler == "ddim" else 1.0)
+        if tables.sampler == "ddim":
+            sigma = tables.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        else:
+            sigma = np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) if prev >= 0 else 0.0
+        sq = tables.sigma_q[i] / (1 + tables.k[i])
+        ratio.append(calibrated_sigma(sigma, eps_coefficient(tables.sampler, a_t, a_prev, sigma), sq) / sigma
+                     if sigma > 0 else None)  # fmt: skip
+    labels = [str(i) if i % 10 == 0 else "" for i in range(len(tables.timesteps))]
+    line_chart_png(path, labels, {"k_t": tables.k.tolist(), "sigma_q,t": tables.sigma_q.tolist(),
+                                  "VSC sigma'_t / sigma_t": ratio},
+                   title=f"PTQD statistics ({tables.sampler} {tables.steps} steps, eta {tables.eta:g})",
+                   y_label="value", x_label="sampling step (0 = noisiest)")  # fmt: skip
 
 
 def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
@@ -249,6 +289,10 @@ def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
     title = f"timestep -> group ({len(bundle.manifest['groups'])} groups, {cal.get('sampler')} {len(steps)} steps)"
     group_map_png(written[0], [int(t) for t in steps], [int(bundle.group_of_t[t]) for t in steps], title=title,
                   drawn=drawn)  # fmt: skip
+    tables = bundle.ptqd()
+    if tables is not None:
+        written.append(out / "ptqd.png")
+        ptqd_plot(written[-1], bundle.schedule, tables)
     if search and search.get("history") and search.get("sigma_rows"):
         written.append(out / "sigma_evolution.png")
         assignment = {int(t): g for t, g in search["assignment"].items()}
