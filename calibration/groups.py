@@ -157,10 +157,10 @@ class _Optimizer:
     so an absolute 5e-3 would move a 0.01 step by half of itself per iteration."""
 
     def __init__(self, mixer: GroupMixer, quant_params: list[torch.Tensor], total: int, *, lr: float,
-                 lr_end: float = 1e-5, alpha_lr: float | None = None, entropy_weight: float = 0.8) -> None:  # fmt: skip
+                 lr_end: float = 1e-5, entropy_weight: float = 0.8) -> None:  # fmt: skip
         groups = [{"params": [p], "lr": lr * float(p.detach().abs().max())} for p in quant_params]
         if not mixer.fixed:
-            groups.append({"params": [mixer.alpha], "lr": alpha_lr or lr})
+            groups.append({"params": [mixer.alpha], "lr": lr})
         self.opt = torch.optim.Adam(groups, lr=lr)
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, (lr_end / lr) ** (1 / max(total, 1)))
         self.floor = [0.01 * float(p.detach().abs().max()) for p in quant_params]
@@ -199,7 +199,6 @@ def search_loop(
     lr: float,
     lr_end: float = 1e-5,
     entropy_weight: float = 0.8,
-    alpha_lr: float | None = None,
     progress: bool = False,
 ) -> GroupSearchResult:
     """Joint optimisation of the quantizer steps and α on J (Eq. 7) over a fixed calibration set.
@@ -207,7 +206,7 @@ def search_loop(
     is the mixed fake-quant model whose quantizers read mixer.current."""
     from tqdm.auto import tqdm
 
-    opt = _Optimizer(mixer, quant_params, epochs * steps_per_epoch, lr=lr, lr_end=lr_end, alpha_lr=alpha_lr,
+    opt = _Optimizer(mixer, quant_params, epochs * steps_per_epoch, lr=lr, lr_end=lr_end,
                      entropy_weight=entropy_weight)  # fmt: skip
     history = [snapshot(mixer, 0)]
     bar = tqdm(total=epochs * steps_per_epoch, desc="group search", disable=not progress, leave=False)
@@ -260,12 +259,12 @@ class _Search:
     full-precision model's ε on the same inputs as targets (data-free distillation of Eq. 7's ε)."""
 
     def __init__(self, model, layers, weights: dict, cfg, timesteps: list[int], groups: int,
-                 inits: dict[str, list[ActParams]], alpha_bias: float = 1.0) -> None:  # fmt: skip
+                 inits: dict[str, list[ActParams]]) -> None:  # fmt: skip
         from calibration.qmodules import replace_layers
 
         fixed = groups == len(timesteps)  # one group per calibrated timestep: nothing to search
         init = contiguous_assignment(timesteps, groups)
-        self.mixer = GroupMixer(timesteps, groups, init, alpha_bias, fixed=fixed).to(cfg.device)
+        self.mixer = GroupMixer(timesteps, groups, init, fixed=fixed).to(cfg.device)
         self.mixed: dict[str, MixedQuantizer] = {}
 
         def quantizer(point: str) -> MixedQuantizer | None:
@@ -328,8 +327,7 @@ def _share_inits(model, layers, cfg, shares: list) -> dict[str, list[ActParams]]
 
 
 def run_group_search(model, layers, weights: dict, data, cfg, *, groups: int, epochs: int, lr: float,
-                     entropy_weight: float = 0.8, alpha_lr: float | None = None, alpha_bias: float = 1.0,
-                     progress: bool = False):  # fmt: skip
+                     entropy_weight: float = 0.8, progress: bool = False):  # fmt: skip
     """Search G groups on the recorded calibration data of `model` (a LoadedModel with `weights` from
     calibration). G equal to the number of calibrated timesteps gives each its own quantizers (no search).
     Returns (GroupSearchResult, {point: [ActParams per group]})."""
@@ -338,13 +336,12 @@ def run_group_search(model, layers, weights: dict, data, cfg, *, groups: int, ep
         raise ValueError(f"groups={groups}: must be between 1 and the {len(timesteps)} calibrated timesteps")
     init = contiguous_assignment(timesteps, groups)
     shares = [data.at_timesteps({t for t, a in zip(timesteps, init, strict=True) if a == g}) for g in range(groups)]
-    search = _Search(model, layers, weights, cfg, timesteps, groups, _share_inits(model, layers, cfg, shares),
-                     alpha_bias)  # fmt: skip
+    search = _Search(model, layers, weights, cfg, timesteps, groups, _share_inits(model, layers, cfg, shares))
     search.add(data)
     steps = -(-len(search) // cfg.batch_size)
     with torch.enable_grad():
         result = search_loop(search.forward, search.mixer, search.params, search.batches, steps, epochs=epochs,
-                             lr=lr, entropy_weight=entropy_weight, alpha_lr=alpha_lr, progress=progress)  # fmt: skip
+                             lr=lr, entropy_weight=entropy_weight, progress=progress)  # fmt: skip
     return result, search.group_params()
 
 

@@ -59,34 +59,23 @@ def gather(model, engines, sampler_cfg, *, n: int, seed: int, batch_size: int, p
     """PTQD statistics per sampling step: FP trajectories with the deployment sampler; at every step the
     FP model and the shipped quantized engines run on the same x_t (guided outputs, as the sampler sees
     them). Returns PtqdTables (validated)."""
-    from tqdm.auto import tqdm
-
     from calibration.collect import default_labels
-    from runtime.engine import TorchEngine
+    from runtime.engine import EngineSet, TorchEngine
     from runtime.ptqd import PtqdTables
-    from runtime.sampler import _guided_eps, _Noise, _step
+    from runtime.sampler import _guided_eps, sample
 
     if n < 2:
         raise ValueError(f"PTQD statistics: n={n}; need at least 2 samples")
-    fp = TorchEngine(model.wrapper(), model.spec)
-    schedule, spec = model.schedule, model.spec
-    ts = schedule.timesteps(sampler_cfg.steps)
-    acc = [StepAccumulator(spec.sample_shape[0]) for _ in ts]
-    labels = default_labels(model, n)
-    bar = tqdm(total=n * len(ts), desc="ptqd statistics", disable=not progress, leave=False)
-    for lo in range(0, n, batch_size):
-        idx = range(lo, min(lo + batch_size, n))
-        noise = _Noise(seed, idx, spec.sample_shape)
-        x = noise.draw()
-        lab = None if labels is None else labels[lo : idx.stop]
-        for i, t in enumerate(ts):
-            args = (x, int(t), lab, model.null_class, sampler_cfg.guidance)
-            eps_fp = _guided_eps(fp, *args)
-            acc[i].add(_guided_eps(engines.for_timestep(int(t)), *args), eps_fp)
-            prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
-            x = _step(schedule, sampler_cfg, x, eps_fp, int(t), prev, noise)
-            bar.update(len(idx))
-    bar.close()
+    spec = model.spec
+    acc = [StepAccumulator(spec.sample_shape[0]) for _ in model.schedule.timesteps(sampler_cfg.steps)]
+
+    def observe(i: int, t: int, x: np.ndarray, eps_fp: np.ndarray, labels) -> None:
+        acc[i].add(_guided_eps(engines.for_timestep(t), x, t, labels, model.null_class, sampler_cfg.guidance), eps_fp)
+
+    fp = EngineSet.single(TorchEngine(model.wrapper(), spec))
+    run = sample(fp, model.schedule, sampler_cfg, n=n, seed=seed, labels=default_labels(model, n),
+                 null_class=model.null_class, batch_size=batch_size, progress=progress, observe=observe)  # fmt: skip
+    ts = run.timesteps
     k, bias, sq = zip(*(a.result() for a in acc), strict=True)
     return PtqdTables.checked(ts, k, np.stack(bias), sq, sampler=sampler_cfg.name, steps=sampler_cfg.steps,
                               eta=sampler_cfg.eta, channels=spec.sample_shape[0])  # fmt: skip

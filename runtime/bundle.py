@@ -161,8 +161,9 @@ class SharedInitializers:
         from onnx.helper import tensor_dtype_to_np_dtype
 
         blobs, values = {}, {}
-        for g in bundle.manifest["groups"]:
-            model = onnx.load(str(bundle.root / g.get("base", g["file"])), load_external_data=False)
+        graphs = dict.fromkeys(g.get("base", g["file"]) for g in bundle.manifest["groups"])  # each file once
+        for name in graphs:
+            model = onnx.load(str(bundle.root / name), load_external_data=False)
             for t in model.graph.initializer:
                 if t.data_location != onnx.TensorProto.EXTERNAL or t.name in values:
                     continue
@@ -215,12 +216,14 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"{fpath}: sha256 does not match {MANIFEST} (file changed or corrupted); recompile the bundle"
             )
     bundle = Bundle(root, manifest)
+    checked = set()  # overlays share their base graph: read each graph file once
     for g in manifest["groups"]:
-        for name in (g["file"], g.get("base")):
-            if name is not None and name not in manifest["files"]:
+        for name in filter(None, (g["file"], g.get("base"))):
+            if name not in manifest["files"]:
                 raise BundleError(f"{mpath}: group {g['id']} graph {name!r} is not hashed in 'files'")
-            if name is None:
+            if name in checked:
                 continue
+            checked.add(name)
             for loc in external_data_locations(root / name):
                 if not _inside(root, loc):
                     raise BundleError(

@@ -7,6 +7,7 @@ bundle and the full-precision model see identical noise whatever the batch size.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,9 +156,11 @@ def sample(
     progress: bool = True,
     ptqd=None,
     ptqd_components: tuple[str, ...] = ("cnc", "bc", "vsc"),
+    observe: Callable | None = None,
 ) -> SampleRun:
     """Draw `n` samples; class-conditional engines need `labels` (and `null_class` for guidance ≠ 1).
-    `ptqd` (PtqdTables) applies the chosen PTQD corrections to each step's (guided) prediction."""
+    `ptqd` (PtqdTables) applies the chosen PTQD corrections to each step's (guided) prediction.
+    `observe(i, t, x, eps, labels)` sees every step's input and the prediction the update will use."""
     if n < 1:
         raise SamplerError(f"-n {n}: the number of samples must be at least 1")
     if batch_size < 1:
@@ -198,6 +201,8 @@ def sample(
                 if "vsc" in use:  # the residual std after CNC: σ_q / (1 + k)
                     sigma_q = ptqd.sigma_q[r] / (1.0 + k) if "cnc" in use else ptqd.sigma_q[r]
                 run.ptqd_seconds += time.perf_counter() - start
+            if observe is not None:
+                observe(i, int(t), x, eps, lab)
             x = _step(schedule, cfg, x, eps, int(t), prev, noise, sigma_q)
             bar.update(len(idx))
         run.samples[lo : idx.stop] = x

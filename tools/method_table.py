@@ -140,6 +140,7 @@ def run_method_table(
             {
                 "method": method,
                 "bits": b,
+                "series": cell.name.removesuffix(f"_{b}"),  # the cell's settings other than bits
                 "groups": len(manifest["groups"]),
                 "groups_asked": g,
                 "timesteps": config.get("timestep_selection"),
@@ -166,8 +167,8 @@ def run_method_table(
     }
     pipeline.write_json(out / "table.json", table)
     (out / "table.md").write_text(markdown_table(rows))
-    labels = list(dict.fromkeys(_series(r) for r in rows[1:]))
-    series = {k: [next((r["fd"] for r in rows[1:] if _series(r) == k and r["bits"] == b), None) for b in bits]
+    labels = list(dict.fromkeys(r["series"] for r in rows[1:]))
+    series = {k: [next((r["fd"] for r in rows[1:] if r["series"] == k and r["bits"] == b), None) for b in bits]
               for k in labels}  # fmt: skip
     line_chart_png(
         out / "fd_vs_bits.png",
@@ -199,15 +200,6 @@ def cell_name(method: str, groups, strategy, size, bits: str) -> str:
     if size is not None:
         parts.append(f"n{size}")
     return "_".join([*parts, bits])
-
-
-def _series(row: dict) -> str:
-    parts = [row["method"]]
-    if row.get("groups_asked") is not None:
-        parts.append(f"G={row['groups_asked']}")
-    if row.get("timesteps") and row.get("calibration_inputs") is not None and "G=" not in "".join(parts):
-        parts.append(row["timesteps"])
-    return " ".join(parts)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -206,6 +206,7 @@ def bundle_info(path: str | Path) -> dict:
     bundle = load_bundle(path)
     m = bundle.manifest
     table = bundle.group_of_t
+    tables = bundle.ptqd()
     ranges, start = [], 0
     for t in range(1, len(table) + 1):
         if t == len(table) or table[t] != table[start]:
@@ -228,7 +229,7 @@ def bundle_info(path: str | Path) -> dict:
         "groups": m["groups"],
         "timestep_ranges": ranges,
         "step_ranges": step_ranges,
-        "ptqd": None if bundle.ptqd() is None else ptqd_summary(bundle.ptqd()),
+        "ptqd": None if tables is None else ptqd_summary(tables),
         "quantized_nodes": len(m.get("quantized_nodes", [])),
         "float_nodes": m.get("float_nodes", []),
         "files": {name: (bundle.root / name).stat().st_size for name in m["files"]},
