@@ -44,7 +44,8 @@ class StepAccumulator:
             self.sums[key] += v.sum(axis=axes)
         self.count += q.size // q.shape[1]
 
-    def result(self) -> tuple[float, np.ndarray, float]:
+    def result(self) -> tuple[float, np.ndarray, float, float]:
+        """(k, bias per channel, σ_q, E[ε_FP²])."""
         s, n = self.sums, self.count
         ff = s["ff"].sum()
         k = float(s["df"].sum() / ff) if ff > 0 else 0.0
@@ -52,30 +53,82 @@ class StepAccumulator:
         # Σ (Δε − k ε_FP)² per channel, then the variance about each channel's bias
         resid_sq = s["dd"] - 2 * k * s["df"] + k * k * s["ff"]
         var = float(np.sum(resid_sq - n * bias**2) / (n * len(bias)))
-        return k, bias, float(np.sqrt(max(var, 0.0)))
+        return k, bias, float(np.sqrt(max(var, 0.0))), float(ff / (n * len(bias)))
 
 
-def gather(model, engines, sampler_cfg, *, n: int, seed: int, batch_size: int, progress: bool = True):
-    """PTQD statistics per sampling step: FP trajectories with the deployment sampler; at every step the
-    FP model and the shipped quantized engines run on the same x_t (guided outputs, as the sampler sees
-    them). Returns PtqdTables (validated)."""
+def _paired(model, sets: dict, sampler_cfg, *, n: int, seed: int, batch_size: int, progress: bool, consume):
+    """FP trajectories with the deployment sampler; at every step each engine set in `sets` predicts on the
+    same x_t as the FP model (guided outputs, as the sampler sees them): consume(key, step, ε̂, ε_FP).
+    Returns the sampled timesteps."""
     from calibration.collect import default_labels
     from runtime.engine import EngineSet, TorchEngine
-    from runtime.ptqd import PtqdTables
     from runtime.sampler import _guided_eps, sample
 
     if n < 2:
         raise ValueError(f"PTQD statistics: n={n}; need at least 2 samples")
-    spec = model.spec
-    acc = [StepAccumulator(spec.sample_shape[0]) for _ in model.schedule.timesteps(sampler_cfg.steps)]
 
     def observe(i: int, t: int, x: np.ndarray, eps_fp: np.ndarray, labels) -> None:
-        acc[i].add(_guided_eps(engines.for_timestep(t), x, t, labels, model.null_class, sampler_cfg.guidance), eps_fp)
+        for key, es in sets.items():
+            consume(key, i, _guided_eps(es.for_timestep(t), x, t, labels, model.null_class, sampler_cfg.guidance),
+                    eps_fp)  # fmt: skip
 
-    fp = EngineSet.single(TorchEngine(model.wrapper(), spec))
+    fp = EngineSet.single(TorchEngine(model.wrapper(), model.spec))
     run = sample(fp, model.schedule, sampler_cfg, n=n, seed=seed, labels=default_labels(model, n),
                  null_class=model.null_class, batch_size=batch_size, progress=progress, observe=observe)  # fmt: skip
-    ts = run.timesteps
-    k, bias, sq = zip(*(a.result() for a in acc), strict=True)
-    return PtqdTables.checked(ts, k, np.stack(bias), sq, sampler=sampler_cfg.name, steps=sampler_cfg.steps,
-                              eta=sampler_cfg.eta, channels=spec.sample_shape[0])  # fmt: skip
+    return run.timesteps
+
+
+def gather(model, engines, sampler_cfg, *, n: int, seed: int, batch_size: int, progress: bool = True):
+    """PTQD statistics per sampling step along FP trajectories, on the shipped quantized engines.
+    `engines`: one EngineSet, or {precision: EngineSet} to gather several precision variants along the
+    same trajectories. Returns validated PtqdTables (a dict of them for a dict of engine sets)."""
+    from runtime.ptqd import PtqdTables
+
+    sets = engines if isinstance(engines, dict) else {"": engines}
+    channels = model.spec.sample_shape[0]
+    steps = len(model.schedule.timesteps(sampler_cfg.steps))
+    acc = {key: [StepAccumulator(channels) for _ in range(steps)] for key in sets}
+    ts = _paired(model, sets, sampler_cfg, n=n, seed=seed, batch_size=batch_size, progress=progress,
+                 consume=lambda key, i, q, fp: acc[key][i].add(q, fp))  # fmt: skip
+    out = {}
+    for key, rows in acc.items():
+        k, bias, sq, power = zip(*(a.result() for a in rows), strict=True)
+        out[key] = PtqdTables.checked(ts, k, np.stack(bias), sq, sampler=sampler_cfg.name, steps=sampler_cfg.steps,
+                                      eta=sampler_cfg.eta, channels=channels, eps_power=power)  # fmt: skip
+    return out if isinstance(engines, dict) else out[""]
+
+
+def residual_checks(model, engines, tables, sampler_cfg, *, n: int, seed: int, batch_size: int, keep: int = 1000,
+                    progress: bool = True) -> dict:  # fmt: skip
+    """The statistical checks of PTQD's supplement (Sec. B) on fresh FP trajectories: per step, the residual
+    the runtime leaves after CNC and BC, r = Δε − k_t ε_FP − b_t[c] with the bundle's own k_t and b_t, drawn
+    at `keep` random elements, tested for normality (scipy.stats.normaltest, D'Agostino–Pearson), with its
+    skewness and excess kurtosis; and Pearson's R of Δε with ε_FP. Returns per-step lists."""
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    steps = len(model.schedule.timesteps(sampler_cfg.steps))
+    kept = [[] for _ in range(steps)]
+    sums = np.zeros((steps, 3))  # Σ Δε·ε_FP, Σ Δε², Σ ε_FP² for R
+
+    def consume(_key, i: int, q: np.ndarray, fp: np.ndarray) -> None:
+        delta = (q.astype(np.float64) - fp).reshape(len(q), q.shape[1], -1)
+        f = fp.astype(np.float64).reshape(delta.shape)
+        sums[i] += (np.sum(delta * f), np.sum(delta * delta), np.sum(f * f))
+        k, bias, _ = tables.at(int(ts_all[i]))
+        resid = delta - k * f - bias.reshape(1, -1, 1)
+        take = min(max(1, round(keep * len(q) / n)), resid.size)
+        kept[i].append(rng.choice(resid.ravel(), size=take, replace=False))
+
+    ts_all = model.schedule.timesteps(sampler_cfg.steps)
+    _paired(model, {"q": engines}, sampler_cfg, n=n, seed=seed, batch_size=batch_size, progress=progress,
+            consume=consume)  # fmt: skip
+    out = {"timesteps": [int(t) for t in ts_all], "normaltest_p": [], "skew": [], "excess_kurtosis": [],
+           "pearson_r": (sums[:, 0] / np.sqrt(sums[:, 1] * sums[:, 2])).tolist(), "elements_per_step": 0}  # fmt: skip
+    for values in kept:
+        r = np.concatenate(values)
+        out["normaltest_p"].append(float(stats.normaltest(r).pvalue))
+        out["skew"].append(float(stats.skew(r)))
+        out["excess_kurtosis"].append(float(stats.kurtosis(r)))
+        out["elements_per_step"] = len(r)
+    return out

@@ -123,7 +123,9 @@ def _group_graph(
     return model, report
 
 
-def _manifest(model: LoadedModel, result: CalibrationResult, groups: list[dict], report: dict, files: dict) -> dict:
+def _manifest(model: LoadedModel, results: list[CalibrationResult], groups: list[dict], report: dict, files: dict,
+              macs: int) -> dict:  # fmt: skip
+    result = results[0]
     cfg = result.config
     return {
         "format": BUNDLE_FORMAT,
@@ -156,6 +158,8 @@ def _manifest(model: LoadedModel, result: CalibrationResult, groups: list[dict],
         "target_description": get_profile(cfg.target).description,
         "groups": groups,
         "timestep_to_group": [int(g) for g in result.group_of_t],
+        "quantized_macs_per_sample": macs,
+        "precisions": {r.config.bits: _precision(r, groups, macs) for r in results},
         "precision_plan": None,
         "ptqd": None,
         "quantized_nodes": report["quantized"],
@@ -164,39 +168,101 @@ def _manifest(model: LoadedModel, result: CalibrationResult, groups: list[dict],
     }
 
 
+def _precision(result: CalibrationResult, groups: list[dict], macs: int) -> dict:
+    """A precision variant's own route over its groups, and the bit operations of one prediction."""
+    ids = [g["id"] for g in groups if g["bits"] == result.config.bits]
+    bits = result.config.parsed_bits
+    return {
+        "groups": ids,
+        "timestep_to_group": [ids[int(g)] for g in result.group_of_t],
+        "bops_per_sample": macs * bits.weight * bits.activation,
+    }
+
+
+def quantized_macs(model: LoadedModel, result: CalibrationResult) -> int:
+    """Multiply-accumulates of the quantized Conv/Linear layers in one prediction of one sample."""
+    import numpy as np
+    import torch
+
+    from runtime.engine import TorchEngine
+
+    total = [0]
+
+    def count(module, inputs, output) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            total[0] += output.numel() * module.in_channels // module.groups * module.weight[0, 0].numel()
+        else:
+            total[0] += output.numel() * module.in_features
+
+    hooks = [model.unet.get_submodule(name).register_forward_hook(count) for name in result.weights]
+    try:
+        spec = model.spec
+        labels = None if spec.num_class_embeds is None else np.zeros(1, np.int64)
+        TorchEngine(model.wrapper(), spec).infer(np.zeros((1, *spec.sample_shape), np.float32),
+                                                 np.array([spec.num_train_timesteps // 2]), labels)  # fmt: skip
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(total[0])
+
+
 def write_bundle(
-    model: LoadedModel, result: CalibrationResult, out: str | Path, *, overwrite: bool = False, progress: bool = True
+    model: LoadedModel,
+    result: CalibrationResult | list[CalibrationResult],
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
-    """Export one Q/DQ graph per group and write the bundle directory atomically."""
+    """Export one Q/DQ graph per group and write the bundle directory atomically. A list of results writes
+    one engine set per precision (step-aware mixed precision): the first is the bundle's main precision,
+    every graph after group 0 an overlay of it, and the weights must be the same in all of them."""
+    results = result if isinstance(result, list) else [result]
     out = Path(out)
-    if result.model["weight_sha256"] != model.weight_sha256:
-        raise ExportError(
-            f"calibration result was made from another model (weight hash differs from {model.source}); "
-            "recalibrate this model"
-        )
+    for r in results:
+        if r.model["weight_sha256"] != model.weight_sha256:
+            raise ExportError(
+                f"calibration result was made from another model (weight hash differs from {model.source}); "
+                "recalibrate this model"
+            )
+    bits = [r.config.bits for r in results]
+    if len(set(bits)) != len(bits):
+        raise ExportError(f"precision variants {bits}: each precision once")
+    if any(r.splits != results[0].splits for r in results):
+        raise ExportError("precision variants split different shortcut convolutions; calibrate them alike")
     if out.exists() and not (overwrite and (out / MANIFEST).is_file()):
         hint = "pass --force to replace it" if (out / MANIFEST).is_file() else "choose a new output path"
         raise BundleError(f"{out}: already exists; {hint}")
-    model = dataclasses.replace(model, unet=apply_splits(model.unet, result.splits))  # Q-Diffusion split
+    model = dataclasses.replace(model, unet=apply_splits(model.unet, results[0].splits))  # Q-Diffusion split
     fp = export_float(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shared, groups, graphs, report = SharedWeights(), [], [], {}
-        for g in tqdm(range(result.num_groups), desc="export", disable=not progress, leave=False):
-            graph, report = _group_graph(fp, layer_table(model, result, g), result)
+        jobs = [(r, g) for r in results for g in range(r.num_groups)]
+        for r, g in tqdm(jobs, desc="export", disable=not progress, leave=False):
+            graph, report = _group_graph(fp, layer_table(model, r, g), r)
             graphs.append(graph)
-        shared.externalize(graphs)
-        for g, graph in enumerate(graphs):
+            groups.append({"id": len(groups), "bits": r.config.bits})
+        try:
+            shared.externalize(graphs)
+        except ExportError as e:
+            if len(results) == 1:
+                raise
+            raise ExportError(
+                f"precision variants {bits}: {e}. The variants share one copy of the weights: pair precisions "
+                "with the same weight bits and weight calibration (e.g. W4A8 with W4A4)"
+            ) from e
+        for entry, graph in zip(groups, graphs, strict=True):
+            g = entry["id"]
             delta = overlay(graphs[0], graph) if g else None
-            entry = {"id": g, "file": f"group_{g}.onnx", "bits": result.config.bits}
+            entry["file"] = f"group_{g}.onnx"
             if delta is not None:
                 entry |= {"file": f"group_{g}.overlay.onnx", "base": "group_0.onnx"}
             onnx.save(graph if delta is None else delta, str(tmp / entry["file"]))
-            groups.append(entry)
         (tmp / WEIGHTS).write_bytes(bytes(shared.blob))
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        manifest = _manifest(model, result, groups, report, files)
+        manifest = _manifest(model, results, groups, report, files, quantized_macs(model, results[0]))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -211,36 +277,91 @@ def write_bundle(
     return out
 
 
-PTQD_FILE = "ptqd.safetensors"
-
-
-def add_ptqd(bundle_dir: str | Path, tables, *, samples: int) -> Path:
-    """Store PTQD statistics in a bundle: the tensor file first, then the manifest (hash and metadata)
-    replaced atomically, so an interruption leaves the bundle as it was."""
+def add_ptqd(bundle_dir: str | Path, tables: dict, *, samples: int, switch_t: int | None = None) -> Path:
+    """Store PTQD statistics, {precision: PtqdTables}, in a bundle (`ptqd_<precision>.safetensors`) and,
+    for a bundle with two precisions, its mixed-precision plan: the switch timestep from PTQD's SNR
+    criterion (runtime.ptqd.switch_timestep) unless `switch_t` overrides it, and the route the runtime
+    follows by default. The tensor files are written first, then the manifest is replaced atomically, so
+    an interruption leaves the bundle as it was."""
     import numpy as np
     from safetensors.numpy import save_file
 
+    from runtime.bundle import load_bundle
+
     root = Path(bundle_dir)
-    manifest = json.loads((root / MANIFEST).read_text())
-    tmp = root / f".{PTQD_FILE}.tmp"
-    tensors = {"timesteps": tables.timesteps.astype(np.int64), "k": tables.k.astype(np.float64),
-               "bias": tables.bias.astype(np.float64), "sigma_q": tables.sigma_q.astype(np.float64)}  # fmt: skip
-    save_file(tensors, str(tmp))
-    os.replace(tmp, root / PTQD_FILE)
-    manifest["files"][PTQD_FILE] = sha256_file(root / PTQD_FILE)
-    manifest["ptqd"] = {
-        "file": PTQD_FILE,
-        "sampler": tables.sampler,
-        "steps": tables.steps,
-        "eta": tables.eta,
-        "samples": samples,
-        "other_step_counts": "nearest gathered timestep",
-        "k_fallback": list(tables.k_fallback),
-    }
+    bundle = load_bundle(root)
+    manifest = bundle.manifest
+    precisions = manifest["precisions"]
+    unknown = sorted(set(tables) - set(precisions))
+    if unknown:
+        raise BundleError(f"{root}: PTQD statistics for {unknown}, but the bundle holds {sorted(precisions)}")
+    entries = {}
+    for bits, tab in tables.items():
+        name = f"ptqd_{bits}.safetensors"
+        tensors = {"timesteps": tab.timesteps.astype(np.int64), "k": tab.k.astype(np.float64),
+                   "bias": tab.bias.astype(np.float64), "sigma_q": tab.sigma_q.astype(np.float64),
+                   "eps_power": np.asarray(tab.eps_power, np.float64)}  # fmt: skip
+        tmp = root / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, root / name)
+        manifest["files"][name] = sha256_file(root / name)
+        entries[bits] = {
+            "file": name,
+            "sampler": tab.sampler,
+            "steps": tab.steps,
+            "eta": tab.eta,
+            "samples": samples,
+            "other_step_counts": "nearest gathered timestep",
+            "k_fallback": list(tab.k_fallback),
+        }
+    manifest["ptqd"] = entries
+    if len(precisions) > 1:
+        manifest["precision_plan"] = precision_plan(bundle, tables, switch_t)
+        manifest["timestep_to_group"] = bundle.route(switch_t=manifest["precision_plan"]["switch_t"],
+                                                     plan=manifest["precision_plan"]).tolist()  # fmt: skip
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, root / MANIFEST)
-    return root / PTQD_FILE
+    return root
+
+
+def _finite(values) -> list[float | None]:
+    """JSON numbers; None where infinite (a step without quantization noise)."""
+    return [round(float(v), 6) if abs(v) != float("inf") else None for v in values]
+
+
+def precision_plan(bundle, tables: dict, switch_t: int | None) -> dict:
+    """Which precision runs which steps (PTQD Eq. 15, or `switch_t`), the criterion's values per step and
+    the bit operations saved against running the high precision at every step."""
+    from runtime.ptqd import diffusion_snr, switch_timestep
+
+    precisions = bundle.manifest["precisions"]
+    if len(precisions) != 2:
+        raise BundleError(f"mixed precision needs exactly two precisions, the bundle holds {sorted(precisions)}")
+    high, low = sorted(precisions, key=lambda b: precisions[b]["bops_per_sample"], reverse=True)
+    if set(tables) != {high, low}:
+        raise BundleError(f"the mixed-precision switch needs PTQD statistics of {high} and {low}")
+    ts = tables[low].timesteps
+    snr_f = diffusion_snr(bundle.schedule.alphas_cumprod, ts)
+    snr = {bits: tables[bits].snr() for bits in (low, high)}
+    chosen = switch_timestep(ts, snr[low], snr_f)
+    switch = chosen if switch_t is None else int(switch_t)
+    if not 0 <= switch <= bundle.spec.num_train_timesteps:
+        raise BundleError(f"--switch-t {switch}: must be in [0, {bundle.spec.num_train_timesteps}]")
+    n_low = int((ts >= switch).sum())
+    b_low, b_high = precisions[low]["bops_per_sample"], precisions[high]["bops_per_sample"]
+    return {
+        "low": low,
+        "high": high,
+        "switch_t": switch,
+        "switch_t_criterion": chosen,
+        "overridden": switch_t is not None,
+        "rule": "low precision at timesteps t >= switch_t, high below",
+        "criterion": "PTQD Eq. 15: low while (1+k)^2 E[eps^2] / sigma_q^2 of the low precision >= abar/(1-abar)",
+        "steps": {low: n_low, high: len(ts) - n_low},
+        "bop_saving": round(1 - (n_low * b_low + (len(ts) - n_low) * b_high) / (len(ts) * b_high), 4),
+        "snr": {"timesteps": ts.tolist(), "diffusion": _finite(snr_f), **{b: _finite(v) for b, v in snr.items()}},
+    }
 
 
 def ort_optimized_op_counts(graph_path: str | Path, optimized_path: str | Path) -> dict[str, int]:

@@ -101,11 +101,53 @@ class Bundle:
             model.graph.initializer[tensors[t.name]].CopyFrom(t)
         return model
 
-    def ptqd(self):
-        """The bundle's PTQD statistics (validated PtqdTables), or None when it has none."""
+    @property
+    def precisions(self) -> dict:
+        """{bits: {"groups", "timestep_to_group", "bops_per_sample"}}, one entry per precision variant."""
+        m = self.manifest
+        own = {"groups": [g["id"] for g in m["groups"]], "timestep_to_group": m["timestep_to_group"]}
+        return m.get("precisions") or {m["bits"]: own}
+
+    def route(self, precision: str | None = None, switch_t: int | None = None, plan: dict | None = None) -> np.ndarray:
+        """The group serving each training timestep: the bundle's own route; with `precision`, that precision's
+        groups at every step; with `switch_t`, the mixed-precision plan's low precision at t ≥ switch_t and
+        its high precision below."""
+        variants = self.precisions
+        if precision is not None and switch_t is not None:
+            raise BundleError("choose one precision or a switch timestep, not both")
+        if precision is not None:
+            if precision not in variants:
+                raise BundleError(f"--precision {precision}: the bundle holds {sorted(variants)}")
+            return np.asarray(variants[precision]["timestep_to_group"], np.int64)
+        if switch_t is None:
+            return self.group_of_t
+        plan = plan or self.manifest.get("precision_plan")
+        if not plan:
+            raise BundleError(f"{self.root}: --switch-t needs a mixed-precision bundle (dqc compile --mixed-bits)")
+        if not 0 <= switch_t <= self.spec.num_train_timesteps:
+            raise BundleError(f"--switch-t {switch_t}: must be in [0, {self.spec.num_train_timesteps}]")
+        low = np.asarray(variants[plan["low"]]["timestep_to_group"], np.int64)
+        high = np.asarray(variants[plan["high"]]["timestep_to_group"], np.int64)
+        return np.where(np.arange(len(low)) >= switch_t, low, high)
+
+    def precision_of(self, route: np.ndarray) -> list[str]:
+        """The precision of the group each timestep of `route` goes to."""
+        bits = {g["id"]: g.get("bits", self.manifest["bits"]) for g in self.manifest["groups"]}
+        return [bits[int(g)] for g in route]
+
+    def ptqd(self, route: np.ndarray | None = None):
+        """The bundle's PTQD statistics for a route (default: its own) as RoutedPtqd (each step reads the
+        statistics of the precision serving it), or None when it has none."""
         meta = self.manifest.get("ptqd")
-        if meta is None:
+        if not meta:
             return None
+        from runtime.ptqd import RoutedPtqd
+
+        route = self.group_of_t if route is None else route
+        tables = {bits: self._ptqd_tables(entry) for bits, entry in meta.items()}
+        return RoutedPtqd(tables, tuple(self.precision_of(route)))
+
+    def _ptqd_tables(self, meta: dict):
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -121,16 +163,17 @@ class Bundle:
             raise BundleError(f"{path}: PTQD statistics lack {missing}; regather them with dqc compile --ptqd")
         return PtqdTables.checked(t["timesteps"], t["k"], t["bias"], t["sigma_q"], sampler=meta["sampler"],
                                   steps=meta["steps"], eta=meta["eta"], channels=self.spec.sample_shape[0],
-                                  where=str(path))  # fmt: skip
+                                  eps_power=t.get("eps_power"), where=str(path))  # fmt: skip
 
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
-        prepack: bool = True,
+        prepack: bool = True, route: np.ndarray | None = None,
     ) -> EngineSet:  # fmt: skip
         """ONNX Runtime engines, one per group, created on first use. All group sessions take the weights
         from one in-memory copy of weights.bin and allocate activations from one shared arena;
         `max_resident` bounds how many sessions stay loaded (least recently used ones are released);
-        `prepack=False` stops each session from keeping its own pre-packed copy of the weights. With several
+        `prepack=False` stops each session from keeping its own pre-packed copy of the weights; `route` (from
+        Bundle.route) picks other groups per timestep than the bundle's own table. With several
         groups the sessions' worker threads do not spin-wait between calls (idle sessions would compete
         with the running one)."""
         spec, state = self.spec, {}
@@ -144,7 +187,8 @@ class Bundle:
                              initializers=state["weights"], prepack=prepack, spin=single)  # fmt: skip
 
         factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in self.manifest["groups"]}
-        return EngineSet(factories, self.group_of_t, spec, max_resident=max_resident)
+        route = self.group_of_t if route is None else route
+        return EngineSet(factories, route, spec, max_resident=max_resident)
 
 
 class SharedInitializers:
@@ -231,9 +275,9 @@ def load_bundle(path: str | Path) -> Bundle:
                     )
                 if loc not in manifest["files"]:
                     raise BundleError(f"{root / name}: external data {loc!r} is not hashed in {MANIFEST}")
-    ptqd = manifest.get("ptqd")
-    if ptqd is not None and ptqd.get("file") not in manifest["files"]:
-        raise BundleError(f"{mpath}: PTQD statistics {ptqd.get('file')!r} are not hashed in 'files'")
+    for bits, entry in (manifest.get("ptqd") or {}).items():
+        if not isinstance(entry, dict) or entry.get("file") not in manifest["files"]:
+            raise BundleError(f"{mpath}: PTQD statistics of {bits} are not listed or not hashed in 'files'; recompile")
     table = manifest["timestep_to_group"]
     if not isinstance(table, list) or len(table) != bundle.spec.num_train_timesteps:
         raise BundleError(f"{mpath}: 'timestep_to_group' must have one entry per training timestep")
@@ -244,6 +288,13 @@ def load_bundle(path: str | Path) -> Bundle:
             f"{mpath}: 'timestep_to_group' routes timesteps {_ranges(holes)} to no listed group "
             f"(groups: {sorted(ids)}); recompile the bundle"
         )
+    for bits, v in manifest.get("precisions", {}).items():
+        table, own = v.get("timestep_to_group"), set(v.get("groups", []))
+        if not isinstance(table, list) or len(table) != len(manifest["timestep_to_group"]) or not set(table) <= own:
+            raise BundleError(f"{mpath}: precision {bits} must route every training timestep to its own groups")
+    plan = manifest.get("precision_plan")
+    if plan and not {plan.get("low"), plan.get("high")} <= set(manifest.get("precisions", {})):
+        raise BundleError(f"{mpath}: 'precision_plan' names precisions the bundle does not hold; recompile")
     return bundle
 
 

@@ -9,6 +9,11 @@ The quantized network's prediction is modelled per sampling step t as
 - variance-schedule calibration (VSC) shrinks the sampler's own noise so that the residual quantization
   noise, entering x_prev with the coefficient λ_t of ε in the update, keeps the total variance on the
   schedule:  σ'_t² = σ_t² − λ_t² σ_q'²  if that is ≥ 0, else 0          (supplement Eqs. E–F)
+- step-aware mixed precision (PTQD Sec. 4.4, Eq. 15; supplement Table A) runs a cheaper precision on the
+  early, noisy steps while its corrected prediction's signal-to-noise ratio, SNR_Q(t) = (1 + k_t)² E[ε²] / σ_q,t²
+  (signal ε against the residual std σ_q,t/(1 + k_t) that CNC and BC leave), stays at or above the
+  diffusion's own SNR_F(t) = ā_t / (1 − ā_t); from the first step where it falls below, the higher
+  precision runs.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ class PtqdTables:
     steps: int
     eta: float
     k_fallback: tuple[int, ...] = ()  # timesteps whose k ≤ −1 was replaced by 0 (no correlated correction)
+    eps_power: np.ndarray | None = None  # (S,) mean ε_FP² per element: the signal of SNR_Q
 
     @classmethod
     def checked(cls, timesteps, k, bias, sigma_q, *, sampler: str, steps: int, eta: float, channels: int,
-                where: str = "PTQD tables") -> PtqdTables:  # fmt: skip
+                eps_power=None, where: str = "PTQD tables") -> PtqdTables:  # fmt: skip
         """Validated tables: finite, one row per step, `channels` bias columns, σ_q ≥ 0. A k_t ≤ −1 would
         make (1 + k_t) vanish or flip the sign of ε: that step falls back to k = 0, recorded in
         `k_fallback`."""
@@ -58,13 +64,85 @@ class PtqdTables:
                 raise BundleError(f"{where}: {name} is NaN or Inf at timesteps {bad.tolist()}; regather the statistics")
         if (sigma_q < 0).any():
             raise BundleError(f"{where}: sigma_q is negative at timesteps {ts[sigma_q < 0].tolist()}")
+        if eps_power is not None:
+            eps_power = np.asarray(eps_power, np.float64)
+            if eps_power.shape != (n,) or not np.isfinite(eps_power).all() or (eps_power < 0).any():
+                raise BundleError(f"{where}: eps_power must be {n} finite values ≥ 0; regather the statistics")
         fallback = tuple(int(t) for t in ts[k <= -1])
         k = np.where(k <= -1, 0.0, k)
-        return cls(ts, k, bias, sigma_q, sampler, int(steps), float(eta), fallback)
+        return cls(ts, k, bias, sigma_q, sampler, int(steps), float(eta), fallback, eps_power)
 
     def row(self, t: int) -> int:
         """The row of timestep t: its own, or the nearest gathered step's (other step counts)."""
         return int(np.abs(self.timesteps - int(t)).argmin())
+
+    def at(self, t: int) -> tuple[float, np.ndarray, float]:
+        """(k, bias, σ_q) for timestep t."""
+        r = self.row(t)
+        return float(self.k[r]), self.bias[r], float(self.sigma_q[r])
+
+    def snr(self) -> np.ndarray:
+        """SNR_Q per gathered step: (1 + k)² E[ε²] / σ_q² (inf where σ_q = 0)."""
+        if self.eps_power is None:
+            raise BundleError("PTQD statistics lack eps_power (gathered by an older dqc); regather them")
+        with np.errstate(divide="ignore"):
+            return (1 + self.k) ** 2 * self.eps_power / self.sigma_q**2
+
+
+@dataclass(frozen=True)
+class RoutedPtqd:
+    """The statistics of whichever precision serves each timestep (step-aware mixed precision): one
+    PtqdTables per precision, and the precision of every training timestep."""
+
+    tables: dict[str, PtqdTables]
+    precision_of_t: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        first = next(iter(self.tables.values()))
+        for bits, t in self.tables.items():
+            if (t.sampler, t.steps, t.eta) != (first.sampler, first.steps, first.eta):
+                raise BundleError(
+                    f"PTQD statistics of {bits} were gathered for {t.sampler} {t.steps} steps eta {t.eta}, those of "
+                    f"the other precision for {first.sampler} {first.steps} steps eta {first.eta}; regather them"
+                )
+        missing = sorted(set(self.precision_of_t) - set(self.tables))
+        if missing:
+            raise BundleError(f"no PTQD statistics for {missing}, which serve some steps; regather them")
+
+    @property
+    def sampler(self) -> str:
+        return next(iter(self.tables.values())).sampler
+
+    @property
+    def steps(self) -> int:
+        return next(iter(self.tables.values())).steps
+
+    @property
+    def k_fallback(self) -> tuple[int, ...]:
+        used = set(self.precision_of_t)
+        return tuple(sorted(t for bits, tab in self.tables.items() if bits in used for t in tab.k_fallback))
+
+    def at(self, t: int) -> tuple[float, np.ndarray, float]:
+        return self.tables[self.precision_of_t[int(t)]].at(t)
+
+
+def diffusion_snr(alphas_cumprod: np.ndarray, timesteps) -> np.ndarray:
+    """SNR_F(t) = ā_t / (1 − ā_t): the signal-to-noise ratio of x_t itself."""
+    a = np.asarray(alphas_cumprod, np.float64)[np.asarray(timesteps, np.int64)]
+    return a / (1 - a)
+
+
+def switch_timestep(timesteps, snr_low: np.ndarray, snr_f: np.ndarray) -> int:
+    """The mixed-precision switch (PTQD Eq. 15): the low precision serves the sampler's steps from the first
+    (noisiest) one while SNR_Q,low(t) ≥ SNR_F(t); from the first step where it falls below, the high one.
+    Returns the first high-precision step's timestep: steps with t ≥ it run low. A low precision good at
+    every step gives 0 (all low); one failing at the first step gives timesteps[0] + 1 (all high)."""
+    ts = np.asarray(timesteps, np.int64)
+    fails = np.flatnonzero(np.asarray(snr_low) < np.asarray(snr_f))
+    if len(fails) == 0:
+        return 0
+    i = int(fails[0])
+    return int(ts[i - 1]) if i > 0 else int(ts[0]) + 1
 
 
 def correct_eps(eps: np.ndarray, k: float, bias: np.ndarray, *, cnc: bool, bc: bool) -> np.ndarray:

@@ -52,6 +52,7 @@ class SampleRun:
     ptqd: list[str] = field(default_factory=list)  # the PTQD corrections applied ([] when none)
     ptqd_seconds: float = 0.0  # host time spent on them
     ptqd_notes: list[str] = field(default_factory=list)
+    step_precisions: list[str] = field(default_factory=list)  # the precision serving each step (bundles)
 
     @property
     def seconds_per_step(self) -> float:
@@ -159,7 +160,8 @@ def sample(
     observe: Callable | None = None,
 ) -> SampleRun:
     """Draw `n` samples; class-conditional engines need `labels` (and `null_class` for guidance ≠ 1).
-    `ptqd` (PtqdTables) applies the chosen PTQD corrections to each step's (guided) prediction.
+    `ptqd` (PtqdTables, or RoutedPtqd for a mixed-precision route) applies the chosen PTQD corrections to
+    each step's (guided) prediction.
     `observe(i, t, x, eps, labels)` sees every step's input and the prediction the update will use."""
     if n < 1:
         raise SamplerError(f"-n {n}: the number of samples must be at least 1")
@@ -195,11 +197,10 @@ def sample(
             sigma_q = None
             if use:
                 start = time.perf_counter()
-                r = ptqd.row(int(t))
-                k = ptqd.k[r]
-                eps = correct_eps(eps, k, ptqd.bias[r], cnc="cnc" in use, bc="bc" in use)
+                k, bias, sq = ptqd.at(int(t))
+                eps = correct_eps(eps, k, bias, cnc="cnc" in use, bc="bc" in use)
                 if "vsc" in use:  # the residual std after CNC: σ_q / (1 + k)
-                    sigma_q = ptqd.sigma_q[r] / (1.0 + k) if "cnc" in use else ptqd.sigma_q[r]
+                    sigma_q = sq / (1.0 + k) if "cnc" in use else sq
                 run.ptqd_seconds += time.perf_counter() - start
             if observe is not None:
                 observe(i, int(t), x, eps, lab)

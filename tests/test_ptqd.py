@@ -130,9 +130,10 @@ def test_streamed_statistics_equal_the_one_shot_estimate():
     acc = StepAccumulator(3)
     for lo in range(0, 64, 10):
         acc.add(q[lo : lo + 10], fp[lo : lo + 10])
-    k, b, sq = acc.result()
+    k, b, sq, power = acc.result()
     k1, b1, sq1 = step_statistics(q, fp)
     assert np.isclose(k, k1, rtol=1e-10) and np.allclose(b, b1, atol=1e-12) and np.isclose(sq, sq1, rtol=1e-8)
+    assert np.isclose(power, np.mean(fp**2), rtol=1e-12)
 
 
 def test_gather_on_a_shipped_bundle_finds_the_engines_error(tiny_model, tiny_bundle):
@@ -157,8 +158,8 @@ def test_compile_with_ptqd_stores_statistics_and_sample_applies_them(tiny_dir, t
             "--calib-timesteps", "3", "--ptqd", "--ptqd-samples", "4", "-q"]  # fmt: skip
     assert main(argv) == 0
     bundle = load_bundle(out)
-    tables = bundle.ptqd()
-    assert bundle.manifest["ptqd"]["samples"] == 4 and len(tables.timesteps) == 6
+    tables = bundle.ptqd().tables["W8A8"]
+    assert bundle.manifest["ptqd"]["W8A8"]["samples"] == 4 and len(tables.timesteps) == 6
     args = ["sample", str(out), "-n", "2", "-q"]
     assert main([*args, "-o", str(tmp_path / "a.npz")]) == 0
     assert main([*args, "--no-ptqd", "-o", str(tmp_path / "b.npz")]) == 0
@@ -170,7 +171,141 @@ def test_compile_with_ptqd_stores_statistics_and_sample_applies_them(tiny_dir, t
     assert (tmp_path / "plots" / "ptqd.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["info", str(out), "--json"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["ptqd"]["file"] = "elsewhere.safetensors"
+    manifest["ptqd"]["W8A8"]["file"] = "elsewhere.safetensors"
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="not hashed"):
         load_bundle(out)
+
+
+def test_switch_is_the_first_step_where_the_cheap_precision_loses_to_the_diffusion_snr():
+    from runtime.ptqd import diffusion_snr, switch_timestep
+
+    ts = np.array([900, 700, 500, 300, 100])
+    assert switch_timestep(ts, np.array([5, 4, 3, 2, 1.0]), np.array([1, 2, 3.5, 4, 9.0])) == 700
+    assert switch_timestep(ts, np.full(5, 10.0), np.arange(5.0)) == 0  # cheap precision everywhere
+    assert switch_timestep(ts, np.zeros(5), np.ones(5)) == 901  # never
+    # a later step passing again does not move the switch back: one contiguous cheap range
+    assert switch_timestep(ts, np.array([5, 1, 9, 9, 9.0]), np.full(5, 2.0)) == 900
+    ac = np.linspace(0.99, 0.01, 1000)
+    np.testing.assert_allclose(diffusion_snr(ac, [0, 999]), [0.99 / 0.01, 0.01 / 0.99])
+    tables = PtqdTables.checked(ts, [0.1] * 5, np.zeros((5, 1)), [0.5] * 5, sampler="ddim", steps=5, eta=1.0,
+                                channels=1, eps_power=[1.0] * 5)  # fmt: skip
+    np.testing.assert_allclose(tables.snr(), 1.1**2 / 0.25)
+    with pytest.raises(BundleError, match="eps_power"):
+        PtqdTables.checked(ts, [0.1] * 5, np.zeros((5, 1)), [0.5] * 5, sampler="ddim", steps=5, eta=1.0,
+                           channels=1, eps_power=[1.0, np.nan, 1, 1, 1])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mixed_bundle(tiny_dir, tmp_path_factory):
+    """A W8A8 + W8A4 bundle with PTQD statistics of both."""
+    from tools.cli import main
+
+    out = tmp_path_factory.mktemp("mixed") / "b"
+    argv = ["compile", str(tiny_dir), "-o", str(out), "--bits", "W8A8", "--mixed-bits", "W8A4", "--steps", "6",
+            "--eta", "1", "--calib-samples", "4", "--calib-timesteps", "3", "--ptqd", "--ptqd-samples", "4",
+            "-q"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_mixed_precision_routes_each_step_to_its_precision_and_statistics(mixed_bundle, tmp_path):
+    from runtime.bundle import load_bundle
+    from tools.pipeline import sample_to_file
+
+    bundle = load_bundle(mixed_bundle)
+    plan = bundle.manifest["precision_plan"]
+    assert (plan["low"], plan["high"]) == ("W8A4", "W8A8") and set(bundle.manifest["ptqd"]) == {"W8A4", "W8A8"}
+    groups = {b: set(v["groups"]) for b, v in bundle.precisions.items()}
+    assert not groups["W8A4"] & groups["W8A8"]
+    ts = bundle.schedule.timesteps(6)
+    switch = int(ts[2])  # steps 0-2 cheap, 3-5 full
+    runs = {}
+    for name, kw in {"mixed": {"switch_t": switch}, "low": {"precision": "W8A4"}, "high": {"precision": "W8A8"},
+                     "low0": {"switch_t": 0}}.items():  # fmt: skip
+        runs[name] = sample_to_file(mixed_bundle, tmp_path / f"{name}.npz", n=2, progress=False, **kw)
+    mixed = runs["mixed"]
+    assert mixed.step_precisions == ["W8A4"] * 3 + ["W8A8"] * 3
+    assert [g in groups[b] for g, b in zip(mixed.step_groups, mixed.step_precisions, strict=True)] == [True] * 6
+    assert set(runs["low"].step_precisions) == {"W8A4"} and set(runs["high"].step_precisions) == {"W8A8"}
+    np.testing.assert_array_equal(runs["low0"].samples, runs["low"].samples)  # switch at t = 0: all cheap
+    assert not np.array_equal(mixed.samples, runs["low"].samples)
+    assert not np.array_equal(mixed.samples, runs["high"].samples)
+    # each step reads the statistics of the precision that served it
+    routed = bundle.ptqd(bundle.route(switch_t=switch))
+    for t, bits in zip(ts, mixed.step_precisions, strict=True):
+        k, _, sq = routed.at(int(t))
+        own = routed.tables[bits]
+        assert (k, sq) == (own.k[own.row(int(t))], own.sigma_q[own.row(int(t))])
+    # the default route follows the plan; bit operations saved = cheap share × (1 − 4/8)
+    n_low = plan["steps"]["W8A4"]
+    assert np.isclose(plan["bop_saving"], n_low / 6 * 0.5, atol=1e-4)
+    default = sample_to_file(mixed_bundle, tmp_path / "d.npz", n=1, progress=False)
+    assert default.step_precisions == ["W8A4"] * n_low + ["W8A8"] * (6 - n_low)
+    assert np.all((ts >= plan["switch_t"]) == (np.array(default.step_precisions) == "W8A4"))
+
+
+def test_mixed_precision_refuses_bad_requests(mixed_bundle, tiny_dir, tiny_model, tmp_path):
+    from calibration.calibrate import calibrate
+    from calibration.config import CalibrationConfig
+    from exporter.bundle_writer import write_bundle
+    from runtime.errors import ExportError
+    from tests.conftest import CALIB
+    from tools.cli import main
+    from tools.pipeline import sample_to_file
+
+    with pytest.raises(BundleError, match="holds"):
+        sample_to_file(mixed_bundle, tmp_path / "x.npz", n=1, precision="W4A4", progress=False)
+    with pytest.raises(BundleError, match="not both"):
+        sample_to_file(mixed_bundle, tmp_path / "x.npz", n=1, precision="W8A8", switch_t=3, progress=False)
+    base = ["compile", str(tiny_dir), "-o", str(tmp_path / "b"), "--steps", "6", "--calib-samples", "4",
+            "--calib-timesteps", "3", "-q"]  # fmt: skip
+    assert main([*base, "--mixed-bits", "W8A4"]) == 2  # no --ptqd
+    assert main([*base, "--mixed-bits", "W8A8", "--ptqd"]) == 2  # not cheaper
+    assert main([*base, "--bits", "W4A8", "--mixed-bits", "W8A4", "--ptqd"]) == 2  # more weight bits
+    assert main([*base, "--switch-t", "400"]) == 2  # nothing to switch to
+    assert not (tmp_path / "b").exists()
+    w8, w4 = (calibrate(tiny_model, CalibrationConfig(**CALIB, bits=b), progress=False) for b in ("W8A8", "W4A4"))
+    with pytest.raises(ExportError, match="same weight bits"):
+        write_bundle(tiny_model, [w8, w4], tmp_path / "w", progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+class _Noisy(_Distorted):
+    """The distorted engine plus residual noise of a chosen distribution (std 0.1)."""
+
+    def __init__(self, engine, k, bias, dist, seed=0):
+        super().__init__(engine, k, bias)
+        self.dist, self.rng = dist, np.random.default_rng(seed)
+
+    def infer(self, sample, timestep, class_labels=None):
+        eps = super().infer(sample, timestep, class_labels)
+        if self.dist == "normal":
+            noise = 0.1 * self.rng.standard_normal(eps.shape)
+        else:  # uniform with std 0.1: excess kurtosis −1.2
+            noise = self.rng.uniform(-0.1 * np.sqrt(3), 0.1 * np.sqrt(3), eps.shape)
+        return (eps + noise).astype(np.float32)
+
+
+def test_normality_check_tells_gaussian_from_uniform_residuals(tiny_model):
+    from calibration.ptqd import residual_checks
+    from runtime.engine import EngineSet, TorchEngine
+    from runtime.sampler import SamplerConfig
+
+    fp = TorchEngine(tiny_model.wrapper(), tiny_model.spec)
+    channels = tiny_model.spec.sample_shape[0]
+    bias = np.linspace(-0.05, 0.05, channels)
+    cfg = SamplerConfig("ddim", 4, 1.0, 1.0)
+    ts = tiny_model.schedule.timesteps(4)
+    tables = PtqdTables.checked(ts, [0.1] * 4, np.tile(bias, (4, 1)), [0.1] * 4, sampler="ddim", steps=4, eta=1.0,
+                                channels=channels)  # fmt: skip
+    out = {}
+    for dist in ("normal", "uniform"):
+        engines = EngineSet.single(_Noisy(fp, 0.1, bias, dist))
+        out[dist] = residual_checks(tiny_model, engines, tables, cfg, n=40, seed=0, batch_size=20, keep=2000,
+                                    progress=False)  # fmt: skip
+    assert out["normal"]["elements_per_step"] == 2000 and len(out["normal"]["normaltest_p"]) == 4
+    assert min(out["normal"]["normaltest_p"]) > 1e-3 and max(out["uniform"]["normaltest_p"]) < 1e-6
+    np.testing.assert_allclose(out["uniform"]["excess_kurtosis"], -1.2, atol=0.2)
+    np.testing.assert_allclose(out["normal"]["excess_kurtosis"], 0.0, atol=0.4)
+    assert all(r > 0 for r in out["normal"]["pearson_r"])  # Δε = 0.1 ε_FP + b + n: positively correlated

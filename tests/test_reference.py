@@ -90,8 +90,12 @@ def test_training_is_seeded_logs_and_resumes(tmp_path):
 
 def test_demo_on_the_reference_model(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out), "-n", "20", "--steps", "10", "-q"]) == 0
+    argv = ["demo", "-o", str(out), "-n", "20", "--steps", "10", "--calib-samples", "8", "--groups", "4",
+            "--group-epochs", "1", "--ptqd-samples", "16", "-q"]  # fmt: skip
+    assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["groups"] == 4 and report["ptqd"] == ["cnc", "bc", "vsc"]
+    assert any("eta = 0" in note for note in report["ptqd_notes"])
     assert report["n"] == 20 and report["sampler"]["guidance"] == REFERENCE_GUIDANCE
     for k in ("fp32", "w8a8"):
         assert 0 <= report[k]["accuracy"] <= 1 and report[k]["fd"] > 0

@@ -54,9 +54,25 @@ def _compile(a: argparse.Namespace) -> None:
         overwrite=a.force,
         calibration_out=a.save_calibration,
         ptqd_samples=a.ptqd_samples if a.ptqd else None,
+        mixed_bits=a.mixed_bits,
+        switch_t=a.switch_t,
         progress=not a.quiet,
     )
     print(f"wrote bundle {out}")
+    if a.mixed_bits:
+        from runtime.bundle import load_bundle
+
+        _print_plan(load_bundle(out).manifest["precision_plan"])
+
+
+def _print_plan(plan: dict) -> None:
+    how = "set by --switch-t" if plan["overridden"] else "PTQD's SNR criterion"
+    print(
+        f"mixed precision ({how}): {plan['low']} at t >= {plan['switch_t']} ({plan['steps'][plan['low']]} steps), "
+        f"{plan['high']} below ({plan['steps'][plan['high']]} steps); {plan['bop_saving']:.1%} fewer bit "
+        f"operations than {plan['high']} at every step"
+        + (f" (the criterion chose t >= {plan['switch_t_criterion']})" if plan["overridden"] else "")
+    )
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -104,6 +120,8 @@ def _sample(a: argparse.Namespace) -> None:
         png=a.png,
         scheduler=a.scheduler,
         ptqd=() if a.no_ptqd else tuple(_csv(a.ptqd) or ()),
+        precision=a.precision,
+        switch_t=a.switch_t,
         progress=not a.quiet,
     )
     print(
@@ -115,6 +133,12 @@ def _sample(a: argparse.Namespace) -> None:
         print(f"PTQD corrections {','.join(run.ptqd)}: {share:.2%} of the engine time")
     for note in run.ptqd_notes:
         print(f"PTQD: {note}")
+    if len({p for p in run.step_precisions}) > 1:
+        from tools.pipeline import precision_split
+
+        split = precision_split(run.step_precisions)
+        runs = ", ".join(f"{r['bits']} steps {r['step_from']}–{r['step_to']}" for r in split)
+        print(f"precisions: {runs}")
 
 
 def _info(a: argparse.Namespace) -> None:
@@ -146,13 +170,14 @@ def _info(a: argparse.Namespace) -> None:
     print("training timesteps t → group (other step counts route by this table):")
     for r in info["timestep_ranges"]:
         print(f"  t = {r['t_from']}..{r['t_to']}: group {r['group']}")
-    if info["ptqd"]:
-        q = info["ptqd"]
+    for bits, q in (info["ptqd"] or {}).items():
         print(
-            f"PTQD statistics ({q['sampler']} {q['steps']} steps, eta {q['eta']}): k in {q['k_range']} "
+            f"PTQD statistics {bits} ({q['sampler']} {q['steps']} steps, eta {q['eta']}): k in {q['k_range']} "
             f"({q['k_positive_share']:.0%} positive), sigma_q in {q['sigma_q_range']}, |bias| ≤ {q['bias_abs_max']}"
             + (f"; k ≤ −1 fell back to 0 at t = {q['k_fallback']}" if q["k_fallback"] else "")
         )
+    if info["precision_plan"]:
+        _print_plan(info["precision_plan"])
     print(f"quantized nodes: {info['quantized_nodes']}; left in float: {len(info['float_nodes'])}")
     for f in info["float_nodes"]:
         print(f"  {f['node']} ({f['op']}): {f['reason']}")
@@ -164,7 +189,9 @@ def _info(a: argparse.Namespace) -> None:
 def _demo(a: argparse.Namespace) -> None:
     from tools.demo import run_demo
 
-    run_demo(a.output, n=a.n, steps=a.steps, eta=a.eta, guidance=a.guidance, seed=a.seed, progress=not a.quiet)
+    run_demo(a.output, n=a.n, steps=a.steps, eta=a.eta, guidance=a.guidance, calib_samples=a.calib_samples,
+             groups=a.groups, group_epochs=a.group_epochs, ptqd_samples=a.ptqd_samples, seed=a.seed,
+             progress=not a.quiet)  # fmt: skip
 
 
 def _eval(a: argparse.Namespace) -> None:
@@ -212,6 +239,13 @@ def _train_reference(a: argparse.Namespace) -> None:
 
 
 def _bench(a: argparse.Namespace) -> None:
+    if a.ptqd_checks:
+        from tools.ptqd_checks import run_ptqd_checks
+
+        if not a.model:
+            raise ConfigError("--ptqd-checks: give the bundle as MODEL")
+        run_ptqd_checks(a.model, model_dir=a.fp, n=a.n, seed=a.seed, json_out=a.json, progress=not a.quiet)
+        return
     if a.groups_vs:
         from tools.group_bench import run_group_bench
 
@@ -342,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save-calibration", metavar="FILE", help="also write the CalibrationResult file")
     c.add_argument("--ptqd", action="store_true", help="also gather PTQD statistics (k, bias, residual std per step)")
     c.add_argument("--ptqd-samples", type=int, default=1024, help="trajectories for the PTQD statistics (default 1024)")
+    c.add_argument(
+        "--mixed-bits",
+        metavar="BITS",
+        help="step-aware mixed precision: also build engines at this cheaper precision (e.g. W4A4 with --bits "
+        "W4A8, same weight bits) and run it on the early steps PTQD's SNR criterion allows; needs --ptqd",
+    )
+    c.add_argument("--switch-t", type=int, help="with --mixed-bits: run the cheaper precision at t >= this "
+                   "timestep instead of where the SNR criterion puts the switch")  # fmt: skip
     c.add_argument("--force", action="store_true", help="replace an existing bundle")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_compile)
@@ -370,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         "vsc (variance schedule; no effect with DDIM eta 0) (default: all)",
     )
     s.add_argument("--no-ptqd", action="store_true", help="apply no PTQD correction")
+    s.add_argument("--precision", metavar="BITS", help="mixed-precision bundles: run this precision at every step")
+    s.add_argument("--switch-t", type=int, help="mixed-precision bundles: run the cheaper precision at t >= this "
+                   "timestep (default: the bundle's plan)")  # fmt: skip
     s.add_argument("--batch-size", type=int, default=16, help="samples per engine call (default 16)")
     s.add_argument("--scheduler", help="scheduler for a bare model directory")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -393,15 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
         help="compile, sample and compare a model end to end",
-        description="On the shipped reference model: compile a W8A8 bundle, sample it and the "
-        "full-precision model (FP32 ONNX Runtime) with identical seeds, and print per-step latency, FD, "
-        "accuracy and PSNR in one table; writes samples, comparison.png and report.json.",
+        description="On the shipped reference model: compile a W8A8 bundle with APQ-DM timestep groups and "
+        "PTQD statistics, sample it (PTQD corrections on) and the full-precision model (FP32 ONNX Runtime) with "
+        "identical seeds, and print per-step latency, FD, accuracy and PSNR in one table; writes samples, "
+        "comparison.png and report.json.",
     )
     d.add_argument("-o", "--output", default="dqc-demo", help="output directory (default dqc-demo)")
     d.add_argument("-n", type=int, default=200, help="samples per engine, labels cycling 0..9 (default 200)")
     d.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
     d.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     d.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model card's)")
+    d.add_argument("--groups", type=int, default=8, help="APQ-DM timestep groups (default 8; 1: one scale set)")
+    d.add_argument("--group-epochs", type=int, default=4, help="group search epochs (default 4)")
+    d.add_argument("--calib-samples", type=int, default=32, help="calibration trajectories (default 32)")
+    d.add_argument("--ptqd-samples", type=int, default=256,
+                   help="trajectories for the PTQD statistics (default 256; 0: no PTQD)")  # fmt: skip
     d.add_argument("--seed", type=int, default=0, help="noise seed, shared by both engines (default 0)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
@@ -501,6 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--activation-error", action="store_true", help="also measure C-Error / G-Error (APQ-DM Table 1) per cell"
     )
+    k = b.add_argument_group("PTQD statistical checks (--ptqd-checks; -n and --seed as above)")
+    k.add_argument(
+        "--ptqd-checks",
+        action="store_true",
+        help="on a bundle with PTQD statistics: per step, is the residual noise Gaussian (scipy normaltest on "
+        "1000 random elements), its skew and kurtosis, the sign of k_t, and Pearson's R of the error with ε_FP",
+    )
+    k.add_argument("--fp", metavar="MODEL", help="the bundle's full-precision model (default: its recorded source)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
     return p

@@ -1,6 +1,7 @@
-"""`dqc demo`: on the shipped reference model, compile a W8A8 bundle, sample it and the full-precision
-model (FP32 ONNX Runtime) with identical seeds and labels, and print per-step latency, FD, accuracy and
-PSNR in one table; write both sample files, a side-by-side PNG and a JSON report."""
+"""`dqc demo`: on the shipped reference model, compile a W8A8 bundle (APQ-DM timestep groups, PTQD
+statistics), sample it (PTQD corrections on) and the full-precision model (FP32 ONNX Runtime) with
+identical seeds and labels, and print per-step latency, FD, accuracy and PSNR in one table; write both
+sample files, a side-by-side PNG and a JSON report."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.bundle import load_bundle
 from runtime.engine import EngineSet
+from runtime.errors import ConfigError
 from runtime.sampler import SamplerConfig, sample
 from tools import pipeline
 
@@ -35,7 +38,10 @@ def run_demo(
     steps: int = 100,
     eta: float = 0.0,
     guidance: float | None = None,
-    calib_samples: int = 64,
+    calib_samples: int = 32,
+    groups: int = 8,
+    group_epochs: int = 4,
+    ptqd_samples: int = 256,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -49,35 +55,45 @@ def run_demo(
     model_dir = reference_dir()
     model = load_model(model_dir)
     params = sum(p.numel() for p in model.unet.parameters())
+    calib_timesteps = min(20, steps)
+    if not 1 <= groups <= calib_timesteps:
+        raise ConfigError(f"--groups {groups}: between 1 and the {calib_timesteps} calibrated steps")
+    what = f"{groups} timestep groups" if groups > 1 else "one scale set"
     print(
         f"dqc demo: the shipped reference model ({params / 1e6:.2f} M-parameter class-conditional UNet2DModel "
-        f"trained on the scikit-learn digits; {model_dir / 'README.md'}) → W8A8 bundle for ONNX Runtime CPU"
+        f"trained on the scikit-learn digits; {model_dir / 'README.md'}) → W8A8 bundle ({what}"
+        f"{', PTQD' if ptqd_samples else ''}) for ONNX Runtime CPU"
     )
     start = time.perf_counter()
-    cfg = CalibrationConfig(
-        bits="W8A8", steps=steps, eta=eta, guidance=guidance, calib_samples=calib_samples,
-        calib_timesteps=min(20, steps), seed=seed,
+    # groups: APQ-DM's search over uniformly spaced calibrated steps; one group: L_p weight ranges, min-max activations
+    cfg = CalibrationConfig.for_method(
+        "apqdm" if groups > 1 else "lp", bits="W8A8", steps=steps, eta=eta, guidance=guidance,
+        calib_samples=calib_samples, calib_timesteps=calib_timesteps, seed=seed, groups=groups,
+        group_epochs=group_epochs, timestep_selection="uniform",
     )  # fmt: skip
-    bundle = pipeline.compile_model(model, out / "bundle", cfg, overwrite=True, progress=progress)
+    bundle = pipeline.compile_model(model, out / "bundle", cfg, overwrite=True, ptqd_samples=ptqd_samples or None,
+                                    progress=progress)  # fmt: skip
     compile_s = time.perf_counter() - start
     fp_engine = pipeline.fp32_engine(model, out)
-    q_engines = pipeline.open_engines(bundle)[0]
+    loaded = load_bundle(bundle)
+    q_engines, tables = loaded.engines(), loaded.ptqd()
     scfg = SamplerConfig("ddim", steps, eta, guidance)
     labels = pipeline.parse_labels(None, n, model.spec.num_class_embeds)
-    files, samples = {}, {}
-    for name, engines in (("fp32", EngineSet.single(fp_engine)), ("w8a8", q_engines)):
-        run = sample(
+    files, samples, runs = {}, {}, {}
+    for name, engines, ptqd in (("fp32", EngineSet.single(fp_engine), None), ("w8a8", q_engines, tables)):
+        runs[name] = run = sample(
             engines, model.schedule, scfg, n=n, seed=seed, labels=labels, null_class=model.null_class,
-            batch_size=50, progress=progress,
+            batch_size=50, progress=progress, ptqd=ptqd,
         )  # fmt: skip
         files[name] = out / f"samples_{name}.npz"
         samples[name] = np.clip(run.samples, -1, 1).astype(np.float32)
         meta = {"source": f"reference ({name})", "seed": seed, "sampler": "ddim", "steps": steps, "eta": eta,
-                "guidance": guidance}  # fmt: skip
+                "guidance": guidance, "ptqd": run.ptqd}  # fmt: skip
         pipeline.save_samples(files[name], samples[name], labels, meta)
     evals = {"fp32": evaluate(files["fp32"]), "w8a8": evaluate(files["w8a8"], reference=files["fp32"])}
     # one denoising step of one image with guidance is one engine call on 2 rows (conditional + null class)
     lat = pipeline.latency_ratio({"fp32": fp_engine, "w8a8": q_engines.for_timestep(0)}, model.spec, batch=2)
+    q = runs["w8a8"]
     report = {
         "model": f"reference ({model_dir})",
         "parameters": params,
@@ -85,6 +101,10 @@ def run_demo(
         "seed": seed,
         "sampler": {"name": "ddim", "steps": steps, "eta": eta, "guidance": guidance},
         "compile_seconds": round(compile_s, 1),
+        "groups": len(loaded.manifest["groups"]),
+        "ptqd": q.ptqd,
+        "ptqd_notes": q.ptqd_notes,
+        "ptqd_share_of_engine_time": q.ptqd_seconds / max(q.engine_seconds, 1e-12),
         "latency_ms_per_step": lat,
         "latency_note": "median of interleaved ORT calls on 2 rows (one image, conditional + null class)",
         "speedup_w8a8_vs_fp32": lat["fp32"]["median_ms"] / lat["w8a8"]["median_ms"],
@@ -106,5 +126,8 @@ def run_demo(
         f"eta {eta}, guidance {guidance}. FD (classifier features vs the 360 held-out digits; floor: test vs "
         f"train split = {report['fd_floor_test_vs_train']:.3f}) is biased at small N: compare equal N and seeds."
     )
+    if q.ptqd:
+        print(f"PTQD corrections {','.join(q.ptqd)} on every W8A8 step: {report['ptqd_share_of_engine_time']:.2%} "
+              "of the engine time" + "".join(f"; {note}" for note in q.ptqd_notes))  # fmt: skip
     print(f"wrote {out / 'report.json'}, {out / 'comparison.png'} (rows: classes; left FP32, right W8A8)")
     return report

@@ -25,29 +25,49 @@ def compile_model(
     overwrite: bool = False,
     calibration_out: str | Path | None = None,
     ptqd_samples: int | None = None,
+    mixed_bits: str | None = None,
+    switch_t: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Calibrate + export: a model directory (or an already loaded model) in, a bundle directory out;
-    with `ptqd_samples`, also gather PTQD statistics on the written bundle's engines."""
+    with `ptqd_samples`, also gather PTQD statistics on the written bundle's engines. `mixed_bits` adds a
+    second, cheaper precision (step-aware mixed precision): both are calibrated alike, their statistics
+    gathered along the same trajectories, and the switch between them chosen by PTQD's SNR criterion
+    (or set with `switch_t`)."""
+    import dataclasses
+
     from calibration.calibrate import calibrate
+    from calibration.config import parse_bits
     from calibration.model_io import LoadedModel, load_model
     from exporter.bundle_writer import write_bundle
     from tools.reference import resolve_model
 
+    if mixed_bits is not None:
+        high, low = parse_bits(cfg.bits), parse_bits(mixed_bits)
+        if low == high or low.weight > high.weight or low.activation > high.activation:
+            raise ConfigError(f"--mixed-bits {mixed_bits}: must be cheaper than --bits {cfg.bits} (no more weight "
+                              "or activation bits, and not the same)")  # fmt: skip
+        if not ptqd_samples:
+            raise ConfigError("--mixed-bits: the switch between precisions is chosen from PTQD statistics; add --ptqd")
+    elif switch_t is not None:
+        raise ConfigError("--switch-t needs --mixed-bits (a second precision to switch to)")
     model_dir = resolve_model(model_dir)
     model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device)
-    result = calibrate(model, cfg, progress=progress)
+    configs = [cfg] + ([dataclasses.replace(cfg, bits=mixed_bits)] if mixed_bits else [])
+    results = [calibrate(model, c, progress=progress) for c in configs]
     if calibration_out is not None:
-        result.save(calibration_out)
+        results[0].save(calibration_out)
     model.unet.cpu()
-    out = write_bundle(model, result, out, overwrite=overwrite, progress=progress)
+    out = write_bundle(model, results, out, overwrite=overwrite, progress=progress)
     if ptqd_samples:
         from calibration.ptqd import gather
         from exporter.bundle_writer import add_ptqd
 
-        tables = gather(model, load_bundle(out).engines(), cfg.sampler_config, n=ptqd_samples,
-                        seed=cfg.seed + 20_000, batch_size=cfg.batch_size, progress=progress)  # fmt: skip
-        add_ptqd(out, tables, samples=ptqd_samples)
+        bundle = load_bundle(out)
+        engines = {c.bits: bundle.engines(route=bundle.route(precision=c.bits)) for c in configs}
+        tables = gather(model, engines, cfg.sampler_config, n=ptqd_samples, seed=cfg.seed + 20_000,
+                        batch_size=cfg.batch_size, progress=progress)  # fmt: skip
+        add_ptqd(out, tables, samples=ptqd_samples, switch_t=switch_t)
     return out
 
 
@@ -55,8 +75,9 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu"):
-    """(EngineSet, schedule, null_class, sampler defaults) for a bundle (ORT) or a model directory (FP torch)."""
+def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu", route=None):
+    """(EngineSet, schedule, null_class, sampler defaults) for a bundle (ORT; `route` from Bundle.route) or
+    a model directory (FP torch)."""
     from tools.reference import resolve_model
 
     path = resolve_model(path)
@@ -64,7 +85,7 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
         bundle = load_bundle(path)
         cal = bundle.manifest.get("calibration", {})
         defaults = {k: cal[k] for k in ("sampler", "steps", "eta", "guidance") if k in cal}
-        return bundle.engines(), bundle.schedule, bundle.null_class, defaults
+        return bundle.engines(route=route), bundle.schedule, bundle.null_class, defaults
     from calibration.model_io import load_model
     from runtime.engine import TorchEngine
 
@@ -155,13 +176,21 @@ def sample_to_file(
     png: str | Path | None = None,
     scheduler: str | Path | None = None,
     ptqd: tuple[str, ...] = ("cnc", "bc", "vsc"),
+    precision: str | None = None,
+    switch_t: int | None = None,
     progress: bool = True,
 ) -> SampleRun:
     """`dqc sample`: draw n samples from a bundle or a model directory into an .npz (and a PNG grid).
-    A bundle's PTQD statistics, when it has them, correct each step with the `ptqd` components."""
+    A bundle's PTQD statistics, when it has them, correct each step with the `ptqd` components. A
+    mixed-precision bundle follows its plan unless `precision` (one precision at every step) or `switch_t`
+    (low precision at t ≥ switch_t) says otherwise."""
     if n < 1:
         raise ConfigError(f"-n {n}: the number of samples must be at least 1")
-    engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler)
+    bundle = load_bundle(path) if is_bundle(path) else None
+    if bundle is None and (precision or switch_t is not None):
+        raise ConfigError("--precision / --switch-t choose between a bundle's precisions; the source is a model")
+    route = None if bundle is None else bundle.route(precision, switch_t)
+    engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler, route=route)
     cfg = SamplerConfig(
         defaults.get("sampler", "ddim") if sampler is None else sampler,
         defaults.get("steps", 100) if steps is None else steps,
@@ -180,9 +209,11 @@ def sample_to_file(
         null_class=null_class,
         batch_size=batch_size,
         progress=progress,
-        ptqd=load_bundle(path).ptqd() if ptqd and is_bundle(path) else None,
+        ptqd=bundle.ptqd(route) if ptqd and bundle is not None else None,
         ptqd_components=ptqd,
     )
+    if bundle is not None:
+        run.step_precisions = bundle.precision_of(route[run.timesteps])
     samples = np.clip(run.samples, -1, 1).astype(np.float32)
     meta = {
         "source": str(path),
@@ -194,11 +225,23 @@ def sample_to_file(
         "seconds": round(time.perf_counter() - start, 3),
         "ptqd": run.ptqd,
         "ptqd_notes": run.ptqd_notes,
+        "precision_split": precision_split(run.step_precisions),
     }
     save_samples(out, samples, labels, meta)
     if png is not None:
         save_grid_png(png, samples)
     return run
+
+
+def precision_split(step_precisions: list[str]) -> list[dict]:
+    """Runs of consecutive sampling steps on one precision: [{"bits", "step_from", "step_to"}]."""
+    out = []
+    for i, bits in enumerate(step_precisions):
+        if out and out[-1]["bits"] == bits:
+            out[-1]["step_to"] = i
+        else:
+            out.append({"bits": bits, "step_from": i, "step_to": i})
+    return out
 
 
 def bundle_info(path: str | Path) -> dict:
@@ -229,7 +272,11 @@ def bundle_info(path: str | Path) -> dict:
         "groups": m["groups"],
         "timestep_ranges": ranges,
         "step_ranges": step_ranges,
-        "ptqd": None if tables is None else ptqd_summary(tables),
+        "ptqd": None if tables is None else {bits: ptqd_summary(t) for bits, t in tables.tables.items()},
+        "precisions": {
+            b: {k: v for k, v in p.items() if k != "timestep_to_group"} for b, p in bundle.precisions.items()
+        },  # fmt: skip
+        "precision_plan": m.get("precision_plan"),
         "quantized_nodes": len(m.get("quantized_nodes", [])),
         "float_nodes": m.get("float_nodes", []),
         "files": {name: (bundle.root / name).stat().st_size for name in m["files"]},
@@ -275,6 +322,22 @@ def ptqd_plot(path: str | Path, schedule, tables) -> None:
                    y_label="value", x_label="sampling step (0 = noisiest)")  # fmt: skip
 
 
+def precision_plot(path: str | Path, plan: dict) -> None:
+    """log10 of each precision's SNR_Q and of the diffusion's SNR_F per step: the low precision runs while
+    its SNR_Q stays above SNR_F (PTQD Eq. 15)."""
+    from tools.plots import line_chart_png
+
+    snr = plan["snr"]
+    n_low = plan["steps"][plan["low"]]
+    series = {f"SNR_Q {b}": [None if v is None else float(np.log10(v)) for v in snr[b]]
+              for b in (plan["low"], plan["high"])}  # fmt: skip
+    series["SNR_F (diffusion)"] = [float(np.log10(v)) for v in snr["diffusion"]]
+    labels = [str(i) if i % 10 == 0 else "" for i in range(len(snr["timesteps"]))]
+    line_chart_png(path, labels, series, y_label="log10 SNR", x_label="sampling step (0 = noisiest)",
+                   title=f"mixed precision: {plan['low']} on steps 0-{n_low - 1}, {plan['high']} after "
+                   f"(switch t = {plan['switch_t']})")  # fmt: skip
+
+
 def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
     """`dqc info --plots`: the timestep→group map over the calibrated sampler's steps and, for a searched
     bundle, the evolution of σ during the search."""
@@ -290,10 +353,14 @@ def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
     title = f"timestep -> group ({len(bundle.manifest['groups'])} groups, {cal.get('sampler')} {len(steps)} steps)"
     group_map_png(written[0], [int(t) for t in steps], [int(bundle.group_of_t[t]) for t in steps], title=title,
                   drawn=drawn)  # fmt: skip
-    tables = bundle.ptqd()
-    if tables is not None:
-        written.append(out / "ptqd.png")
+    routed = bundle.ptqd()
+    for bits, tables in (routed.tables if routed is not None else {}).items():
+        written.append(out / ("ptqd.png" if len(routed.tables) == 1 else f"ptqd_{bits}.png"))
         ptqd_plot(written[-1], bundle.schedule, tables)
+    plan = bundle.manifest.get("precision_plan")
+    if plan:
+        written.append(out / "precision.png")
+        precision_plot(written[-1], plan)
     if search and search.get("history") and search.get("sigma_rows"):
         written.append(out / "sigma_evolution.png")
         assignment = {int(t): g for t, g in search["assignment"].items()}
