@@ -123,9 +123,12 @@ def calibrate(
     cfg: CalibrationConfig,
     *,
     scheduler: str | Path | None = None,
+    weights: dict | None = None,
     progress: bool = True,
 ) -> CalibrationResult:
-    """Calibrate a model for one export profile; the result is independent of the exporter."""
+    """Calibrate a model for one export profile; the result is independent of the exporter. `weights`
+    (another result's, same weight bits, ranges and rounding) skips the weight stage: a second precision
+    of step-aware mixed precision that differs only in activation bits reuses the first one's weights."""
     if not isinstance(model, LoadedModel):
         model = load_model(model, scheduler, device=cfg.device)
     torch.manual_seed(cfg.seed)
@@ -141,10 +144,14 @@ def calibrate(
             f"recon_batch={cfg.recon_batch}: larger than the {len(data)} recorded calibration inputs; "
             "lower --recon-batch or raise --calib-samples"
         )
-    weights = quantize_weights(model, layers, cfg, progress)
-    if cfg.weight_rounding == "adaround":
-        with torch.enable_grad():
-            weights = adaround_weights(model, layers, data, weights, cfg, progress)
+    if weights is not None:
+        if cfg.weight_rounding == "brecq":
+            raise CalibrationError("BRECQ learns the weights with the activations quantized; it cannot reuse weights")
+    else:
+        weights = quantize_weights(model, layers, cfg, progress)
+        if cfg.weight_rounding == "adaround":
+            with torch.enable_grad():
+                weights = adaround_weights(model, layers, data, weights, cfg, progress)
     recon_stats = {}
     if cfg.reconstructs or not cfg.searches_groups:
         acts = observe_activations(model, layers, data, cfg, progress)

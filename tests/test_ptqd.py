@@ -249,7 +249,7 @@ def test_mixed_precision_refuses_bad_requests(mixed_bundle, tiny_dir, tiny_model
     from calibration.calibrate import calibrate
     from calibration.config import CalibrationConfig
     from exporter.bundle_writer import write_bundle
-    from runtime.errors import ExportError
+    from runtime.errors import CalibrationError, ExportError
     from tests.conftest import CALIB
     from tools.cli import main
     from tools.pipeline import sample_to_file
@@ -269,6 +269,8 @@ def test_mixed_precision_refuses_bad_requests(mixed_bundle, tiny_dir, tiny_model
     with pytest.raises(ExportError, match="same weight bits"):
         write_bundle(tiny_model, [w8, w4], tmp_path / "w", progress=False)
     assert not (tmp_path / "w").exists()
+    with pytest.raises(CalibrationError, match="cannot reuse weights"):
+        calibrate(tiny_model, CalibrationConfig(**CALIB, weight_rounding="brecq"), weights=w8.weights, progress=False)
 
 
 class _Noisy(_Distorted):

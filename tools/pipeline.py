@@ -54,7 +54,10 @@ def compile_model(
     model_dir = resolve_model(model_dir)
     model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device)
     configs = [cfg] + ([dataclasses.replace(cfg, bits=mixed_bits)] if mixed_bits else [])
-    results = [calibrate(model, c, progress=progress) for c in configs]
+    results = [calibrate(model, cfg, progress=progress)]
+    for c in configs[1:]:  # same weight bits: reuse the weights (unless BRECQ learns them with the activations)
+        same = parse_bits(c.bits).weight == parse_bits(cfg.bits).weight and cfg.weight_rounding != "brecq"
+        results.append(calibrate(model, c, weights=results[0].weights if same else None, progress=progress))
     if calibration_out is not None:
         results[0].save(calibration_out)
     model.unet.cpu()
