@@ -147,6 +147,11 @@ def test_gather_on_a_shipped_bundle_finds_the_engines_error(tiny_model, tiny_bun
     tables = gather(tiny_model, load_bundle(tiny_bundle).engines(), cfg, n=4, seed=0, batch_size=2, progress=False)
     assert len(tables.timesteps) == 5 and tables.bias.shape == (5, tiny_model.spec.sample_shape[0])
     assert (tables.sigma_q > 0).all() and (tables.sigma_q < 0.5).all() and tables.sampler == "ddim"
+    # a bundle without statistics samples uncorrected, whatever --ptqd asks for
+    from tools.pipeline import sample_to_file
+
+    run = sample_to_file(tiny_bundle, tiny_bundle.parent / "s.npz", n=1, steps=3, progress=False)
+    assert load_bundle(tiny_bundle).ptqd() is None and run.ptqd == [] and run.ptqd_notes == []
 
 
 def test_compile_with_ptqd_stores_statistics_and_sample_applies_them(tiny_dir, tmp_path):
@@ -269,6 +274,33 @@ def test_mixed_precision_refuses_bad_requests(mixed_bundle, tiny_dir, tiny_model
     with pytest.raises(ExportError, match="same weight bits"):
         write_bundle(tiny_model, [w8, w4], tmp_path / "w", progress=False)
     assert not (tmp_path / "w").exists()
+    import shutil
+
+    from runtime.bundle import load_bundle
+    from runtime.ptqd import RoutedPtqd
+
+    for edit, match in (
+        (lambda m: m["precision_plan"].update(low="W2A2"), "names precisions"),
+        (lambda m: m["precisions"]["W8A4"].update(groups=[0]), "its own groups"),
+        (lambda m: m["ptqd"].pop("W8A4"), None),
+    ):
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(mixed_bundle, bad)
+        manifest = json.loads((bad / "manifest.json").read_text())
+        edit(manifest)
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+        if match:
+            with pytest.raises(BundleError, match=match):
+                load_bundle(bad)
+        else:  # statistics of the precision serving the early steps are gone: refuse, do not guess
+            with pytest.raises(BundleError, match="no PTQD statistics for \\['W8A4'\\]"):
+                load_bundle(bad).ptqd(load_bundle(bad).route(precision="W8A4"))
+    tables = load_bundle(mixed_bundle).ptqd().tables
+    other = PtqdTables.checked(tables["W8A4"].timesteps, tables["W8A4"].k, tables["W8A4"].bias,
+                               tables["W8A4"].sigma_q, sampler="ddpm", steps=6, eta=1.0, channels=1)  # fmt: skip
+    with pytest.raises(BundleError, match="gathered for ddpm"):
+        RoutedPtqd({"W8A8": tables["W8A8"], "W8A4": other}, ("W8A8",) * 1000)
     with pytest.raises(CalibrationError, match="cannot reuse weights"):
         calibrate(tiny_model, CalibrationConfig(**CALIB, weight_rounding="brecq"), weights=w8.weights, progress=False)
 
