@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from calibration.collect import CalibrationData, record_trajectories
 from calibration.config import CalibrationConfig
 from calibration.model_io import LoadedModel, load_model
-from calibration.qmodules import QuantLayer, float_modules, quantizable_layers
+from calibration.qmodules import QuantLayer, float_modules, observe_residual, quantizable_layers, residual_points
 from calibration.quantizers import (
     ActParams,
     RangeObserver,
@@ -94,6 +94,9 @@ def observe_activations(
                 handles.append(module.register_forward_pre_hook(lambda m, args, o=obs: o.observe(args[0])))
             else:
                 handles.append(module.register_forward_hook(lambda m, args, y, o=obs: o.observe(y)))
+    for point in residual_points(model.unet, profile):
+        observers[point] = obs = RangeObserver()
+        handles.append(observe_residual(model.unet, point, obs.observe))
     forward = model.wrapper()
     try:
         with torch.inference_mode():

@@ -260,7 +260,7 @@ class _Search:
 
     def __init__(self, model, layers, weights: dict, cfg, timesteps: list[int], groups: int,
                  inits: dict[str, list[ActParams]]) -> None:  # fmt: skip
-        from calibration.qmodules import replace_layers
+        from calibration.qmodules import replace_layers, wrap_residuals
 
         fixed = groups == len(timesteps)  # one group per calibrated timestep: nothing to search
         init = contiguous_assignment(timesteps, groups)
@@ -280,7 +280,7 @@ class _Search:
             return MixedLayer(layer, *weights[key], quantizer(f"{key}:input"), quantizer(f"{key}:output"))
 
         self.fp = model.wrapper().eval()
-        self.forward = replace_layers(model.wrapper(), build).eval()
+        self.forward = wrap_residuals(replace_layers(model.wrapper(), build), quantizer, prefix="unet.").eval()
         self.params = [q.scale for m in self.mixed.values() for q in m.quantizers]
         self.cfg, self.rows, self.passes = cfg, None, 0
 
@@ -430,6 +430,8 @@ def activation_error(model, layers, data, cfg, acts: dict[str, list[ActParams]],
         e[0] += float((q - a).pow(2).sum())
         e[1] += float(a.pow(2).sum())
 
+    from calibration.qmodules import observe_residual, residual_points
+
     handles = []
     for layer in layers:
         module = model.unet.get_submodule(layer.name)
@@ -440,6 +442,9 @@ def activation_error(model, layers, data, cfg, acts: dict[str, list[ActParams]],
                 handles.append(module.register_forward_pre_hook(lambda m, args, p=point: record(p, args[0])))
             else:
                 handles.append(module.register_forward_hook(lambda m, args, y, p=point: record(p, y)))
+    for point in residual_points(model.unet, profile):
+        if point in acts:
+            handles.append(observe_residual(model.unet, point, lambda a, p=point: record(p, a)))
     table = torch.from_numpy(np.asarray(group_of_t, np.int64))
     forward = model.wrapper()
     try:

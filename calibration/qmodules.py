@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,67 @@ class QuantLayer:
         """Activation quantization points of this layer under the profile: "<name>:input" / ":output"."""
         out = profile.conv_output if self.op == "conv" else profile.linear_output
         return [f"{self.name}:input"] + ([f"{self.name}:output"] if out else [])
+
+
+RESIDUAL = ":residual"
+
+
+def _has_residual(module: nn.Module) -> bool:
+    """A diffusers ResnetBlock2D whose skip-Add residual is its conv_shortcut's output or, with no shortcut
+    and no resampling, the block's own input (a resampled identity residual is not a separate tensor)."""
+    if type(module).__name__ != "ResnetBlock2D":
+        return False
+    return module.conv_shortcut is not None or (module.upsample is None and module.downsample is None)
+
+
+def residual_points(unet: nn.Module, profile: TargetProfile) -> list[str]:
+    """'<resnet>:residual' for every resnet skip Add whose residual input the profile quantizes (TensorRT
+    fuses Conv + Add into one int8 kernel when the residual arrives quantized)."""
+    if not profile.residual_input:
+        return []
+    return [f"{name}{RESIDUAL}" for name, m in unet.named_modules() if _has_residual(m)]
+
+
+def observe_residual(unet: nn.Module, point: str, fn: Callable[[torch.Tensor], None]):
+    """Hook that passes the residual tensor of `point` to fn; returns the hook handle."""
+    resnet = unet.get_submodule(point.removesuffix(RESIDUAL))
+    if resnet.conv_shortcut is not None:
+        return resnet.conv_shortcut.register_forward_hook(lambda m, args, y: fn(y))
+    return resnet.register_forward_pre_hook(lambda m, args: fn(args[0]))
+
+
+class ActQuant(nn.Module):
+    """A fixed per-tensor activation quantizer as a module; `enabled` False passes values through."""
+
+    def __init__(self, params: ActParams) -> None:
+        super().__init__()
+        self.params, self.enabled = params, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.params.apply(x) if self.enabled else x
+
+
+class ResidualQuant(nn.Module):
+    """A resnet's shortcut (a conv, or none: the identity) followed by its residual quantizer."""
+
+    def __init__(self, shortcut: nn.Module | None, quantizer: nn.Module) -> None:
+        super().__init__()
+        self.shortcut, self.quantizer = shortcut, quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(x if self.shortcut is None else self.shortcut(x))
+
+
+def wrap_residuals(model: nn.Module, quantizer_for: Callable[[str], nn.Module | None], prefix: str = "") -> nn.Module:
+    """In place: every resnet under `prefix` (e.g. "unet.") with a residual point gets `quantizer_for(point)`
+    after its shortcut (diffusers' ResnetBlock2D calls conv_shortcut on the residual whenever it is set)."""
+    for name, module in list(model.named_modules()):
+        if not name.startswith(prefix) or not _has_residual(module) or isinstance(module.conv_shortcut, ResidualQuant):
+            continue
+        quantizer = quantizer_for(f"{name.removeprefix(prefix)}{RESIDUAL}")
+        if quantizer is not None:
+            module.conv_shortcut = ResidualQuant(module.conv_shortcut, quantizer)
+    return model
 
 
 def quantizable_layers(unet: nn.Module) -> list[QuantLayer]:

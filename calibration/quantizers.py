@@ -82,8 +82,9 @@ class ActParams:
 def activation_params(lo: float, hi: float, signed: bool, bits: int = 8) -> ActParams:
     """Scale and zero point covering [lo, hi] (widened to contain 0, so zero is exact)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    if signed:
+    if signed:  # zero point 0; at 8 bits the full int8 range, as TensorRT's QuantizeLinear clamps
         qmin, qmax = symmetric_range(bits)
+        qmin = -128 if bits == 8 else qmin
         scale = max(abs(lo), abs(hi)) / qmax
         zp = 0
     else:

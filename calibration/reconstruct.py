@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from calibration.adaround import AdaRoundWeight, annealed_beta, apply_layer, block_loss
 from calibration.collect import CalibrationData
 from calibration.config import CalibrationConfig
-from calibration.qmodules import QuantLayer, replace_layers
+from calibration.qmodules import ActQuant, QuantLayer, replace_layers, wrap_residuals
 from calibration.quantizers import ActParams, LsqQuantizer
 
 BLOCK_TYPES = ("ResnetBlock2D", "Attention")
@@ -182,7 +182,16 @@ def reconstruct(
         return recon[key]
 
     fp_forward = copy.deepcopy(fp_forward).eval().requires_grad_(False)
-    q_forward = replace_layers(fp_forward, build).eval()
+    residuals: list[ActQuant] = []  # the profile's residual quantizers: fixed, on with the activations
+
+    def residual(point: str) -> ActQuant | None:
+        if point not in acts:
+            return None
+        residuals.append(ActQuant(acts[point]))
+        residuals[-1].enabled = False
+        return residuals[-1]
+
+    q_forward = wrap_residuals(replace_layers(fp_forward, build), residual, prefix="unet.").eval()
     x0, t0, c0 = next(data.batches(1, cfg.device))
     units = reconstruction_units(fp_forward, layers, (x0, t0, c0))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -255,6 +264,8 @@ def reconstruct(
                                                 1.0, -1.0)  # fmt: skip
         for m in recon.values():
             m.weights, m.quant_acts = "hard", cfg.act_iters > 0
+        for q in residuals:
+            q.enabled = cfg.act_iters > 0
         if cfg.act_iters > 0:
             run("activations", cfg.act_iters)
     new_weights = {n: (m.rounding.integer().cpu(), weights[n][1]) for n, m in recon.items()}

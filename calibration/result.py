@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from calibration.config import CalibrationConfig
-from calibration.qmodules import QuantLayer, QuantLayerModule, replace_layers
+from calibration.qmodules import ActQuant, QuantLayer, QuantLayerModule, replace_layers, wrap_residuals
 from calibration.quantizers import ActParams
 from calibration.shortcut import apply_splits
 from exporter.profiles import get_profile
@@ -66,7 +66,8 @@ class CalibrationResult:
             )
 
         fp_forward = apply_splits(fp_forward, self.splits, prefix="unet.")
-        return replace_layers(fp_forward, lambda n, m: build(n.removeprefix("unet."), m)).eval()
+        model = replace_layers(fp_forward, lambda n, m: build(n.removeprefix("unet."), m))
+        return wrap_residuals(model, lambda p: ActQuant(acts[p]) if p in acts else None, prefix="unet.").eval()
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a temp file in the same directory, renamed at the end."""

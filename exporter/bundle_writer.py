@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import shape_inference, version_converter
 from tqdm.auto import tqdm
 
 from calibration.model_io import LoadedModel
@@ -25,8 +26,9 @@ from calibration.quantizers import quantize_bias
 from calibration.result import CalibrationResult
 from calibration.shortcut import apply_splits
 from exporter.onnx_export import export_float
+from exporter.precision import to_float_type
 from exporter.profiles import get_profile
-from exporter.qdq import LayerQuant, insert_qdq
+from exporter.qdq import LayerQuant, insert_qdq, insert_residual_qdq
 from runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, sha256_file
 from runtime.errors import BundleError, ExportError
 
@@ -111,15 +113,26 @@ def overlay(base: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto | 
     return onnx.helper.make_model(graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
 
 
+def residual_table(result: CalibrationResult, group: int) -> dict:
+    """{resnet: quantizer of its skip Add's residual input} for profiles that quantize residuals."""
+    suffix = ":residual"
+    return {p.removesuffix(suffix): a for p, a in result.group_activations(group).items() if p.endswith(suffix)}
+
+
 def _group_graph(
-    fp: onnx.ModelProto, table: dict[str, LayerQuant], result: CalibrationResult
+    fp: onnx.ModelProto, table: dict[str, LayerQuant], residuals: dict, result: CalibrationResult
 ) -> tuple[onnx.ModelProto, dict]:
+    profile = get_profile(result.config.target)
     graph = gs.import_onnx(fp)
-    report = insert_qdq(graph, table, get_profile(result.config.target))
+    report = insert_qdq(graph, table, profile)
+    report["quantized"] += insert_residual_qdq(graph, residuals)
     model = gs.export_onnx(graph)
     model.opset_import[0].version = fp.opset_import[0].version
     model.ir_version = fp.ir_version
+    model = to_float_type(model, profile.float_type)
     onnx.checker.check_model(model)
+    if profile.float_type != "float32":  # strongly typed: every tensor's type must check
+        shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     return model, report
 
 
@@ -235,13 +248,16 @@ def write_bundle(
         raise BundleError(f"{out}: already exists; {hint}")
     model = dataclasses.replace(model, unet=apply_splits(model.unet, results[0].splits))  # Q-Diffusion split
     fp = export_float(model)
+    opset = get_profile(results[0].config.target).opset
+    if fp.opset_import[0].version != opset:
+        fp = version_converter.convert_version(fp, opset)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shared, groups, graphs, report = SharedWeights(), [], [], {}
         jobs = [(r, g) for r in results for g in range(r.num_groups)]
         for r, g in tqdm(jobs, desc="export", disable=not progress, leave=False):
-            graph, report = _group_graph(fp, layer_table(model, r, g), r)
+            graph, report = _group_graph(fp, layer_table(model, r, g), residual_table(r, g), r)
             graphs.append(graph)
             groups.append({"id": len(groups), "bits": r.config.bits})
         try:

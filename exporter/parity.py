@@ -41,6 +41,18 @@ def _probe_model(graph: Path | onnx.ModelProto, layers: list[str]) -> tuple[onnx
     return model, probes
 
 
+def _quantized_layers(reference, scope: str) -> dict:
+    """{layer name as in the graph: its reference module}; a shortcut conv wrapped with its resnet's residual
+    quantizer (ResidualQuant.shortcut) keeps the shortcut's own name."""
+    wrapped = {n for n, m in reference.named_modules() if type(m).__name__ == "ResidualQuant"}
+    out = {}
+    for name, module in reference.named_modules():
+        if hasattr(module, "act_in"):
+            parent = name.removesuffix(".shortcut")
+            out[(parent if parent in wrapped else name).removeprefix(f"{scope}.")] = module
+    return out
+
+
 def layer_parity(
     graph: str | Path | onnx.ModelProto, reference, feeds: dict[str, np.ndarray], scope: str = "unet"
 ) -> dict[str, dict]:
@@ -50,7 +62,8 @@ def layer_parity(
     import onnxruntime as ort
     import torch
 
-    names = [n.removeprefix(f"{scope}.") for n, m in reference.named_modules() if hasattr(m, "act_in")]
+    modules = _quantized_layers(reference, scope)
+    names = list(modules)
     model, probes = _probe_model(graph if isinstance(graph, onnx.ModelProto) else Path(graph), names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -58,7 +71,7 @@ def layer_parity(
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
     report = {}
     for name, (pre, post) in probes.items():
-        module = reference.get_submodule(f"{scope}.{name}")
+        module = modules[name]
         with torch.no_grad():
             y_ref = module(torch.from_numpy(values[pre])).numpy()
         y = values[post]

@@ -1,4 +1,4 @@
-"""Export target profiles: where Q/DQ pairs go and in which integer types.
+"""Export target profiles: where Q/DQ pairs go and in which integer and float types.
 
 Calibration imports this module to model exactly the quantization points the profile places, so the
 PyTorch fake-quant reference and the shipped graph compute the same function. Pure data, no heavy imports.
@@ -14,12 +14,22 @@ from runtime.errors import ConfigError
 @dataclass(frozen=True)
 class TargetProfile:
     name: str
-    activation_signed: bool  # False: uint8 asymmetric (zero point free); True: int8 symmetric
+    activation_signed: bool  # False: uint8 asymmetric (zero point free); True: int8 symmetric, zero point 0
     conv_output: bool  # quantize every Conv output (ORT forms QLinearConv only with a Q on the output)
     linear_output: bool  # quantize Linear outputs (False: ORT forms MatMulIntegerToFloat / QGemm with float out)
-    quantize_bias: bool  # Conv bias as int32 with scale s_in · s_w[c]
+    quantize_bias: bool  # Conv bias as int32 with scale s_in · s_w[c] (False: the bias stays float)
     description: str
+    residual_input: bool = False  # quantize the residual input of each resnet's skip Add (TensorRT fuses it)
+    float_type: str = "float32"  # element type of every float tensor between the graph's input and output casts
+    opset: int = 17  # ONNX opset of the shipped graph (Q/DQ with float16/bfloat16 scales need 19)
+    backend: str = "ort"  # the engine backend the profile is for: ort (ONNX Runtime) or trt (TensorRT)
 
+
+_TRT = (
+    "TensorRT explicit quantization: int8 symmetric activations (zero point 0), int8 symmetric per-channel "
+    "weights (Conv axis 0, ConvTranspose axis 1), constant scales, Q/DQ on every Conv/Gemm/MatMul input and on "
+    "the residual input of each resnet's skip Add (fused into the conv), float bias"
+)
 
 PROFILES = {
     "ort-cpu": TargetProfile(
@@ -33,6 +43,43 @@ PROFILES = {
             "Q/DQ on every Conv input and output (→ QLinearConv) and on every Linear input "
             "(→ MatMulIntegerToFloat / QGemm), int32 Conv bias"
         ),
+    ),
+    "trt": TargetProfile(
+        name="trt",
+        activation_signed=True,
+        conv_output=False,
+        linear_output=False,
+        quantize_bias=False,
+        residual_input=True,
+        float_type="float16",
+        opset=19,
+        backend="trt",
+        description=_TRT + "; a strongly typed FP16 graph (float32 only for the timestep embedding and the graph I/O)",
+    ),
+    "trt-bf16": TargetProfile(
+        name="trt-bf16",
+        activation_signed=True,
+        conv_output=False,
+        linear_output=False,
+        quantize_bias=False,
+        residual_input=True,
+        float_type="bfloat16",
+        opset=19,
+        backend="trt",
+        description=_TRT + "; a strongly typed BF16 graph (float32 only for the timestep embedding and the graph I/O)",
+    ),
+    "trt-fp32": TargetProfile(
+        name="trt-fp32",
+        activation_signed=True,
+        conv_output=False,
+        linear_output=False,
+        quantize_bias=False,
+        residual_input=True,
+        float_type="float32",
+        opset=19,
+        backend="trt",
+        description=_TRT + "; float parts in FP32 (the same placement as trt, runnable on ONNX Runtime CPU for "
+        "parity checks)",
     ),
 }
 

@@ -165,7 +165,9 @@ def test_weight_quantizer_per_channel_on_every_layout_matches_float64(bits):
 def test_activation_quantizer_at_every_bit_width_matches_float64(bits, signed):
     x = np.random.default_rng(bits).normal(0.3, 2.0, 5000)
     p = activation_params(-1.7, 2.9, signed, bits)
-    assert (p.qmin, p.qmax) == ((-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1))
+    # signed: the restricted symmetric grid, but at 8 bits the whole int8 range (TensorRT's Q clamps to it)
+    lo = -128 if bits == 8 else -(2 ** (bits - 1) - 1)
+    assert (p.qmin, p.qmax) == ((lo, 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1))
     got = p.apply(torch.tensor(x)).numpy()
     np.testing.assert_allclose(got, _ref_fake_quant(x, p.scale, p.zero_point, p.qmin, p.qmax), atol=1e-12)
     assert len(np.unique(got)) <= 2**bits

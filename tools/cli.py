@@ -305,7 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="bundle directory to create")
     c.add_argument("--scheduler", help="scheduler directory or scheduler_config.json (bare model directories)")
     c.add_argument("--bits", default="W8A8", help="weight/activation bit-widths, e.g. W8A8 (default)")
-    c.add_argument("--target", default="ort-cpu", help="export profile (default ort-cpu)")
+    c.add_argument(
+        "--target",
+        default="ort-cpu",
+        choices=["ort-cpu", "trt", "trt-bf16", "trt-fp32"],
+        help="export profile: ort-cpu (ONNX Runtime integer kernels, default); trt (TensorRT explicit quantization, "
+        "strongly typed FP16; then dqc build), trt-bf16, trt-fp32 (the trt placement in FP32, runs on ORT too)",
+    )
     c.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="deployment sampler (default ddim)")
     c.add_argument("--steps", type=int, default=100, help="deployment sampling steps (default 100)")
     c.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
