@@ -108,3 +108,36 @@ def test_manifest_describes_the_bundle(tiny_bundle, tiny_model):
     assert len(m["schedule"]["betas"]) == 1000
     assert m["calibration"]["sampler"] == "ddim" and m["calibration"]["steps"] == 10
     assert all(f["reason"] for f in m["float_nodes"])
+
+
+def test_static_reshapes_fold_the_batch_shape_computation():
+    #   x(batch,4,2,2) ─► Shape ─► Gather(0) ─► Unsqueeze ─┐
+    #                              [2, 8] ─────────────────┴► Concat ─► Reshape(x, ·) ─► y(batch,2,8)
+    from onnx import TensorProto, helper
+
+    from exporter.simplify import static_reshapes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             onnx.numpy_helper.from_array(np.array([0], np.int64), "axes"),
+             onnx.numpy_helper.from_array(np.array([2, 8], np.int64), "rest")]  # fmt: skip
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "axes"], ["b1"]),
+             helper.make_node("Concat", ["b1", "rest"], ["t"], axis=0),
+             helper.make_node("Reshape", ["x", "t"], ["y"])]  # fmt: skip
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    out = static_reshapes(model)
+    assert [n.op_type for n in out.graph.node] == ["Reshape"]
+    shape = next(t for t in out.graph.initializer if t.name == out.graph.node[0].input[1])
+    assert onnx.numpy_helper.to_array(shape).tolist() == [0, 2, 8]
+    assert [n.op_type for n in static_reshapes(out).graph.node] == ["Reshape"]  # idempotent
+    import onnxruntime as ort
+
+    for batch in (1, 3):
+        v = np.random.default_rng(batch).standard_normal((batch, 4, 2, 2)).astype(np.float32)
+        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": v})[0]
+        np.testing.assert_array_equal(got, v.reshape(batch, 2, 8))
