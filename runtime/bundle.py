@@ -167,15 +167,23 @@ class Bundle:
 
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
-        prepack: bool = True, route: np.ndarray | None = None,
+        prepack: bool = True, route: np.ndarray | None = None, backend: str = "ort",
     ) -> EngineSet:  # fmt: skip
-        """ONNX Runtime engines, one per group, created on first use. All group sessions take the weights
+        """Engines, one per group, created on first use: ONNX Runtime sessions (`backend="ort"`), or the
+        TensorRT plans `dqc build` made (`backend="trt"`, routed alike).
+        ONNX Runtime: All group sessions take the weights
         from one in-memory copy of weights.bin and allocate activations from one shared arena;
         `max_resident` bounds how many sessions stay loaded (least recently used ones are released);
         `prepack=False` stops each session from keeping its own pre-packed copy of the weights; `route` (from
         Bundle.route) picks other groups per timestep than the bundle's own table. With several
         groups the sessions' worker threads do not spin-wait between calls (idle sessions would compete
         with the running one)."""
+        if backend == "trt":
+            from runtime.tensorrt import trt_engine_set
+
+            return trt_engine_set(self, route, max_resident=max_resident)
+        if backend != "ort":
+            raise BundleError(f"backend {backend!r}: use ort (ONNX Runtime) or trt (TensorRT plans from dqc build)")
         spec, state = self.spec, {}
         single = len(self.manifest["groups"]) == 1  # several sessions: no spin-waiting worker threads
 

@@ -79,6 +79,13 @@ def _csv(text: str | None) -> list[str] | None:
     return [v.strip() for v in text.split(",") if v.strip()] if text else None
 
 
+def _ints(text: str | None, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(text) or [])
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,8") from None
+
+
 def _groups_arg(text: str) -> int | str:
     if text == "per-step":
         return text
@@ -184,6 +191,36 @@ def _info(a: argparse.Namespace) -> None:
     print("files:")
     for name, size in info["files"].items():
         print(f"  {name:<24}{size / 1e6:>10.3f} MB")
+
+
+def _lint(a: argparse.Namespace) -> int:
+    from exporter.lint import lint_bundle
+
+    report = lint_bundle(a.bundle, a.target)
+    if a.json:
+        print(json.dumps(report, indent=1))
+    else:
+        groups = report["groups"]
+        print(f"{report['bundle']}: {len(groups)} group graphs against the {report['target']} rules")
+        for g, violations in groups.items():
+            for v in violations:
+                print(f"  group {g}  [{v['rule']}] {v['node']}: {v['message']}")
+        print(f"{report['violations']} violations" if report["violations"] else "no violations")
+    return 1 if report["violations"] else 0
+
+
+def _build(a: argparse.Namespace) -> None:
+    from tools.build import run_build
+
+    sizes = _ints(a.batch_sizes, "--batch-sizes") or None
+    report = run_build(a.bundle, backend=a.backend, **({"batch_sizes": sizes} if sizes else {}), opt_batch=a.opt_batch,
+                       workspace_mb=a.workspace_mb, timing_cache=a.timing_cache, verify_int8=a.verify_int8,
+                       progress=not a.quiet)  # fmt: skip
+    if a.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"built {len(report.get('groups', {}))} TensorRT plans in {a.bundle}/engines/trt (TensorRT "
+              f"{report.get('tensorrt_version')}, batch {report.get('batch_sizes')})")  # fmt: skip
 
 
 def _demo(a: argparse.Namespace) -> None:
@@ -441,6 +478,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=_info)
 
+    lt = sub.add_parser(
+        "lint",
+        help="check a bundle's graphs against a target's quantization rules",
+        description="Check every group graph of a bundle against the documented rules of an export target "
+        "(trt: int8 symmetric Q/DQ with zero point 0, constant scales, per-channel weights on axis 0 (ConvTranspose "
+        "1), Q/DQ on every Conv/Gemm/MatMul input and on residual-add inputs, a strongly typed FP16/BF16 graph; "
+        "ort-cpu: uint8 activations, a Q on every Conv output) and name each violating node. Exits 1 on violations.",
+    )
+    lt.add_argument("bundle", help="bundle directory")
+    lt.add_argument("--target", help="rules to check: trt, trt-bf16, trt-fp32 or ort-cpu (default: the bundle's)")
+    lt.add_argument("--json", action="store_true", help="machine-readable report")
+    lt.set_defaults(func=_lint)
+
+    bd = sub.add_parser(
+        "build",
+        help="build TensorRT engines for a bundle",
+        description="Build one TensorRT plan per group graph of a bundle compiled with --target trt (strongly "
+        "typed network, one optimization profile over the batch, a timing cache shared by the group builds) into "
+        "BUNDLE/engines/trt, and fail when a Q/DQ-annotated layer runs in float. Needs TensorRT and an NVIDIA GPU.",
+    )
+    bd.add_argument("bundle", help="bundle directory (compiled with --target trt)")
+    bd.add_argument("--backend", default="trt", choices=["trt"], help="engine backend (default trt)")
+    bd.add_argument("--batch-sizes", metavar="B1,B2", help="engine-call batches the profile spans, increasing; with "
+                    "guidance an engine call holds twice the sampling batch (default 1,16,32)")  # fmt: skip
+    bd.add_argument("--opt-batch", type=int, help="batch the profile is tuned for (default: the middle entry)")
+    bd.add_argument("--workspace-mb", type=int, default=4096, help="builder workspace in MiB (default 4096)")
+    bd.add_argument("--timing-cache", metavar="FILE", help="timing cache to start from (default: the bundle's own)")
+    bd.add_argument("--verify-int8", action=argparse.BooleanOptionalAction, default=True,
+                    help="fail the build when a quantized layer falls back to float (default: on)")  # fmt: skip
+    bd.add_argument("--json", action="store_true", help="print the build report as JSON")
+    bd.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    bd.set_defaults(func=_build)
+
     d = sub.add_parser(
         "demo",
         help="compile, sample and compare a model end to end",
@@ -574,14 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except DqcError as e:
         print(f"dqc {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dqc {args.verb}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":
