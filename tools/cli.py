@@ -276,6 +276,32 @@ def _train_reference(a: argparse.Namespace) -> None:
 
 
 def _bench(a: argparse.Namespace) -> None:
+    if a.ptqd_ablation:
+        from tools.ptqd_ablation import run_ptqd_ablation
+
+        run_ptqd_ablation(
+            a.model or "reference",
+            bits=_csv(a.bits),
+            samplers=_csv(a.samplers),
+            out_dir=a.out or "ptqd_ablation",
+            method=a.method,
+            mixed_bits=a.mixed_bits,
+            n=a.n,
+            steps=a.steps,
+            seed=a.seed,
+            ptqd_samples=a.ptqd_samples,
+            batch_size=a.sample_batch,
+            calibration=dict(
+                adaround_iters=a.adaround_iters,
+                act_iters=a.act_iters,
+                recon_batch=a.recon_batch,
+                calib_samples=a.calib_samples,
+                calib_timesteps=a.calib_timesteps,
+                group_epochs=a.group_epochs,
+            ),  # fmt: skip
+            progress=not a.quiet,
+        )
+        return
     if a.ptqd_checks:
         from tools.ptqd_checks import run_ptqd_checks
 
@@ -297,7 +323,7 @@ def _bench(a: argparse.Namespace) -> None:
             a.model or "reference",
             methods=_csv(a.methods),
             bits=_csv(a.bits),
-            out_dir=a.out,
+            out_dir=a.out or "method_table",
             n=a.n,
             steps=a.steps,
             eta=a.eta,
@@ -600,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = b.add_argument_group("quality table (--methods)")
     q.add_argument("--methods", metavar="M1,M2", help="methods to compare, e.g. naive,ptq4dm,qdiffusion")
     q.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4", help="bit-widths (default W8A8,W6A6,W4A8,W4A4)")
-    q.add_argument("--out", default="method_table", help="output directory, one sub-directory per cell")
+    q.add_argument("--out", help="output directory (--methods: one sub-directory per cell, default method_table; "
+                   "--ptqd-ablation: default ptqd_ablation; speed: where bench.json and bench.md go)")  # fmt: skip
     q.add_argument("-n", type=int, default=500, help="samples per cell (default 500)")
     q.add_argument("--steps", type=int, default=100, help="DDIM steps, calibration and sampling (default 100)")
     q.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -636,6 +663,20 @@ def build_parser() -> argparse.ArgumentParser:
         "1000 random elements), its skew and kurtosis, the sign of k_t, and Pearson's R of the error with ε_FP",
     )
     k.add_argument("--fp", metavar="MODEL", help="the bundle's full-precision model (default: its recorded source)")
+    a = b.add_argument_group("PTQD ablation (--ptqd-ablation; --bits, -n, --steps, --seed, --out, overrides above)")
+    a.add_argument(
+        "--ptqd-ablation",
+        action="store_true",
+        help="per bit-width and sampler, compile with PTQD statistics and sample baseline, +CNC, +CNC+VSC and "
+        "+CNC+VSC+BC (PTQD supplement Table B) with the full-precision seeds; FD, accuracy, PSNR vs FP, host "
+        "correction time; writes OUT/table.md and OUT/table.json",
+    )
+    a.add_argument("--samplers", default="ddim-eta1,ddpm,ddim-eta0",
+                   help="deployment samplers: ddpm or ddim-eta<eta> (default ddim-eta1,ddpm,ddim-eta0)")  # fmt: skip
+    a.add_argument("--method", default="qdiffusion", help="base calibration (default qdiffusion)")
+    a.add_argument("--mixed-bits", metavar="BITS", help="also compare step-aware mixed precision with this cheaper "
+                   "precision (first --bits and first sampler): PTQD's switch vs all-high vs all-low")  # fmt: skip
+    a.add_argument("--ptqd-samples", type=int, default=512, help="trajectories for the statistics (default 512)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
     return p
