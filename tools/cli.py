@@ -345,9 +345,15 @@ def _bench(a: argparse.Namespace) -> None:
             progress=not a.quiet,
         )
         return
-    from tools.bench import run_bench
+    from tools.bench import BenchPlan, run_bench
 
-    run_bench(a.model, synthetic=a.synthetic, batch=a.batch, reps=a.reps, json_out=a.json, progress=not a.quiet)
+    if a.quick:
+        plan = BenchPlan.quick()
+    else:
+        models = tuple(_csv(a.models) or ([a.model] if a.model else ["reference", "cifar10"]))
+        batches = _ints(a.batches, "--batches")
+        plan = BenchPlan(models=models, batches=batches, reps=a.reps, memory=a.memory)
+    run_bench(plan, out_dir=a.out, progress=not a.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -599,24 +605,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="latency of a W8A8 bundle against ONNX Runtime FP32, or (--methods) a method × bits quality table",
-        description="Latency (default): compile a model (a directory, or a synthetic random-weight shape) to "
-        "W8A8 and measure per-step latency of the bundle and of the FP32 ONNX Runtime session in one "
-        "process (interleaved runs; report ratios, not absolute times), with ORT's optimized op counts. "
+        help="speed and memory against ONNX Runtime FP32 and its own quantizer, or quality tables (--methods, ...)",
+        description="Speed (default): per model (the shipped reference model and the CIFAR-10-shaped UNet with "
+        "random weights), compile our W8A8 bundle with one scale set (G = 1) and with 8 timestep groups (G = 8), "
+        "ONNX Runtime's own quantize_static on the same calibration inputs (the peer) and the FP32 graph; measure "
+        "per-step latency (median, spread) at each batch with all engines interleaved in one process, resident "
+        "memory of each engine in a fresh process, the whole 100-step sampling loop, ORT's optimized op counts "
+        "and (reference model) every engine's sample quality; print ratios ours/FP32 and ours/peer and write "
+        "OUT/bench.json and OUT/bench.md. --quick: the tiny model, a smoke run. "
         "Quality (--methods): for each method and bit-width compile, sample N images on ONNX Runtime with "
         "the full-precision row's seeds, and report FD, accuracy, PSNR vs FP and calibration time in "
         "OUT/table.md, OUT/table.json and the plot OUT/fd_vs_bits.png; finished cells in OUT are reused.",
     )
-    b.add_argument("model", nargs="?", help=MODEL_HELP + " (default: a synthetic model; with --methods: reference)")
-    b.add_argument(
-        "--synthetic",
-        default="cifar10",
-        choices=["cifar10", "tiny"],
-        help="synthetic shape when no model is given (default cifar10: DDPM CIFAR-10 layout, 35.7 M)",
-    )
-    b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    b.add_argument("model", nargs="?", help=MODEL_HELP + " (speed: default reference and cifar10; with --methods: "
+                   "reference; with --groups-vs / --ptqd-checks: a bundle)")  # fmt: skip
+    b.add_argument("--models", metavar="M1,M2", help="speed: models to measure: reference, cifar10 (35.7 M, "
+                   "random weights), tiny or a model directory (default reference,cifar10)")  # fmt: skip
+    b.add_argument("--batches", default="1,8", help="speed: batch sizes (default 1,8)")
+    b.add_argument("--quick", action="store_true", help="speed: a smoke run on the tiny model (batch 1, 3 reps)")
+    b.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="speed: also measure resident memory, one fresh process per engine (default: on)")  # fmt: skip
+    b.add_argument("--batch", type=int, default=1, help="--groups-vs: batch size (default 1)")
     b.add_argument("--reps", type=int, default=20, help="interleaved timed runs per engine (default 20)")
-    b.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    b.add_argument("--json", metavar="FILE", help="--groups-vs / --ptqd-checks: write the report as JSON")
     b.add_argument(
         "--groups-vs",
         metavar="BUNDLE1",

@@ -1,0 +1,71 @@
+"""`dqc bench` commands end to end on the tiny model: the speed smoke run (no thresholds: these machines are
+noisy; figures live in docs/RESULTS.md), the PTQD ablation table, lint and build from the command line."""
+
+import json
+
+import pytest
+
+from tools.cli import main
+
+
+def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
+    assert main(["bench", "--quick", "-q", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    m = report["models"]["tiny"]
+    assert set(m["latency"]["1"]) == {"fp32", "ort-static", "dqc-G1", "dqc-G8"}
+    assert all(v["median_ms"] > 0 for v in m["latency"]["1"].values())
+    assert set(m["ratios"]["1"]) == {"dqc-G1 vs fp32", "dqc-G1 vs ort-static", "dqc-G8 vs fp32", "dqc-G8 vs ort-static"}
+    assert m["memory_mb"]["1"]["dqc-G8"] > 0 and m["loop"]["dqc-G8"]["seconds"] > 0
+    # every quantized engine runs integer kernels: no float Conv left in ORT's optimized graph
+    assert all(m["ops"][k]["float_conv"] == 0 and m["ops"][k]["integer"] > 0 for k in ("ort-static", "dqc-G1"))
+    assert "speed-up vs FP32" in (tmp_path / "bench.md").read_text()
+    assert "| 1 | dqc-G8 |" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_flags(capsys):
+    assert main(["bench", "--batches", "1,x", "-q"]) == 2
+    assert "--batches" in capsys.readouterr().err
+    assert main(["bench", "--models", "imagenet", "--batches", "1", "-q", "--no-memory"]) == 2
+    assert "--models 'imagenet'" in capsys.readouterr().err
+
+
+def test_ptqd_ablation_table_on_the_tiny_model(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "abl"
+    argv = ["bench", str(tiny_dir), "--ptqd-ablation", "--bits", "W4A8", "--samplers", "ddim-eta1,ddim-eta0",
+            "--method", "lp", "--mixed-bits", "W4A4", "-n", "6", "--steps", "5", "--calib-samples", "4",
+            "--calib-timesteps", "3", "--ptqd-samples", "4", "--sample-batch", "6", "--out", str(out),
+            "-q"]  # fmt: skip
+    assert main(argv) == 0
+    table = json.loads((out / "table.json").read_text())
+    rows = [(r["sampler"], r["bits"], r["row"]) for r in table["rows"]]
+    for sampler in ("ddim-eta1", "ddim-eta0"):
+        assert [r for s, b, r in rows if s == sampler and b == "W4A8"] == ["baseline", "+CNC", "+CNC+VSC",
+                                                                            "+CNC+VSC+BC"]  # fmt: skip
+    assert [r for s, b, r in rows if b == "W4A4+W4A8"] == ["mixed W4A4/W4A8 (PTQD switch)", "all W4A8", "all W4A4"]
+    md = (out / "table.md").read_text()
+    assert "VSC does nothing with DDIM eta = 0" in md and "mixed precision: W4A4 at t >=" in md
+    baseline = next(r for r in table["rows"] if r["row"] == "baseline")
+    assert baseline["ptqd_share"] == 0 and baseline["psnr_db"] is not None
+    before = {p: p.stat().st_mtime for p in out.rglob("*.npz")}
+    assert main(argv) == 0  # resumes: nothing recompiled or resampled
+    assert {p: p.stat().st_mtime for p in out.rglob("*.npz")} == before
+    assert main([*argv[:5], "--samplers", "ddim-eta", *argv[7:]]) == 2
+    assert "--samplers" in capsys.readouterr().err
+
+
+def test_lint_and_build_from_the_command_line(tiny_bundle, capsys):
+    assert main(["lint", str(tiny_bundle)]) == 0
+    assert "no violations" in capsys.readouterr().out
+    assert main(["lint", str(tiny_bundle), "--target", "trt"]) == 1  # an ONNX Runtime bundle breaks TensorRT's rules
+    out = capsys.readouterr().out
+    assert "[qdq-type]" in out and "violations" in out
+    assert main(["build", str(tiny_bundle), "-q"]) == 2
+    assert "targets ONNX Runtime" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["ddpm", "ddim-eta1", "ddim-eta0.5"])
+def test_sampler_names(text):
+    from tools.ptqd_ablation import SamplerSpec
+
+    spec = SamplerSpec.parse(text)
+    assert spec.label == text and SamplerSpec.parse(spec.label) == spec

@@ -1,0 +1,68 @@
+"""The peer a user would otherwise pick: ONNX Runtime's own static quantizer on the exported float graph.
+
+`quant_pre_process` (symbolic shape inference with auto-merge of the dynamic batch, ORT's basic graph
+optimisations) then `quantize_static` in QDQ format, per-channel S8 weights, U8 activations, MinMax ranges,
+calibrated on exactly the inputs our calibration recorded (the same full-precision trajectories).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class _Feeds:
+    """onnxruntime.quantization.CalibrationDataReader over recorded calibration inputs."""
+
+    def __init__(self, data, batch: int) -> None:
+        self._batches = data.batches(batch)
+
+    def get_next(self) -> dict | None:
+        batch = next(self._batches, None)
+        if batch is None:
+            return None
+        x, t, c = batch
+        feeds = {"sample": x.numpy(), "timestep": t.numpy()}
+        if c is not None:
+            feeds["class_labels"] = c.numpy()
+        return feeds
+
+    def rewind(self) -> None:  # the reader protocol; one pass is all MinMax needs
+        pass
+
+
+def quantize_static_peer(fp32_path: str | Path, out_path: str | Path, data, *, batch: int = 8) -> Path:
+    """ORT's QDQ static quantization of `fp32_path` with MinMax ranges over `data` (CalibrationData)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_Feeds, CalibrationDataReader):
+        pass
+
+    out_path = Path(out_path)
+    pre = out_path.with_name(f"{out_path.stem}.pre.onnx")
+    # the dynamic batch defeats plain symbolic shape inference ("Incomplete symbolic shape inference");
+    # auto_merge unifies the batch symbols, as ORT's documentation suggests for such models
+    quant_pre_process(str(fp32_path), str(pre), auto_merge=True)
+    quantize_static(
+        str(pre),
+        str(out_path),
+        Reader(data, batch),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return out_path
+
+
+def labels_for(spec, n: int) -> np.ndarray | None:
+    return None if spec.num_class_embeds is None else np.arange(n, dtype=np.int64) % max(spec.num_class_embeds - 1, 1)
