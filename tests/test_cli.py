@@ -122,7 +122,7 @@ def test_compile_refuses_to_overwrite(compiled, tiny_dir, capsys):
 
 
 def test_help_on_every_verb():
-    for verb in ("compile", "sample", "info", "eval", "demo", "bench", "train-reference"):
+    for verb in ("compile", "sample", "info", "lint", "build", "eval", "demo", "bench", "train-reference"):
         r = subprocess.run(
             [sys.executable, "-m", "tools.cli", verb, "--help"], capture_output=True, text=True, cwd=ROOT
         )
