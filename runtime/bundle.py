@@ -167,7 +167,7 @@ class Bundle:
 
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
-        prepack: bool = True, route: np.ndarray | None = None, backend: str = "ort",
+        prepack: bool = True, route: np.ndarray | None = None, backend: str = "ort", spin: bool | None = None,
     ) -> EngineSet:  # fmt: skip
         """Engines, one per group, created on first use: ONNX Runtime sessions (`backend="ort"`), or the
         TensorRT plans `dqc build` made (`backend="trt"`, routed alike).
@@ -177,7 +177,8 @@ class Bundle:
         `prepack=False` stops each session from keeping its own pre-packed copy of the weights; `route` (from
         Bundle.route) picks other groups per timestep than the bundle's own table. With several
         groups the sessions' worker threads do not spin-wait between calls (idle sessions would compete
-        with the running one)."""
+        with the running one); `spin` overrides that (False: never spin, e.g. when other sessions run in
+        between)."""
         if backend == "trt":
             from runtime.tensorrt import trt_engine_set
 
@@ -185,7 +186,7 @@ class Bundle:
         if backend != "ort":
             raise BundleError(f"backend {backend!r}: use ort (ONNX Runtime) or trt (TensorRT plans from dqc build)")
         spec, state = self.spec, {}
-        single = len(self.manifest["groups"]) == 1  # several sessions: no spin-waiting worker threads
+        single = len(self.manifest["groups"]) == 1 if spin is None else spin  # several sessions: no spin-waiting
 
         def make(group: int) -> OrtEngine:
             if "weights" not in state:

@@ -70,20 +70,19 @@ class _Noise:
         return np.stack([r.standard_normal(self._shape, dtype=np.float32) for r in self._rngs])
 
 
-def _guided_eps(engine, x: np.ndarray, t: int, labels, null_class, guidance: float) -> np.ndarray:
-    ts = np.full(x.shape[0], t, dtype=np.int64)
+def _guided_eps(engine, x: np.ndarray, t: int, labels, null_class, guidance: float, both_labels=None) -> np.ndarray:
+    """The prediction the update uses; with guidance, cond and uncond batched in one engine call:
+    ε = ε(x, ∅) + w · (ε(x, c) − ε(x, ∅)). `both_labels` (labels then null, as one array) may be passed in
+    by a caller that reuses it across steps."""
+    n = x.shape[0]
     if labels is None:
-        return engine.infer(x, ts)
+        return engine.infer(x, np.full(n, t, dtype=np.int64))
     if guidance == 1.0:
-        return engine.infer(x, ts, labels)
-    # classifier-free guidance, cond and uncond batched in one engine call:
-    # ε = ε(x, ∅) + w · (ε(x, c) − ε(x, ∅))
-    both = engine.infer(
-        np.concatenate([x, x]),
-        np.concatenate([ts, ts]),
-        np.concatenate([labels, np.full_like(labels, null_class)]),
-    )
-    cond, uncond = np.split(both, 2)
+        return engine.infer(x, np.full(n, t, dtype=np.int64), labels)
+    if both_labels is None:
+        both_labels = np.concatenate([labels, np.full_like(labels, null_class)])
+    both = engine.infer(np.concatenate([x, x]), np.full(2 * n, t, dtype=np.int64), both_labels)
+    cond, uncond = both[:n], both[n:]
     return uncond + guidance * (cond - uncond)
 
 
@@ -185,10 +184,12 @@ def sample(
         noise = _Noise(seed, idx, spec.sample_shape)
         x = noise.draw()
         lab = None if labels is None else labels[lo : idx.stop]
+        guided = lab is not None and cfg.guidance != 1.0
+        both = np.concatenate([lab, np.full_like(lab, null_class)]) if guided else None
         for i, t in enumerate(ts):
             engine = engines.for_timestep(int(t))
             start = time.perf_counter()
-            eps = _guided_eps(engine, x, int(t), lab, null_class, cfg.guidance)
+            eps = _guided_eps(engine, x, int(t), lab, null_class, cfg.guidance, both)
             run.engine_seconds += time.perf_counter() - start
             run.engine_calls += 1
             if lo == 0:

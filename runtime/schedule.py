@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,13 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return len(self.betas)
 
-    @property
+    @cached_property
     def alphas_cumprod(self) -> np.ndarray:
-        """ā_t = ∏_{i≤t} (1 − β_i), float64, indexed by training timestep t."""
-        return np.cumprod(1.0 - np.asarray(self.betas, dtype=np.float64))
+        """ā_t = ∏_{i≤t} (1 − β_i), float64, indexed by training timestep t (computed once, read-only: the
+        sampler reads it every step)."""
+        ac = np.cumprod(1.0 - np.asarray(self.betas, dtype=np.float64))
+        ac.flags.writeable = False
+        return ac
 
     def final_alpha_cumprod(self) -> float:
         """ā of the step after the last one (DDIM convention: 1.0 when set_alpha_to_one)."""

@@ -46,6 +46,7 @@ class BenchPlan:
     calib_samples: int = 8
     calib_timesteps: int = 8
     memory: bool = True
+    profile: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -77,13 +78,15 @@ def _inputs(spec, batch: int, seed: int = 0):
 
 
 def open_engine(kind: str, path: str, spec=None):
-    """An EngineSet for a bench engine: a bundle directory, or a single ONNX graph file (FP32, the peer)."""
+    """An EngineSet for a bench engine: a bundle directory, or a single ONNX graph file (FP32, the peer). No
+    session's worker threads spin-wait after a call: in interleaved runs the next call is another session's,
+    and spinning workers would take its cores (measured: per-call times up to 1.7x the spin-free ones)."""
     from runtime.bundle import load_bundle
     from runtime.engine import EngineSet, OrtEngine
 
     if kind == "bundle":
-        return load_bundle(path).engines()
-    return EngineSet.single(OrtEngine(Path(path), spec))
+        return load_bundle(path).engines(spin=False)
+    return EngineSet.single(OrtEngine(Path(path), spec, spin=False))
 
 
 def resident_memory(kind: str, path: str, spec: dict, batch: int) -> dict:
@@ -120,10 +123,13 @@ def measure_memory(kind: str, path: str, spec, batch: int) -> dict:
 
 def interleaved_latency(engines: dict, spec, timesteps: list[int], batch: int, reps: int) -> dict:
     """Per-call seconds of each engine set, runs interleaved: repetition r calls every engine at timestep
-    timesteps[r % len]; one warm-up pass over all timesteps first (sessions created, arenas grown)."""
+    timesteps[r % len]; first a warm-up call of every engine at each timestep where some engine set changes
+    group (sessions created, arenas grown)."""
     x, labels = _inputs(spec, batch)
     times: dict[str, list[float]] = {k: [] for k in engines}
-    for t in timesteps:
+    warm = {timesteps[0]} | {b for a, b in zip(timesteps, timesteps[1:], strict=False)
+                             if any(es.group_of(a) != es.group_of(b) for es in engines.values())}  # fmt: skip
+    for t in sorted(warm):
         for es in engines.values():
             es.for_timestep(t).infer(x, np.full(batch, t, np.int64), labels)
     for r in range(reps):
@@ -282,6 +288,8 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
         if plan.memory:
             report["memory_mb"] = {b: {k: measure_memory("bundle" if k.startswith("dqc") else "graph", str(p), spec, b)
                                        ["rss_mb"] for k, p in paths.items()} for b in plan.batches}  # fmt: skip
+        if plan.profile:
+            report["profile"] = {b: op_profile(paths, spec, b) for b in plan.batches}
         if name == "reference" and plan.quality_samples:
             report["quality"] = quality(paths, model, guidance, plan.quality_samples, root, progress)
     return report
@@ -339,6 +347,12 @@ def format_model(m: dict) -> str:
     for k, v in ops.items():
         lines.append(f"| {k} | {v['nodes']} | {v['integer']} | {v['float_conv']} | {v['quantize_nodes']} | "
                      f"{v['dequantize_nodes']} |")  # fmt: skip
+    for b, prof in m.get("profile", {}).items():
+        lines.append(f"\nwhere the time goes at batch {b} (ONNX Runtime profiler, ms per call: the top op types)")
+        lines.append("\n| engine | run | kernels | top op types (ms, nodes) |\n|---|---|---|---|")
+        for k, v in prof.items():
+            top = ", ".join(f"{op} {o['ms']:.2f} ({o['nodes']})" for op, o in list(v["ops"].items())[:8])
+            lines.append(f"| {k} | {v['run_ms']:.2f} | {v['kernel_ms']:.2f} | {top} |")
     if "quality" in m:
         lines.append("\n| engine | FD | accuracy | PSNR vs FP32 (dB) |\n|---|---|---|---|")
         for k, v in m["quality"].items():
@@ -346,3 +360,47 @@ def format_model(m: dict) -> str:
             psnr = "—" if v["psnr_db"] is None else f"{v['psnr_db']:.2f}"
             lines.append(f"| {k} | {v['fd']:.3f} | {acc} | {psnr} |")
     return "\n".join(lines) + "\n"
+
+
+def op_profile(paths: dict, spec, batch: int, runs: int = 5) -> dict:
+    """Where each engine's time goes: ONNX Runtime's own profiler over `runs` calls (group 0 for a bundle),
+    kernel milliseconds per call summed by op type, with the node count per type, and the time between kernels
+    (the executor's own share)."""
+    import collections
+    import os
+
+    import onnxruntime as ort
+
+    x, labels = _inputs(spec, batch)
+    feeds = {"sample": x, "timestep": np.full(batch, spec.num_train_timesteps // 2, np.int64)}
+    if labels is not None:
+        feeds["class_labels"] = labels
+    out = {}
+    for name, p in paths.items():
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_profiling = True
+        graph = Path(p) / "group_0.onnx" if Path(p).is_dir() else Path(p)
+        session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        session.run(None, feeds)  # warm-up, not counted: profiled below as the first run and dropped
+        for _ in range(runs):
+            session.run(None, feeds)
+        trace_path = session.end_profiling()
+        events = json.loads(Path(trace_path).read_text())
+        os.unlink(trace_path)
+        model_runs = [e for e in events if e.get("name") == "model_run"][-runs:]
+        start = model_runs[0]["ts"]
+        kernels = [
+            e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start
+        ]
+        per_op, count = collections.Counter(), collections.Counter()
+        for e in kernels:
+            per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
+            count[e["args"]["op_name"]] += 1
+        total = sum(r["dur"] for r in model_runs) / 1e3 / runs
+        out[name] = {
+            "run_ms": round(total, 3),
+            "kernel_ms": round(sum(per_op.values()), 3),
+            "ops": {op: {"ms": round(ms, 3), "nodes": count[op] // runs} for op, ms in per_op.most_common()},
+        }
+    return out

@@ -352,7 +352,7 @@ def _bench(a: argparse.Namespace) -> None:
     else:
         models = tuple(_csv(a.models) or ([a.model] if a.model else ["reference", "cifar10"]))
         batches = _ints(a.batches, "--batches")
-        plan = BenchPlan(models=models, batches=batches, reps=a.reps, memory=a.memory)
+        plan = BenchPlan(models=models, batches=batches, reps=a.reps, memory=a.memory, profile=a.profile)
     run_bench(plan, out_dir=a.out, progress=not a.quiet)
 
 
@@ -625,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="speed: a smoke run on the tiny model (batch 1, 3 reps)")
     b.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="speed: also measure resident memory, one fresh process per engine (default: on)")  # fmt: skip
+    b.add_argument("--profile", action="store_true", help="speed: also ONNX Runtime's profiler per engine and batch: "
+                   "kernel time by op type (where the time goes)")  # fmt: skip
     b.add_argument("--batch", type=int, default=1, help="--groups-vs: batch size (default 1)")
     b.add_argument("--reps", type=int, default=20, help="interleaved timed runs per engine (default 20)")
     b.add_argument("--json", metavar="FILE", help="--groups-vs / --ptqd-checks: write the report as JSON")
