@@ -29,7 +29,7 @@ from exporter.onnx_export import export_float
 from exporter.precision import to_float_type
 from exporter.profiles import get_profile
 from exporter.qdq import LayerQuant, insert_qdq, insert_residual_qdq
-from exporter.simplify import static_reshapes
+from exporter.simplify import fold_shapes
 from runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, sha256_file
 from runtime.errors import BundleError, ExportError
 
@@ -252,7 +252,7 @@ def write_bundle(
     opset = get_profile(results[0].config.target).opset
     if fp.opset_import[0].version != opset:
         fp = version_converter.convert_version(fp, opset)
-    fp = static_reshapes(fp)
+    fp = fold_shapes(fp)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

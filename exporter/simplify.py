@@ -1,14 +1,16 @@
-"""Pass: static Reshape targets in a graph exported with a dynamic batch.
+"""Pass: fold the shape arithmetic of a graph exported with a dynamic batch.
 
     x ─► Shape ─► Gather ─► Unsqueeze ─┐
                       (constants) ─────┴► Concat ─► Reshape(x, ·)      becomes      Reshape(x, [0, 8, 4096])
+    q ─► Shape ─► Slice ─► Cast ─► Sqrt ─► Div ─► Mul(scores, ·)       becomes      Mul(scores, 0.0625)
 
-The TorchScript exporter computes every Reshape target from the input's runtime shape (Shape → Gather →
-Unsqueeze → Concat), because the batch is dynamic. Where ONNX shape inference (with data propagation) knows
-every output dimension but the first, and the first is the input's own batch dimension, the target is a
-constant with 0 in front (Reshape copies input dimension 0 for a 0 when allowzero = 0). The shape subgraphs
-left without consumers are removed. ONNX Runtime then runs a few hundred nodes fewer per call, which is a
-large share of a small model's time at batch 1.
+The TorchScript exporter computes every Reshape target, and values like attention's 1/√d, from tensors'
+runtime shapes (Shape → Gather/Slice → …), because the batch is dynamic. The pass runs the graph at several
+batch sizes and reads every value computed from shapes and constants alone: one that is the same at every
+batch becomes a constant; a Reshape target that differs only in its first entry, which is the batch and the
+input's own first dimension, becomes a constant with 0 there (Reshape copies input dimension 0 for a 0 when
+allowzero = 0). The shape subgraphs left without consumers are removed. ONNX Runtime then runs a few hundred
+nodes fewer per call and can fuse what the constants feed (MatMul with its scale).
 """
 
 from __future__ import annotations
@@ -17,39 +19,104 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-
-def _dims(value_info: onnx.ValueInfoProto | None) -> list | None:
-    if value_info is None or not value_info.type.tensor_type.HasField("shape"):
-        return None
-    return [
-        d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in value_info.type.tensor_type.shape.dim
-    ]
+_BATCHES = (1, 2, 3)
 
 
-def static_reshapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose batch-preserving Reshapes have constant targets; idempotent."""
+def _shape_region(g: onnx.GraphProto, constants: set[str]) -> list[onnx.NodeProto]:
+    """Shape nodes and the nodes computed from their outputs and constants alone, in graph order."""
+    known, region = set(constants), []
+    for node in g.node:
+        ins = [x for x in node.input if x]
+        if node.op_type == "Shape" or (
+            node.op_type != "Constant" and ins and all(x in known for x in ins) and any(x not in constants for x in ins)
+        ):
+            region.append(node)
+            known.update(node.output)
+    return region
+
+
+def _run(model: onnx.ModelProto, names: list[str], batch: int) -> list[np.ndarray]:
+    """The values of `names` when the graph runs at `batch` (random float inputs, zero integer inputs)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(batch)
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [batch if not isinstance(d, int) else d for d in inp.shape]
+        if inp.type == "tensor(float)":
+            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+        else:
+            feeds[inp.name] = np.zeros(shape, np.int64 if inp.type == "tensor(int64)" else np.int32)
+    return session.run(names, feeds)
+
+
+def _batch_dim_first(shapes: dict, tensor: str) -> bool:
+    v = shapes.get(tensor)
+    dims = v.type.tensor_type.shape.dim if v is not None and v.type.tensor_type.HasField("shape") else []
+    return bool(dims) and bool(dims[0].dim_param) and not dims[0].HasField("dim_value")
+
+
+def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with its batch-independent shape values constant and its batch-preserving Reshape
+    targets [0, d1, …]; idempotent."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
-    shapes = {v.name: v for v in (*inferred.value_info, *inferred.input, *inferred.output)}
-    constants = {t.name for t in g.initializer}
+    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    region = _shape_region(g, constants)
+    made = {o for n in region for o in n.output}
+    inside = {id(n) for n in region}
+    outside = {}  # tensor → its consumers outside the region
     for node in g.node:
-        if node.op_type != "Reshape" or node.input[1] in constants:
+        if id(node) not in inside:
+            for k, x in enumerate(node.input):
+                if x in made:
+                    outside.setdefault(x, []).append((node, k))
+    wanted = sorted(outside)
+    if not wanted:
+        return out
+    runs = [_run(model, wanted, b) for b in _BATCHES]
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: v for v in (*inferred.value_info, *inferred.input)}
+    for i, name in enumerate(wanted):
+        values = [np.asarray(r[i]) for r in runs]
+        constant = _constant(values, outside[name], shapes)
+        if constant is None:
             continue
-        if any(a.name == "allowzero" and a.i for a in node.attribute):
-            continue
-        src, dst = _dims(shapes.get(node.input[0])), _dims(shapes.get(node.output[0]))
-        if not src or not dst or not isinstance(src[0], str) or dst[0] != src[0]:
-            continue
-        if not all(isinstance(d, int) and d > 0 for d in dst[1:]):
-            continue
-        target = numpy_helper.from_array(np.array([0, *dst[1:]], np.int64), f"{node.output[0]}/static_shape")
-        g.initializer.append(target)
-        constants.add(target.name)
-        node.input[1] = target.name
+        tensor = numpy_helper.from_array(constant, f"{name}/folded")
+        g.initializer.append(tensor)
+        for node, k in outside[name]:
+            node.input[k] = tensor.name
     _drop_dead(g)
     return out
+
+
+def _constant(values: list[np.ndarray], uses: list, shapes: dict) -> np.ndarray | None:
+    """The constant that can stand for a shape value seen at every batch, or None."""
+    first = values[0]
+    if all(v.shape == first.shape and v.dtype == first.dtype and np.array_equal(v, first) for v in values[1:]):
+        return first
+
+    # a Reshape target [B, d1, …] whose B is the batch the input carries in its own first dimension
+    def batch_preserving(node: onnx.NodeProto, k: int) -> bool:
+        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        return node.op_type == "Reshape" and k == 1 and not allowzero and _batch_dim_first(shapes, node.input[0])
+
+    reshape_only = all(batch_preserving(node, k) for node, k in uses)
+    if not reshape_only or first.ndim != 1 or first.dtype != np.int64:
+        return None
+    if not all(v.shape == first.shape and np.array_equal(v[1:], first[1:]) and v[0] == b
+               for v, b in zip(values, _BATCHES, strict=True)):  # fmt: skip
+        return None
+    return np.concatenate([[0], first[1:]]).astype(np.int64)
 
 
 def _drop_dead(g: onnx.GraphProto) -> None:
