@@ -12,7 +12,7 @@ def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
     assert main(["bench", "--quick", "-q", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     m = report["models"]["tiny"]
-    assert set(m["latency"]["1"]) == {"fp32", "ort-static", "dqc-G1", "dqc-G8"}
+    assert set(m["latency"]["1"]) == {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8"}
     assert all(v["median_ms"] > 0 for v in m["latency"]["1"].values())
     assert set(m["ratios"]["1"]) == {"dqc-G1 vs fp32", "dqc-G1 vs ort-static", "dqc-G8 vs fp32", "dqc-G8 vs ort-static"}
     assert m["memory_mb"]["1"]["dqc-G8"] > 0 and m["loop"]["dqc-G8"]["seconds"] > 0

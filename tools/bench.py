@@ -2,7 +2,8 @@
 measured in one run.
 
 Per model (the shipped reference model and/or the CIFAR-10-shaped UNet with random weights):
-- engines: ONNX Runtime FP32 on the exported float graph; ONNX Runtime's own static quantizer (`quant_pre_process`
+- engines: ONNX Runtime FP32 on the exported float graph (and on the same graph after our shape folding, to show how
+  much of the gain is graph cleanup); ONNX Runtime's own static quantizer (`quant_pre_process`
   then `quantize_static`: QDQ, per-channel, U8 activations, S8 weights, MinMax, on the same calibration inputs as
   ours) — the peer; our W8A8 bundle with one scale set (G = 1) and with eight timestep groups (G = 8);
 - per-step latency (median, p10, p90) at each batch, all engines interleaved in one process at the same timesteps
@@ -30,7 +31,7 @@ import numpy as np
 from runtime.errors import ConfigError
 from tools import pipeline
 
-ENGINES = ("fp32", "ort-static", "dqc-G1", "dqc-G8")
+ENGINES = ("fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8")
 MODELS = ("reference", "cifar10", "tiny")
 
 
@@ -151,8 +152,10 @@ def _stats(seconds: list[float]) -> dict:
 
 def sampling_loop(engines: dict, schedule, spec, null_class, steps: int, guidance: float) -> dict:
     """Wall time of the whole host sampling loop (DDIM `steps`, one sample) per engine set, and what the loop
-    adds over the bare engine calls: the same calls (the guided batch: cond and uncond) at the same timesteps
-    without the sampler around them. Loop and bare runs interleaved, 3 each, medians."""
+    adds over the bare engine calls: against the same calls (the guided batch: cond and uncond) at the same
+    timesteps without the sampler around them (`loop_overhead`; loop and bare runs interleaved, 3 each,
+    medians), and within each loop run, its time outside the engine calls (`host_share`, free of run-to-run
+    noise)."""
     from runtime.sampler import SamplerConfig, sample
 
     cfg = SamplerConfig("ddim", steps, 0.0, guidance)
@@ -160,12 +163,14 @@ def sampling_loop(engines: dict, schedule, spec, null_class, steps: int, guidanc
     guided = spec.num_class_embeds is not None and guidance != 1.0
     x, labels = _inputs(spec, 2 if guided else 1)
     one = None if labels is None else labels[:1]
-    runs: dict[str, dict[str, list[float]]] = {k: {"loop": [], "bare": []} for k in engines}
+    runs: dict[str, dict[str, list[float]]] = {k: {"loop": [], "bare": [], "inside": []} for k in engines}
     for _ in range(3):
         for name, es in engines.items():
             start = time.perf_counter()
-            sample(es, schedule, cfg, n=1, seed=0, labels=one, null_class=null_class, batch_size=1, progress=False)
+            run = sample(es, schedule, cfg, n=1, seed=0, labels=one, null_class=null_class, batch_size=1,
+                         progress=False)  # fmt: skip
             runs[name]["loop"].append(time.perf_counter() - start)
+            runs[name]["inside"].append(run.engine_seconds)
             start = time.perf_counter()
             for t in ts:
                 es.for_timestep(t).infer(x, np.full(len(x), t, np.int64), labels)
@@ -173,8 +178,9 @@ def sampling_loop(engines: dict, schedule, spec, null_class, steps: int, guidanc
     out = {}
     for name, v in runs.items():
         loop, bare = float(np.median(v["loop"])), float(np.median(v["bare"]))
+        host = float(np.median([a / b - 1 for a, b in zip(v["loop"], v["inside"], strict=True)]))
         out[name] = {"seconds": round(loop, 4), "bare_engine_seconds": round(bare, 4),
-                     "loop_overhead": round(loop / bare - 1, 4)}  # fmt: skip
+                     "loop_overhead": round(loop / bare - 1, 4), "host_share": round(host, 4)}  # fmt: skip
     return out
 
 
@@ -209,8 +215,17 @@ def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress:
     g1 = CalibrationConfig.for_method("lp", **common)
     g8 = CalibrationConfig.for_method("apqdm", **common, groups=8, timestep_selection="uniform",
                                       group_epochs=2 if trained else 1)  # fmt: skip
-    paths, seconds = {"fp32": root / "fp32.onnx", "ort-static": root / "ort_static.onnx"}, {}
-    onnx.save(export_float(model), str(paths["fp32"]))
+    from exporter.simplify import fold_shapes
+
+    paths = {
+        "fp32": root / "fp32.onnx",
+        "fp32-folded": root / "fp32_folded.onnx",
+        "ort-static": root / "ort_static.onnx",
+    }
+    seconds = {}
+    fp = export_float(model)
+    onnx.save(fp, str(paths["fp32"]))
+    onnx.save(fold_shapes(fp), str(paths["fp32-folded"]))  # our graph cleanup alone: how much of the gain it is
     start = time.perf_counter()
     data = record_trajectories(model, g1, progress)
     quantize_static_peer(paths["fp32"], paths["ort-static"], data)
@@ -246,7 +261,7 @@ def quality(paths: dict, model, guidance: float, n: int, root: Path, progress: b
 
     labels = labels_for(model.spec, n)
     files, out = {}, {}
-    for name, es in _engine_sets(paths, model.spec).items():
+    for name, es in _engine_sets({k: v for k, v in paths.items() if k != "fp32-folded"}, model.spec).items():
         run = sample(es, model.schedule, SamplerConfig("ddim", 100, 0.0, guidance), n=n, seed=0, labels=labels,
                      null_class=model.null_class, batch_size=64, progress=progress)  # fmt: skip
         files[name] = root / f"samples_{name}.npz"
@@ -338,7 +353,8 @@ def format_model(m: dict) -> str:
             lines.append(f"\nresident memory at batch {b}: G = 8 / G = 1 = {mem['dqc-G8'] / mem['dqc-G1']:.2f}×")
     for k, v in m["loop"].items():
         lines.append(f"\nsampling loop, {k}: {v['seconds']:.3f} s for the whole loop (batch 1); the host loop adds "
-                     f"{v['loop_overhead']:+.1%} over the bare engine calls")  # fmt: skip
+                     f"{v['loop_overhead']:+.1%} over the bare engine calls ({v['host_share']:.2%} of the run spent "
+                     "outside them)")  # fmt: skip
     f, d = m["loop"]["fp32"]["seconds"], m["loop"]["dqc-G8"]["seconds"]
     lines.append(f"\nwhole loop FP32 / dqc-G8: {f / d:.2f}×")
     ops = m["ops"]
