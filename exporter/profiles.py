@@ -31,6 +31,22 @@ _TRT = (
     "the residual input of each resnet's skip Add (fused into the conv), float bias"
 )
 
+
+def _trt(name: str, float_type: str, extra: str) -> TargetProfile:
+    return TargetProfile(
+        name=name,
+        activation_signed=True,
+        conv_output=False,
+        linear_output=False,
+        quantize_bias=False,
+        residual_input=True,
+        float_type=float_type,
+        opset=19,
+        backend="trt",
+        description=f"{_TRT}; {extra}",
+    )
+
+
 PROFILES = {
     "ort-cpu": TargetProfile(
         name="ort-cpu",
@@ -44,43 +60,14 @@ PROFILES = {
             "(→ MatMulIntegerToFloat / QGemm), int32 Conv bias"
         ),
     ),
-    "trt": TargetProfile(
-        name="trt",
-        activation_signed=True,
-        conv_output=False,
-        linear_output=False,
-        quantize_bias=False,
-        residual_input=True,
-        float_type="float16",
-        opset=19,
-        backend="trt",
-        description=_TRT + "; a strongly typed FP16 graph (float32 only for the timestep embedding and the graph I/O)",
-    ),
-    "trt-bf16": TargetProfile(
-        name="trt-bf16",
-        activation_signed=True,
-        conv_output=False,
-        linear_output=False,
-        quantize_bias=False,
-        residual_input=True,
-        float_type="bfloat16",
-        opset=19,
-        backend="trt",
-        description=_TRT + "; a strongly typed BF16 graph (float32 only for the timestep embedding and the graph I/O)",
-    ),
-    "trt-fp32": TargetProfile(
-        name="trt-fp32",
-        activation_signed=True,
-        conv_output=False,
-        linear_output=False,
-        quantize_bias=False,
-        residual_input=True,
-        float_type="float32",
-        opset=19,
-        backend="trt",
-        description=_TRT + "; float parts in FP32 (the same placement as trt, runnable on ONNX Runtime CPU for "
-        "parity checks)",
-    ),
+    **{
+        name: _trt(name, float_type, extra)
+        for name, float_type, extra in (
+            ("trt", "float16", "a strongly typed FP16 graph (float32 only for the timestep embedding and the I/O)"),
+            ("trt-bf16", "bfloat16", "a strongly typed BF16 graph (float32 only for the timestep embedding, I/O)"),
+            ("trt-fp32", "float32", "float parts in FP32 (the trt placement, runnable on ONNX Runtime CPU too)"),
+        )
+    },
 }
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from runtime.errors import ConfigError
 from tools import pipeline
+from tools.group_bench import rss_mb
 
 ENGINES = ("fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8")
 MODELS = ("reference", "cifar10", "tiny")
@@ -63,14 +64,6 @@ class BenchPlan:
         return cls(models=("tiny",), batches=(1,), reps=3, loop_steps=10, quality_samples=4, calib_samples=4)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
-
-
 def _inputs(spec, batch: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *spec.sample_shape), dtype=np.float32)
@@ -97,7 +90,7 @@ def resident_memory(kind: str, path: str, spec: dict, batch: int) -> dict:
     from runtime.engine import InputSpec
 
     spec = InputSpec.from_dict(spec)
-    base = _rss_mb()
+    base = rss_mb()
     engines = open_engine(kind, path, spec)
     x, labels = _inputs(spec, batch)
     first: dict[int, int] = {}
@@ -105,7 +98,7 @@ def resident_memory(kind: str, path: str, spec: dict, batch: int) -> dict:
         first.setdefault(g, t)
     for t in first.values():
         engines.for_timestep(t).infer(x, np.full(batch, t, np.int64), labels)
-    return {"rss_mb": round(_rss_mb() - base, 2), "engines": len(first)}
+    return {"rss_mb": round(rss_mb() - base, 2), "engines": len(first)}
 
 
 def _memory_child() -> None:

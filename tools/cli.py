@@ -275,6 +275,12 @@ def _train_reference(a: argparse.Namespace) -> None:
         print(f"diffusion model: {out}/unet, {out}/scheduler (EMA weights); loss log {out}/train_log.jsonl")
 
 
+def _calibration_overrides(a: argparse.Namespace) -> dict:
+    """The calibration fields a quality table's --flags override (None: the method's preset)."""
+    keys = ("adaround_iters", "act_iters", "recon_batch", "calib_samples", "calib_timesteps", "group_epochs")
+    return {k: getattr(a, k) for k in keys}
+
+
 def _bench(a: argparse.Namespace) -> None:
     if a.ptqd_ablation:
         from tools.ptqd_ablation import run_ptqd_ablation
@@ -291,14 +297,7 @@ def _bench(a: argparse.Namespace) -> None:
             seed=a.seed,
             ptqd_samples=a.ptqd_samples,
             batch_size=a.sample_batch,
-            calibration=dict(
-                adaround_iters=a.adaround_iters,
-                act_iters=a.act_iters,
-                recon_batch=a.recon_batch,
-                calib_samples=a.calib_samples,
-                calib_timesteps=a.calib_timesteps,
-                group_epochs=a.group_epochs,
-            ),  # fmt: skip
+            calibration=_calibration_overrides(a),
             progress=not a.quiet,
         )
         return
@@ -329,16 +328,8 @@ def _bench(a: argparse.Namespace) -> None:
             eta=a.eta,
             seed=a.seed,
             batch_size=a.sample_batch,
-            calibration=dict(
-                adaround_iters=a.adaround_iters,
-                act_iters=a.act_iters,
-                recon_batch=a.recon_batch,
-                calib_samples=a.calib_samples,
-                calib_timesteps=a.calib_timesteps,
-                group_epochs=a.group_epochs,
-                fresh_trajectories=a.fresh_trajectories,
-                activation_error=a.activation_error or None,
-            ),
+            calibration=_calibration_overrides(a)
+            | dict(fresh_trajectories=a.fresh_trajectories, activation_error=a.activation_error or None),
             groups=_csv(a.groups),
             timesteps=_csv(a.timesteps),
             calib_sizes=[int(v) for v in _csv(a.calib_sizes) or []] or None,

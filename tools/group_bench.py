@@ -30,7 +30,7 @@ MEMORY_CONFIGS = (
 )
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -63,7 +63,7 @@ def resident_memory(path: str, batch: int, max_resident: int | None, prepack: bo
     import onnxruntime  # noqa: F401  (its import is not part of the engine set)
 
     bundle = load_bundle(path)
-    base = _rss_mb()
+    base = rss_mb()
     engines = bundle.engines(max_resident=max_resident, prepack=prepack) if shared else unshared_engines(bundle)
     x, labels = _inputs(bundle.spec, batch)
     first_t = {}
@@ -71,7 +71,7 @@ def resident_memory(path: str, batch: int, max_resident: int | None, prepack: bo
         first_t.setdefault(g, t)
     for t in first_t.values():
         engines.for_timestep(t).infer(x, np.full(batch, t, np.int64), labels)
-    return {"rss_mb": round(_rss_mb() - base, 2), "resident_engines": len(engines.loaded_groups)}
+    return {"rss_mb": round(rss_mb() - base, 2), "resident_engines": len(engines.loaded_groups)}
 
 
 def _child() -> None:
