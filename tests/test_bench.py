@@ -51,6 +51,17 @@ def test_ptqd_ablation_table_on_the_tiny_model(tiny_dir, tmp_path, capsys):
     assert {p: p.stat().st_mtime for p in out.rglob("*.npz")} == before
     assert main([*argv[:5], "--samplers", "ddim-eta", *argv[7:]]) == 2
     assert "--samplers" in capsys.readouterr().err
+    # the eta-0 cell again, on the eta-1 calibration: only its PTQD statistics are gathered anew
+    first = json.loads((out / "W4A8_ddim-eta1" / "bundle" / "manifest.json").read_text())
+    assert main([*argv, "--reuse-calibration", "--regather-samples", "3"]) == 0
+    assert "regathered on W4A8_ddim-eta1's calibration" in capsys.readouterr().out
+    cell = json.loads((out / "W4A8_ddim-eta0" / "bundle" / "manifest.json").read_text())
+    assert cell["calibration"] == first["calibration"] and cell["calibration"]["eta"] == 1.0
+    assert {b: (m["sampler"], m["eta"], m["samples"]) for b, m in cell["ptqd"].items()} == {
+        b: ("ddim", 0.0, 3) for b in ("W4A8", "W4A4")}  # fmt: skip
+    assert json.loads((out / "W4A8_ddim-eta1" / "bundle" / "manifest.json").read_text()) == first
+    rows = [(r["sampler"], r["row"]) for r in json.loads((out / "table.json").read_text())["rows"]]
+    assert [r for s, r in rows if s == "ddim-eta0"][1:] == ["baseline", "+CNC", "+CNC+VSC", "+CNC+VSC+BC"]
 
 
 def test_lint_and_build_from_the_command_line(tiny_bundle, capsys):

@@ -296,6 +296,8 @@ def _bench(a: argparse.Namespace) -> None:
             steps=a.steps,
             seed=a.seed,
             ptqd_samples=a.ptqd_samples,
+            reuse_calibration=a.reuse_calibration,
+            regather_samples=a.regather_samples,
             batch_size=a.sample_batch,
             calibration=_calibration_overrides(a),
             progress=not a.quiet,
@@ -681,6 +683,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mixed-bits", metavar="BITS", help="also compare step-aware mixed precision with this cheaper "
                    "precision (first --bits and first sampler): PTQD's switch vs all-high vs all-low")  # fmt: skip
     a.add_argument("--ptqd-samples", type=int, default=512, help="trajectories for the statistics (default 512)")
+    a.add_argument("--reuse-calibration", action="store_true", help="samplers after the first reuse its calibrated "
+                   "bundles and only gather their own PTQD statistics (no second calibration)")  # fmt: skip
+    a.add_argument(
+        "--regather-samples",
+        type=int,
+        metavar="N",
+        help="with --reuse-calibration: trajectories for the regathered statistics (default --ptqd-samples)",
+    )
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
     return p

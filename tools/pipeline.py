@@ -63,15 +63,22 @@ def compile_model(
     model.unet.cpu()
     out = write_bundle(model, results, out, overwrite=overwrite, progress=progress)
     if ptqd_samples:
-        from calibration.ptqd import gather
-        from exporter.bundle_writer import add_ptqd
-
-        bundle = load_bundle(out)
-        engines = {c.bits: bundle.engines(route=bundle.route(precision=c.bits)) for c in configs}
-        tables = gather(model, engines, cfg.sampler_config, n=ptqd_samples, seed=cfg.seed + 20_000,
-                        batch_size=cfg.batch_size, progress=progress)  # fmt: skip
-        add_ptqd(out, tables, samples=ptqd_samples, switch_t=switch_t)
+        gather_ptqd(out, model, cfg.sampler_config, samples=ptqd_samples, seed=cfg.seed + 20_000,
+                    batch_size=cfg.batch_size, switch_t=switch_t, progress=progress)  # fmt: skip
     return out
+
+
+def gather_ptqd(bundle_dir, model, sampler_cfg, *, samples: int, seed: int, batch_size: int,
+                switch_t: int | None = None, progress: bool = True) -> Path:  # fmt: skip
+    """(Re)gather a bundle's PTQD statistics for the deployment sampler `sampler_cfg`, for every precision
+    it holds, along the same FP trajectories of the loaded `model`, and store them (replacing any)."""
+    from calibration.ptqd import gather
+    from exporter.bundle_writer import add_ptqd
+
+    bundle = load_bundle(bundle_dir)
+    engines = {bits: bundle.engines(route=bundle.route(precision=bits)) for bits in bundle.manifest["precisions"]}
+    tables = gather(model, engines, sampler_cfg, n=samples, seed=seed, batch_size=batch_size, progress=progress)
+    return add_ptqd(bundle_dir, tables, samples=samples, switch_t=switch_t)
 
 
 def is_bundle(path: str | Path) -> bool:

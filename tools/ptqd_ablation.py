@@ -7,6 +7,9 @@ full-precision row's seeds, and judged by FD, accuracy and PSNR against the full
 With `mixed_bits`, the first bit-width's bundle at the first sampler also holds that cheaper precision,
 and three more rows compare the PTQD switch between the two with all-high and all-low precision (all
 corrections on).
+With `reuse_calibration`, the samplers after the first do not calibrate again: their cells copy the first
+sampler's bundle of the same bit-width and gather its PTQD statistics anew along their own trajectories
+(`regather_samples` of them), so the ablation isolates the correction from the calibration.
 
 Cells live in `<out>/<bits>_<sampler>/` (bundle/, one samples_<row>.npz each) and `<out>/fp_<sampler>/`,
 and are reused when made with the same settings, so an interrupted table resumes; delete a cell to
@@ -15,6 +18,7 @@ recompute it. The table goes to table.json and table.md.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -66,6 +70,8 @@ def run_ptqd_ablation(
     guidance: float | None = None,
     seed: int = 0,
     ptqd_samples: int = 512,
+    reuse_calibration: bool = False,
+    regather_samples: int | None = None,
     batch_size: int = 250,
     calibration: dict | None = None,
     progress: bool = True,
@@ -84,6 +90,9 @@ def run_ptqd_ablation(
         raise ConfigError(f"-n {n}: FD needs at least 2 samples")
     if ptqd_samples < 2:
         raise ConfigError(f"--ptqd-samples {ptqd_samples}: the statistics need at least 2 trajectories")
+    regather_samples = ptqd_samples if regather_samples is None else regather_samples
+    if regather_samples < 2:
+        raise ConfigError(f"--regather-samples {regather_samples}: the statistics need at least 2 trajectories")
     guidance = (REFERENCE_GUIDANCE if model == "reference" else 1.0) if guidance is None else guidance
     source = resolve_model(model)
     given = {k: v for k, v in (calibration or {}).items() if v is not None}
@@ -113,8 +122,15 @@ def run_ptqd_ablation(
             cell = out / f"{b}_{spec.label}"
             bundle = cell / "bundle"
             fields = dict(sampler=spec.name, eta=spec.eta, steps=steps, guidance=guidance, seed=seed, **given)
-            if not (_bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS})
-                    and _ptqd_matches(bundle, ptqd_samples, mixed)):  # fmt: skip
+            first = out / f"{b}_{specs[0].label}" / "bundle"
+            if reuse_calibration and spec != specs[0]:
+                if not _ptqd_matches(bundle, regather_samples, None, spec=spec):
+                    _regather(first, bundle, source, spec, fields, samples=regather_samples, progress=progress)
+                    print(f"{cell.name}: PTQD statistics regathered on {first.parent.name}'s calibration")
+                    for stale in cell.glob("samples_*"):
+                        stale.unlink()
+            elif not (_bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS})
+                      and _ptqd_matches(bundle, ptqd_samples, mixed)):  # fmt: skip
                 cfg = CalibrationConfig.for_method(method, bits=b, **fields)
                 cell.mkdir(exist_ok=True)
                 start = time.perf_counter()
@@ -123,7 +139,7 @@ def run_ptqd_ablation(
                 print(f"{cell.name}: compiled with PTQD statistics in {time.perf_counter() - start:.1f} s")
                 for stale in cell.glob("samples_*"):
                     stale.unlink()
-            precision = b if mixed else None
+            precision = b if mixed or len((_load(bundle / "manifest.json") or {}).get("precisions", ())) > 1 else None
             for name, components in ABLATION_ROWS:
                 path = cell / f"samples_{_slug(name)}.npz"
                 got = sampled(path, bundle, spec, fp_samples, ptqd=components, precision=precision)
@@ -160,12 +176,35 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def _ptqd_matches(bundle: Path, samples: int, mixed: str | None) -> bool:
+def _ptqd_matches(bundle: Path, samples: int, mixed: str | None, spec: SamplerSpec | None = None) -> bool:
     manifest = _load(bundle / "manifest.json") or {}
     ptqd = manifest.get("ptqd") or {}
     if not ptqd or any(meta.get("samples") != samples for meta in ptqd.values()):
         return False
+    if spec is not None:  # a regathered cell: statistics of this sampler for every precision the bundle holds
+        return all((m.get("sampler"), m.get("eta")) == (spec.name, spec.eta) for m in ptqd.values()) and set(
+            ptqd) == set(manifest.get("precisions", ()))  # fmt: skip
     return (mixed in ptqd) if mixed else len(ptqd) == 1
+
+
+def _regather(src: Path, dst: Path, source: Path, spec: SamplerSpec, fields: dict, *, samples: int,
+              progress: bool) -> None:  # fmt: skip
+    """A cell that reuses another sampler's calibrated bundle: a copy of `src` with the PTQD statistics
+    gathered again along `spec`'s trajectories; written beside `dst` and moved into place when complete."""
+    import shutil
+
+    from calibration.model_io import load_model
+
+    if not (src / "manifest.json").is_file():
+        raise ConfigError(f"--reuse-calibration: {src} has no bundle; run the first sampler's cell first")
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    cfg = SamplerConfig(spec.name, fields["steps"], spec.eta, fields["guidance"])
+    pipeline.gather_ptqd(tmp, load_model(source), cfg, samples=samples, seed=fields["seed"] + 20_000,
+                         batch_size=32, progress=progress)  # fmt: skip
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
 
 
 def markdown_table(rows: list[dict]) -> str:
