@@ -6,6 +6,9 @@ The quantized network's prediction is modelled per sampling step t as
 
 - correlated-noise correction (CNC) divides the correlated part out:   ε ← (ε̂ − b_t) / (1 + k_t)
   (with bias correction (BC) off, b_t is not subtracted). The residual std becomes σ_q' = σ_q/(1 + k).
+  Guard (ours, not in the paper): under the same model, CNC leaves an expected squared error of
+  σ_q²/(1 + k)² per element, no correction leaves k² E[ε²] + σ_q²; where CNC's is not smaller (k_t near
+  −1, where the network has all but lost ε), the step keeps k = 0. `cnc-all` applies CNC at every step.
 - variance-schedule calibration (VSC) shrinks the sampler's own noise so that the residual quantization
   noise, entering x_prev with the coefficient λ_t of ε in the update, keeps the total variance on the
   schedule:  σ'_t² = σ_t² − λ_t² σ_q'²  if that is ≥ 0, else 0          (supplement Eqs. E–F)
@@ -25,6 +28,7 @@ import numpy as np
 from runtime.errors import BundleError
 
 COMPONENTS = ("cnc", "bc", "vsc")
+CNC_ALL = "cnc-all"  # CNC at every step, the guard off
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class PtqdTables:
     eta: float
     k_fallback: tuple[int, ...] = ()  # timesteps whose k ≤ −1 was replaced by 0 (no correlated correction)
     eps_power: np.ndarray | None = None  # (S,) mean ε_FP² per element: the signal of SNR_Q
+    cnc_off: tuple[int, ...] = ()  # timesteps where CNC would raise the expected error (the guard keeps k = 0)
 
     @classmethod
     def checked(cls, timesteps, k, bias, sigma_q, *, sampler: str, steps: int, eta: float, channels: int,
@@ -70,16 +75,21 @@ class PtqdTables:
                 raise BundleError(f"{where}: eps_power must be {n} finite values ≥ 0; regather the statistics")
         fallback = tuple(int(t) for t in ts[k <= -1])
         k = np.where(k <= -1, 0.0, k)
-        return cls(ts, k, bias, sigma_q, sampler, int(steps), float(eta), fallback, eps_power)
+        off = ()
+        if eps_power is not None:  # the CNC guard: σ_q²/(1+k)² ≥ k² E[ε²] + σ_q² (Eq. 7's two expected errors)
+            worse = (k != 0) & (sigma_q**2 / (1 + k) ** 2 >= k**2 * eps_power + sigma_q**2)
+            off = tuple(int(t) for t in ts[worse])
+        return cls(ts, k, bias, sigma_q, sampler, int(steps), float(eta), fallback, eps_power, off)
 
     def row(self, t: int) -> int:
         """The row of timestep t: its own, or the nearest gathered step's (other step counts)."""
         return int(np.abs(self.timesteps - int(t)).argmin())
 
-    def at(self, t: int) -> tuple[float, np.ndarray, float]:
-        """(k, bias, σ_q) for timestep t."""
+    def at(self, t: int, guard: bool = True) -> tuple[float, np.ndarray, float]:
+        """(k, bias, σ_q) for timestep t; k = 0 at the steps the CNC guard turns off, unless `guard` is False."""
         r = self.row(t)
-        return float(self.k[r]), self.bias[r], float(self.sigma_q[r])
+        k = 0.0 if guard and int(self.timesteps[r]) in self.cnc_off else float(self.k[r])
+        return k, self.bias[r], float(self.sigma_q[r])
 
     def snr(self) -> np.ndarray:
         """SNR_Q per gathered step: (1 + k)² E[ε²] / σ_q² (inf where σ_q = 0)."""
@@ -122,8 +132,13 @@ class RoutedPtqd:
         used = set(self.precision_of_t)
         return tuple(sorted(t for bits, tab in self.tables.items() if bits in used for t in tab.k_fallback))
 
-    def at(self, t: int) -> tuple[float, np.ndarray, float]:
-        return self.tables[self.precision_of_t[int(t)]].at(t)
+    @property
+    def cnc_off(self) -> tuple[int, ...]:
+        of = self.precision_of_t
+        return tuple(sorted(t for bits, tab in self.tables.items() for t in tab.cnc_off if of[t] == bits))
+
+    def at(self, t: int, guard: bool = True) -> tuple[float, np.ndarray, float]:
+        return self.tables[self.precision_of_t[int(t)]].at(t, guard)
 
 
 def diffusion_snr(alphas_cumprod: np.ndarray, timesteps) -> np.ndarray:

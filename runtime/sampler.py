@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from runtime.engine import EngineSet
 from runtime.errors import SamplerError
-from runtime.ptqd import correct_eps
+from runtime.ptqd import CNC_ALL, correct_eps
 from runtime.schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "ddpm")
@@ -122,9 +122,12 @@ def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun) -> tuple[st
     """Which corrections run, with the reasons for any that cannot."""
     from runtime.ptqd import COMPONENTS
 
-    unknown = set(components) - set(COMPONENTS)
+    unknown = set(components) - {*COMPONENTS, CNC_ALL}
     if unknown:
-        raise SamplerError(f"--ptqd {','.join(sorted(unknown))}: unknown; use some of {','.join(COMPONENTS)}")
+        raise SamplerError(f"--ptqd {','.join(sorted(unknown))}: unknown; use some of {','.join(COMPONENTS)} "
+                           f"({CNC_ALL}: CNC at every step, without its guard)")  # fmt: skip
+    if CNC_ALL in components:
+        components = (*components, "cnc")
     if ptqd is None or not components:
         return ()
     if ptqd.sampler != cfg.name:
@@ -132,13 +135,18 @@ def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun) -> tuple[st
             f"PTQD statistics were gathered for {ptqd.sampler}, not {cfg.name}; sample with --sampler "
             f"{ptqd.sampler}, regather them, or pass --no-ptqd"
         )
-    use = tuple(c for c in COMPONENTS if c in components)
+    use = tuple(c for c in COMPONENTS if c in components) + ((CNC_ALL,) if CNC_ALL in components else ())
     if "vsc" in use and cfg.name == "ddim" and cfg.eta == 0:
         run.ptqd_notes.append("VSC does nothing with DDIM eta = 0: the sampler adds no noise to shrink")
     if ptqd.steps != cfg.steps:
         run.ptqd_notes.append(f"statistics gathered for {ptqd.steps} steps, sampling {cfg.steps}: nearest step's used")
     if ptqd.k_fallback:
         run.ptqd_notes.append(f"k_t <= -1 at timesteps {list(ptqd.k_fallback)}: CNC off there (k = 0)")
+    if "cnc" in use and CNC_ALL not in use and ptqd.cnc_off:
+        run.ptqd_notes.append(
+            f"CNC guard: off at timesteps {list(ptqd.cnc_off)}, where dividing by 1 + k_t "
+            f"would raise ε's expected error (PTQD Eq. 7); {CNC_ALL} applies it there too"
+        )
     run.ptqd = list(use)
     return use
 
@@ -198,7 +206,7 @@ def sample(
             sigma_q = None
             if use:
                 start = time.perf_counter()
-                k, bias, sq = ptqd.at(int(t))
+                k, bias, sq = ptqd.at(int(t), guard=CNC_ALL not in use)
                 eps = correct_eps(eps, k, bias, cnc="cnc" in use, bc="bc" in use)
                 if "vsc" in use:  # the residual std after CNC: σ_q / (1 + k)
                     sigma_q = sq / (1.0 + k) if "cnc" in use else sq

@@ -84,6 +84,24 @@ def test_tables_refuse_garbage_and_record_the_k_fallback():
     assert tables.row(880) == 0 and tables.row(120) == 2
 
 
+def test_cnc_guard_keeps_k_zero_where_dividing_would_raise_the_error():
+    ts, c = [900, 500, 100], 3
+    # k −0.9 with σ_q 1: CNC's error 1/0.01 = 100 against 0.81 + 1 without; k +0.2 always helps
+    tables = PtqdTables.checked(ts, [0.2, -0.001, -0.9], np.zeros((3, c)), [0.1, 0.1, 1.0], sampler="ddim", steps=3,
+                                eta=1.0, channels=c, eps_power=[1.0, 1.0, 1.0])  # fmt: skip
+    assert tables.cnc_off == (500, 100)  # −0.001: 0.01/0.998² ≥ 1e-6 + 0.01, so no gain either
+    assert [tables.at(t)[0] for t in ts] == [0.2, 0.0, 0.0]
+    assert [tables.at(t, guard=False)[0] for t in ts] == [0.2, -0.001, -0.9]
+    # the guard is Eq. 7's own expected error: on planted data it picks the smaller measured error
+    for k, sigma in ((0.2, 0.1), (-0.9, 1.0)):
+        q, fp, _ = _planted(k=k, sigma=sigma)
+        kk, b, sq = step_statistics(q, fp)
+        t = PtqdTables.checked([1], [kk], b[None], [sq], sampler="ddim", steps=1, eta=1.0, channels=3,
+                               eps_power=[float(np.mean(fp**2))])  # fmt: skip
+        err = {cnc: np.mean((correct_eps(q, kk, b, cnc=cnc, bc=True) - fp) ** 2) for cnc in (True, False)}
+        assert (t.cnc_off == ()) == (err[True] < err[False])
+
+
 class _Distorted:
     """A 'quantized' engine: the FP engine's ε times (1 + k) plus a per-channel bias (no residual noise)."""
 
@@ -239,9 +257,10 @@ def test_mixed_precision_routes_each_step_to_its_precision_and_statistics(mixed_
     # each step reads the statistics of the precision that served it
     routed = bundle.ptqd(bundle.route(switch_t=switch))
     for t, bits in zip(ts, mixed.step_precisions, strict=True):
-        k, _, sq = routed.at(int(t))
+        k, _, sq = routed.at(int(t), guard=False)
         own = routed.tables[bits]
         assert (k, sq) == (own.k[own.row(int(t))], own.sigma_q[own.row(int(t))])
+        assert routed.at(int(t))[0] == (0.0 if int(t) in own.cnc_off else k)
     # the default route follows the plan; bit operations saved = cheap share × (1 − 4/8)
     n_low = plan["steps"]["W8A4"]
     assert np.isclose(plan["bop_saving"], n_low / 6 * 0.5, atol=1e-4)

@@ -304,6 +304,7 @@ def ptqd_summary(tables) -> dict:
         "sigma_q_range": [round(float(tables.sigma_q.min()), 4), round(float(tables.sigma_q.max()), 4)],
         "bias_abs_max": round(float(np.abs(tables.bias).max()), 4),
         "k_fallback": list(tables.k_fallback),
+        "cnc_guard_off": list(tables.cnc_off),
     }
 
 

@@ -155,7 +155,9 @@ def run_ptqd_ablation(
                 plan = load_bundle(bundle).manifest["precision_plan"]
                 rows[-3]["plan"] = {k: plan[k] for k in ("low", "high", "switch_t", "steps", "bop_saving")}
     table = {"model": str(model), "method": method, "n": n, "seed": seed, "steps": steps, "guidance": guidance,
-             "ptqd_samples": ptqd_samples, "calibration_overrides": given, "rows": rows}  # fmt: skip
+             "ptqd_samples": ptqd_samples, "calibration_overrides": given,
+             "reused_calibration": {s.label: specs[0].label for s in specs[1:]} if reuse_calibration else {},
+             "regather_samples": regather_samples if reuse_calibration else None, "rows": rows}  # fmt: skip
     pipeline.write_json(out / "table.json", table)
     (out / "table.md").write_text(markdown_table(rows))
     print(markdown_table(rows), end="")
