@@ -323,7 +323,7 @@ def ptqd_plot(path: str | Path, schedule, tables) -> None:
             sigma = tables.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         else:
             sigma = np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) if prev >= 0 else 0.0
-        sq = tables.sigma_q[i] / (1 + tables.k[i])
+        sq = tables.sigma_q[i] / (1 + tables.at(int(t))[0])  # σ_q' as the sampler uses it (CNC guard included)
         ratio.append(calibrated_sigma(sigma, eps_coefficient(tables.sampler, a_t, a_prev, sigma), sq) / sigma
                      if sigma > 0 else None)  # fmt: skip
     labels = [str(i) if i % 10 == 0 else "" for i in range(len(tables.timesteps))]
