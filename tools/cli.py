@@ -477,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ptqd",
         default="cnc,bc,vsc",
         metavar="C1,C2",
-        help="PTQD corrections applied when the bundle has statistics: cnc (correlated noise), bc (bias), "
-        "vsc (variance schedule; no effect with DDIM eta 0) (default: all)",
+        help="PTQD corrections applied when the bundle has statistics: cnc (correlated noise; skipped where it "
+        "would raise the expected error), cnc-all (at every step), bc (bias), vsc (variance schedule; no effect "
+        "with DDIM eta 0) (default: cnc,bc,vsc)",
     )
     s.add_argument("--no-ptqd", action="store_true", help="apply no PTQD correction")
     s.add_argument("--precision", metavar="BITS", help="mixed-precision bundles: run this precision at every step")
