@@ -143,9 +143,11 @@ def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun) -> tuple[st
     if ptqd.k_fallback:
         run.ptqd_notes.append(f"k_t <= -1 at timesteps {list(ptqd.k_fallback)}: CNC off there (k = 0)")
     if "cnc" in use and CNC_ALL not in use and ptqd.cnc_off:
+        off = sorted(ptqd.cnc_off)
+        where = f"timesteps {off}" if len(off) <= 8 else f"{len(off)} gathered steps between t = {off[0]} and {off[-1]}"
         run.ptqd_notes.append(
-            f"CNC guard: off at timesteps {list(ptqd.cnc_off)}, where dividing by 1 + k_t "
-            f"would raise ε's expected error (PTQD Eq. 7); {CNC_ALL} applies it there too"
+            f"CNC guard: off at {where}, where dividing by 1 + k_t would raise ε's expected error (PTQD Eq. 7); "
+            f"{CNC_ALL} applies it there too"
         )
     run.ptqd = list(use)
     return use
