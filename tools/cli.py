@@ -182,7 +182,7 @@ def _info(a: argparse.Namespace) -> None:
             f"PTQD statistics {bits} ({q['sampler']} {q['steps']} steps, eta {q['eta']}): k in {q['k_range']} "
             f"({q['k_positive_share']:.0%} positive), sigma_q in {q['sigma_q_range']}, |bias| ≤ {q['bias_abs_max']}"
             + (f"; k ≤ −1 fell back to 0 at t = {q['k_fallback']}" if q["k_fallback"] else "")
-            + (f"; CNC guard off at t = {q['cnc_guard_off']}" if q.get("cnc_guard_off") else "")
+            + (f"; CNC guard off at {len(q['cnc_guard_off'])} steps" if q.get("cnc_guard_off") else "")
         )
     if info["precision_plan"]:
         _print_plan(info["precision_plan"])

@@ -124,7 +124,9 @@ def run_ptqd_ablation(
             fields = dict(sampler=spec.name, eta=spec.eta, steps=steps, guidance=guidance, seed=seed, **given)
             first = out / f"{b}_{specs[0].label}" / "bundle"
             if reuse_calibration and spec != specs[0]:
-                if not _ptqd_matches(bundle, regather_samples, None, spec=spec):
+                same = (_load(bundle / "manifest.json") or {}).get("calibration") == (
+                    _load(first / "manifest.json") or {}).get("calibration")  # fmt: skip
+                if not (same and _ptqd_matches(bundle, regather_samples, None, spec=spec)):
                     _regather(first, bundle, source, spec, fields, samples=regather_samples, progress=progress)
                     print(f"{cell.name}: PTQD statistics regathered on {first.parent.name}'s calibration")
                     for stale in cell.glob("samples_*"):
