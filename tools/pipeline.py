@@ -380,15 +380,16 @@ def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def fp32_engine(model, workdir: str | Path) -> OrtEngine:
-    """A full-precision ONNX Runtime engine of a loaded model (the latency yardstick)."""
+def fp32_engine(model, workdir: str | Path, *, spin: bool = True) -> OrtEngine:
+    """A full-precision ONNX Runtime engine of a loaded model (the latency yardstick); `spin` as the
+    engines it is compared with (a multi-group set's sessions do not spin-wait)."""
     import onnx
 
     from exporter.onnx_export import export_float
 
     path = Path(workdir) / "fp32.onnx"
     onnx.save(export_float(model), str(path))
-    return OrtEngine(path, model.spec)
+    return OrtEngine(path, model.spec, spin=spin)
 
 
 def latency_ratio(engines: dict[str, object], spec, *, batch: int = 1, reps: int = 20, seed: int = 0) -> dict:
