@@ -86,29 +86,38 @@ def _guided_eps(engine, x: np.ndarray, t: int, labels, null_class, guidance: flo
     return uncond + guidance * (cond - uncond)
 
 
+def step_alphas(schedule: NoiseSchedule, name: str, t: int, prev: int) -> tuple[float, float]:
+    """(ā_t, ā_prev) of one update; prev = −1 after the last step (DDIM: the final ā, DDPM: 1)."""
+    ac = schedule.alphas_cumprod
+    if prev >= 0:
+        return ac[t], ac[prev]
+    return ac[t], (schedule.final_alpha_cumprod() if name == "ddim" else 1.0)
+
+
+def noise_sigma(name: str, eta: float, a_t: float, a_prev: float, prev: int) -> float:
+    """The sampler's own noise std σ_t of one update, before PTQD's VSC."""
+    if name == "ddim":  # DDIM (Song et al. 2021, Eq. 12): σ_t = η √((1−ā_prev)/(1−ā_t)) √(1 − ā_t/ā_prev)
+        return float(eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
+    # DDPM: the posterior variance β̃ = (1−ā_prev)/(1−ā_t) · β' (Ho et al. 2020, Eq. 7); none after the last step
+    return float(np.sqrt(max((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), 1e-20))) if prev >= 0 else 0.0
+
+
 def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, eps, t: int, prev: int, noise: _Noise,
           sigma_q: float | None = None):  # fmt: skip
     """One update x_t → x_prev; prev = −1 after the last step. `sigma_q` (PTQD VSC): the residual
     quantization noise std in ε, absorbed by shrinking the sampler's own noise."""
-    ac = schedule.alphas_cumprod
-    a_t = ac[t]
-    if cfg.name == "ddim":
-        a_prev = ac[prev] if prev >= 0 else schedule.final_alpha_cumprod()
-    else:
-        a_prev = ac[prev] if prev >= 0 else 1.0
+    a_t, a_prev = step_alphas(schedule, cfg.name, t, prev)
+    sigma = noise_sigma(cfg.name, cfg.eta, a_t, a_prev, prev)
     # x̂_0 = (x_t − √(1−ā_t) ε) / √ā_t
     x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
     if schedule.clip_sample:
         x0 = np.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
     if cfg.name == "ddim":
-        # DDIM (Song et al. 2021, Eq. 12): σ_t = η √((1−ā_prev)/(1−ā_t)) √(1 − ā_t/ā_prev)
-        sigma = cfg.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         out = np.sqrt(a_prev) * x0 + np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
     else:
         # DDPM posterior q(x_prev | x_t, x̂_0) (Ho et al. 2020, Eq. 7) over the step's β' = 1 − ā_t/ā_prev
         beta = 1 - a_t / a_prev
         out = (np.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
-        sigma = np.sqrt(max((1 - a_prev) / (1 - a_t) * beta, 1e-20)) if prev >= 0 else 0.0
     if sigma > 0 and sigma_q is not None:
         from runtime.ptqd import calibrated_sigma, eps_coefficient
 

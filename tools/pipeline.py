@@ -311,18 +311,14 @@ def ptqd_summary(tables) -> dict:
 def ptqd_plot(path: str | Path, schedule, tables) -> None:
     """k_t, σ_q,t and VSC's σ'_t/σ_t per step (the sampler's own noise kept after VSC, with CNC's σ_q')."""
     from runtime.ptqd import calibrated_sigma, eps_coefficient
+    from runtime.sampler import noise_sigma, step_alphas
     from tools.plots import line_chart_png
 
-    ac = schedule.alphas_cumprod
     ratio = []
     for i, t in enumerate(tables.timesteps):
         prev = int(tables.timesteps[i + 1]) if i + 1 < len(tables.timesteps) else -1
-        a_t = ac[int(t)]
-        a_prev = ac[prev] if prev >= 0 else (schedule.final_alpha_cumprod() if tables.sampler == "ddim" else 1.0)
-        if tables.sampler == "ddim":
-            sigma = tables.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        else:
-            sigma = np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) if prev >= 0 else 0.0
+        a_t, a_prev = step_alphas(schedule, tables.sampler, int(t), prev)
+        sigma = noise_sigma(tables.sampler, tables.eta, a_t, a_prev, prev)
         sq = tables.sigma_q[i] / (1 + tables.at(int(t))[0])  # σ_q' as the sampler uses it (CNC guard included)
         ratio.append(calibrated_sigma(sigma, eps_coefficient(tables.sampler, a_t, a_prev, sigma), sq) / sigma
                      if sigma > 0 else None)  # fmt: skip
