@@ -225,8 +225,8 @@ def activation_errors(model, layers, data, cfg, activations, group_of_t) -> dict
     from calibration.groups import activation_error
 
     generation = dataclasses.replace(cfg, calib_samples=16, calib_timesteps=cfg.steps, timestep_selection="uniform",
-                                     fresh_trajectories=False, seed=cfg.seed + 10_000)  # fmt: skip
-    gen = record_trajectories(model, generation, False)
+                                     fresh_trajectories=False)  # fmt: skip
+    gen = record_trajectories(model, generation, False, purpose="generation")
     return {
         "c_error": activation_error(model, layers, data, cfg, activations, group_of_t),
         "g_error": activation_error(model, layers, gen, cfg, activations, group_of_t),

@@ -11,7 +11,7 @@ import torch
 from calibration.config import CalibrationConfig
 from calibration.model_io import LoadedModel
 from runtime.engine import Engine, EngineSet, TorchEngine
-from runtime.sampler import sample
+from runtime.sampler import calibration_noise, sample
 
 
 @dataclass
@@ -122,24 +122,20 @@ def default_labels(model: LoadedModel, n: int) -> np.ndarray | None:
     return None if k is None else np.arange(n, dtype=np.int64) % max(k - 1, 1)
 
 
-def record_at(model: LoadedModel, cfg: CalibrationConfig, t: int, n: int, seed: int) -> CalibrationData:
-    """The inputs at sampling step t of n fresh full-precision trajectories (noise seeded by `seed`); the
-    trajectories stop there."""
+def record_at(model: LoadedModel, cfg: CalibrationConfig, t: int, n: int, draw: int) -> CalibrationData:
+    """The inputs at sampling step t of n fresh full-precision trajectories (noise: cfg.seed's calibration
+    stream for fresh draws, number `draw`); the trajectories stop there."""
     data = CalibrationData([], [], [])
     fp = TorchEngine(model.wrapper(), model.spec, device=cfg.device)
     recorder = _Recorder(fp, {t}, data, stop_after=t)
     labels = default_labels(model, n)
     try:
-        sample(EngineSet.single(recorder), model.schedule, cfg.sampler_config, n=n, seed=seed, labels=labels,
-               null_class=model.null_class, batch_size=n, progress=False)  # fmt: skip
+        sample(EngineSet.single(recorder), model.schedule, cfg.sampler_config, n=n, seed=cfg.seed, labels=labels,
+               null_class=model.null_class, batch_size=n, progress=False,
+               stream=calibration_noise("active", draw))  # fmt: skip
     except _Reached:
         return data
     raise ValueError(f"timestep {t} is not a step of the {cfg.steps}-step {cfg.sampler} sampler")
-
-
-def fresh_seed(seed: int, draw: int) -> int:
-    """Noise seed of the `draw`-th fresh calibration batch: apart from the small seeds samples are drawn with."""
-    return 1_000_000 * (seed + 1) + draw
 
 
 def concat(parts: list[CalibrationData]) -> CalibrationData:
@@ -152,7 +148,10 @@ def concat(parts: list[CalibrationData]) -> CalibrationData:
     return out
 
 
-def record_trajectories(model: LoadedModel, cfg: CalibrationConfig, progress: bool = True) -> CalibrationData:
+def record_trajectories(model: LoadedModel, cfg: CalibrationConfig, progress: bool = True,
+                        purpose: str = "trajectories") -> CalibrationData:  # fmt: skip
+    """The inputs at the selected timesteps of cfg.calib_samples full-precision trajectories, drawn from
+    cfg.seed's calibration noise stream for `purpose` (never from an evaluation stream)."""
     sampler = cfg.sampler_config
     keep = select_timesteps(model, cfg)
     if cfg.fresh_trajectories:  # each timestep from its own calib_samples trajectories
@@ -160,7 +159,7 @@ def record_trajectories(model: LoadedModel, cfg: CalibrationConfig, progress: bo
 
         ordered = tqdm(sorted(keep, reverse=True), desc="calibration inputs", disable=not progress, leave=False)
         n = cfg.calib_samples
-        return concat([record_at(model, cfg, t, n, fresh_seed(cfg.seed, i)) for i, t in enumerate(ordered)])
+        return concat([record_at(model, cfg, t, n, i) for i, t in enumerate(ordered)])
     data = CalibrationData([], [], [])
     fp = TorchEngine(model.wrapper(), model.spec, device=cfg.device)
     engines = EngineSet.single(_Recorder(fp, keep, data))
@@ -174,5 +173,6 @@ def record_trajectories(model: LoadedModel, cfg: CalibrationConfig, progress: bo
         null_class=model.null_class,
         batch_size=cfg.batch_size,
         progress=progress,
+        stream=calibration_noise(purpose),
     )
     return data

@@ -7,8 +7,8 @@ import re
 from dataclasses import asdict, dataclass
 
 from exporter.profiles import get_profile
-from runtime.errors import ConfigError
-from runtime.sampler import SamplerConfig
+from runtime.errors import ConfigError, SamplerError
+from runtime.sampler import SamplerConfig, check_seed
 
 _BITS = re.compile(r"^W(\d+)A(\d+)$")
 ACTIVATION_RANGES = ("minmax", "percentile")
@@ -98,6 +98,10 @@ class CalibrationConfig:
             raise ConfigError(f"--method {self.method!r}: use one of {sorted(METHODS)}")
         get_profile(self.target)
         SamplerConfig(self.sampler, self.steps, self.eta, self.guidance)
+        try:
+            check_seed(self.seed)
+        except SamplerError as e:
+            raise ConfigError(str(e)) from None
         for name in ("calib_samples", "calib_timesteps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")

@@ -358,7 +358,7 @@ def run_active_search(model, layers, weights: dict, cfg, *, groups: int, rounds:
     drawn timesteps, {point: [ActParams per group]}, CalibrationData drawn)."""
     from tqdm.auto import tqdm
 
-    from calibration.collect import concat, fresh_seed, record_at
+    from calibration.collect import concat, record_at
 
     candidates = [int(t) for t in model.schedule.timesteps(cfg.steps)]
     if not 1 <= groups <= rounds:
@@ -372,7 +372,7 @@ def run_active_search(model, layers, weights: dict, cfg, *, groups: int, rounds:
     def draw(i: int) -> CalibrationData:
         counts[i] += 1
         bar.update(1)
-        return record_at(model, cfg, candidates[i], per_round, fresh_seed(cfg.seed, int(counts.sum())))
+        return record_at(model, cfg, candidates[i], per_round, int(counts.sum()))
 
     pilot = []
     for g in range(groups):

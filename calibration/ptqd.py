@@ -56,13 +56,14 @@ class StepAccumulator:
         return k, bias, float(np.sqrt(max(var, 0.0))), float(ff / (n * len(bias)))
 
 
-def _paired(model, sets: dict, sampler_cfg, *, n: int, seed: int, batch_size: int, progress: bool, consume):
-    """FP trajectories with the deployment sampler; at every step each engine set in `sets` predicts on the
-    same x_t as the FP model (guided outputs, as the sampler sees them): consume(key, step, ε̂, ε_FP).
-    Returns the sampled timesteps."""
+def _paired(model, sets: dict, sampler_cfg, *, n: int, seed: int, batch_size: int, progress: bool, consume,
+            purpose: str):  # fmt: skip
+    """FP trajectories with the deployment sampler, from seed's calibration noise stream for `purpose`; at
+    every step each engine set in `sets` predicts on the same x_t as the FP model (guided outputs, as the
+    sampler sees them): consume(key, step, ε̂, ε_FP). Returns the sampled timesteps."""
     from calibration.collect import default_labels
     from runtime.engine import EngineSet, TorchEngine
-    from runtime.sampler import _guided_eps, sample
+    from runtime.sampler import _guided_eps, calibration_noise, sample
 
     if n < 2:
         raise ValueError(f"PTQD statistics: n={n}; need at least 2 samples")
@@ -74,7 +75,8 @@ def _paired(model, sets: dict, sampler_cfg, *, n: int, seed: int, batch_size: in
 
     fp = EngineSet.single(TorchEngine(model.wrapper(), model.spec))
     run = sample(fp, model.schedule, sampler_cfg, n=n, seed=seed, labels=default_labels(model, n),
-                 null_class=model.null_class, batch_size=batch_size, progress=progress, observe=observe)  # fmt: skip
+                 null_class=model.null_class, batch_size=batch_size, progress=progress, observe=observe,
+                 stream=calibration_noise(purpose))  # fmt: skip
     return run.timesteps
 
 
@@ -89,7 +91,7 @@ def gather(model, engines, sampler_cfg, *, n: int, seed: int, batch_size: int, p
     steps = len(model.schedule.timesteps(sampler_cfg.steps))
     acc = {key: [StepAccumulator(channels) for _ in range(steps)] for key in sets}
     ts = _paired(model, sets, sampler_cfg, n=n, seed=seed, batch_size=batch_size, progress=progress,
-                 consume=lambda key, i, q, fp: acc[key][i].add(q, fp))  # fmt: skip
+                 consume=lambda key, i, q, fp: acc[key][i].add(q, fp), purpose="ptqd")  # fmt: skip
     out = {}
     for key, rows in acc.items():
         k, bias, sq, power = zip(*(a.result() for a in rows), strict=True)
@@ -122,7 +124,7 @@ def residual_checks(model, engines, tables, sampler_cfg, *, n: int, seed: int, b
 
     ts_all = model.schedule.timesteps(sampler_cfg.steps)
     _paired(model, {"q": engines}, sampler_cfg, n=n, seed=seed, batch_size=batch_size, progress=progress,
-            consume=consume)  # fmt: skip
+            consume=consume, purpose="ptqd-checks")  # fmt: skip
     out = {"timesteps": [int(t) for t in ts_all], "normaltest_p": [], "skew": [], "excess_kurtosis": [],
            "pearson_r": (sums[:, 0] / np.sqrt(sums[:, 1] * sums[:, 2])).tolist(), "elements_per_step": 0}  # fmt: skip
     for values in kept:

@@ -32,6 +32,7 @@ from exporter.qdq import LayerQuant, insert_qdq, insert_residual_qdq
 from exporter.simplify import fold_shapes
 from runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, sha256_file
 from runtime.errors import BundleError, ExportError
+from runtime.sampler import noise_streams_record
 
 WEIGHTS = "weights.bin"
 _ALIGN = 64
@@ -154,6 +155,7 @@ def _manifest(model: LoadedModel, results: list[CalibrationResult], groups: list
             "eta": cfg.eta,
             "guidance": cfg.guidance,
             "seed": cfg.seed,
+            "noise": noise_streams_record(),
             "samples": cfg.calib_samples,
             "timesteps": cfg.calib_timesteps,
             "method": cfg.method,

@@ -2,6 +2,13 @@
 
 Every sample i draws its initial and per-step noise from its own generator seeded with (seed, i), so a
 bundle and the full-precision model see identical noise whatever the batch size.
+
+Noise streams. `dqc sample --seed s` draws sample i from SeedSequence([s, i]): the evaluation stream.
+Everything calibration records (trajectories, active rounds, G-Error inputs, PTQD statistics) draws from
+SeedSequence([s, i], spawn_key=(CALIBRATION_NOISE, purpose, draw)). numpy pads the entropy of a sequence
+with a spawn key to its 4-word pool before appending the key, so a calibration stream's seed material is
+7 words long, an evaluation stream's at most 4 (seed and index each below 2**64): no seed, index or purpose
+makes the two alike, so an evaluated sample never starts from noise that calibration saw.
 """
 
 from __future__ import annotations
@@ -19,6 +26,40 @@ from runtime.ptqd import CNC_ALL, correct_eps
 from runtime.schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "ddpm")
+MAX_SEED = 2**64  # seeds are 0 ≤ s < 2**64 (two 32-bit words of seed material)
+EVALUATION_NOISE: tuple[int, ...] = ()  # the spawn key of `dqc sample`'s noise
+CALIBRATION_NOISE = 0xCA11B  # the first spawn-key word of every calibration stream
+CALIBRATION_PURPOSES = ("trajectories", "active", "generation", "ptqd", "ptqd-checks")
+
+
+def calibration_noise(purpose: str, draw: int = 0) -> tuple[int, ...]:
+    """The spawn key of one calibration noise stream: its purpose, and the draw (round) within it."""
+    if purpose not in CALIBRATION_PURPOSES:
+        raise ValueError(f"calibration noise purpose {purpose!r}: use one of {CALIBRATION_PURPOSES}")
+    if draw < 0:
+        raise ValueError(f"calibration noise draw {draw}: must be ≥ 0")
+    return (CALIBRATION_NOISE, CALIBRATION_PURPOSES.index(purpose), int(draw))
+
+
+def noise_streams_record() -> dict:
+    """How calibration and evaluation noise are seeded, for the bundle manifest."""
+    return {
+        "evaluation": "SeedSequence([seed, i]) for sample i (dqc sample --seed)",
+        "calibration": f"SeedSequence([seed, i], spawn_key=({CALIBRATION_NOISE}, purpose, draw))",
+        "purposes": list(CALIBRATION_PURPOSES),
+    }
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """A seed in [0, 2**64), or a SamplerError naming the flag."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < MAX_SEED:
+        raise SamplerError(f"{flag} {seed!r}: use an integer in [0, 2**64)")
+    return int(seed)
+
+
+def noise_rng(seed: int, index: int, stream: tuple[int, ...] = EVALUATION_NOISE) -> np.random.Generator:
+    """Sample `index`'s generator in `stream` (EVALUATION_NOISE, or a calibration_noise key)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)], spawn_key=stream))
 
 
 @dataclass(frozen=True)
@@ -60,10 +101,10 @@ class SampleRun:
 
 
 class _Noise:
-    """One generator per sample, seeded with (seed, sample index)."""
+    """One generator per sample, seeded with (seed, sample index) in one noise stream."""
 
-    def __init__(self, seed: int, indices: range, shape: tuple[int, ...]) -> None:
-        self._rngs = [np.random.default_rng([seed, i]) for i in indices]
+    def __init__(self, seed: int, indices: range, shape: tuple[int, ...], stream: tuple[int, ...] = ()) -> None:
+        self._rngs = [noise_rng(seed, i, stream) for i in indices]
         self._shape = shape
 
     def draw(self) -> np.ndarray:
@@ -118,12 +159,13 @@ def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, eps, t: int, prev: int
         # DDPM posterior q(x_prev | x_t, x̂_0) (Ho et al. 2020, Eq. 7) over the step's β' = 1 − ā_t/ā_prev
         beta = 1 - a_t / a_prev
         out = (np.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
-    if sigma > 0 and sigma_q is not None:
-        from runtime.ptqd import calibrated_sigma, eps_coefficient
+    if sigma > 0:  # drawn whenever the sampler has noise, even where VSC shrinks it to 0: later draws stay in step
+        z = noise.draw()
+        if sigma_q is not None:
+            from runtime.ptqd import calibrated_sigma, eps_coefficient
 
-        sigma = calibrated_sigma(sigma, eps_coefficient(cfg.name, a_t, a_prev, sigma), sigma_q)
-    if sigma > 0:
-        out = out + sigma * noise.draw()
+            sigma = calibrated_sigma(sigma, eps_coefficient(cfg.name, a_t, a_prev, sigma), sigma_q)
+        out = out + sigma * z
     return out.astype(np.float32)
 
 
@@ -176,11 +218,14 @@ def sample(
     ptqd=None,
     ptqd_components: tuple[str, ...] = ("cnc", "bc", "vsc"),
     observe: Callable | None = None,
+    stream: tuple[int, ...] = EVALUATION_NOISE,
 ) -> SampleRun:
     """Draw `n` samples; class-conditional engines need `labels` (and `null_class` for guidance ≠ 1).
     `ptqd` (PtqdTables, or RoutedPtqd for a mixed-precision route) applies the chosen PTQD corrections to
     each step's (guided) prediction.
-    `observe(i, t, x, eps, labels)` sees every step's input and the prediction the update will use."""
+    `observe(i, t, x, eps, labels)` sees every step's input and the prediction the update will use.
+    `stream`: the noise stream (EVALUATION_NOISE, or calibration_noise(...) for calibration data)."""
+    seed = check_seed(seed)
     if n < 1:
         raise SamplerError(f"-n {n}: the number of samples must be at least 1")
     if batch_size < 1:
@@ -200,7 +245,7 @@ def sample(
     bar = tqdm(total=n * len(ts), desc="sampling", unit="step", disable=not progress, leave=False)
     for lo in range(0, n, batch_size):
         idx = range(lo, min(lo + batch_size, n))
-        noise = _Noise(seed, idx, spec.sample_shape)
+        noise = _Noise(seed, idx, spec.sample_shape, stream)
         x = noise.draw()
         lab = None if labels is None else labels[lo : idx.stop]
         guided = lab is not None and cfg.guidance != 1.0

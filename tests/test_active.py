@@ -34,15 +34,15 @@ def test_record_at_stops_the_trajectory_at_t(tiny_model):
 
     cfg = CalibrationConfig(steps=10, calib_timesteps=4)
     ts = tiny_model.schedule.timesteps(10)
-    data = record_at(tiny_model, cfg, int(ts[4]), 3, seed=5)
+    data = record_at(tiny_model, cfg, int(ts[4]), 3, draw=5)
     assert len(data.samples) == 1 and data.samples[0].shape[0] == 3
     assert set(data.timesteps[0].tolist()) == {int(ts[4])}
-    again = record_at(tiny_model, cfg, int(ts[4]), 3, seed=5)
+    again = record_at(tiny_model, cfg, int(ts[4]), 3, draw=5)
     np.testing.assert_array_equal(again.samples[0], data.samples[0])  # seeded
-    other = record_at(tiny_model, cfg, int(ts[4]), 3, seed=6)
+    other = record_at(tiny_model, cfg, int(ts[4]), 3, draw=6)
     assert not np.allclose(other.samples[0], data.samples[0])
     with pytest.raises(ValueError, match="not a step"):
-        record_at(tiny_model, cfg, int(ts[4]) + 1, 3, seed=5)
+        record_at(tiny_model, cfg, int(ts[4]) + 1, 3, draw=5)
 
 
 def test_active_search_draws_rounds_and_assigns_drawn_steps(tiny_model):

@@ -16,7 +16,7 @@ def _ort(tiny_model, tiny_result, tiny_bundle, tmp_path_factory):
 
 
 def _torch(tiny_model, tiny_result, tiny_bundle, tmp_path_factory):
-    return TorchEngine(tiny_result.reference_model(tiny_model.wrapper()), tiny_model.spec)
+    return TorchEngine(tiny_result.reference_model(tiny_model.wrapper()), tiny_model.spec, dtype="float64")
 
 
 def _trt(tiny_model, tiny_result, tiny_bundle, tmp_path_factory):
@@ -58,6 +58,21 @@ def test_a_batch_computes_what_its_samples_compute_alone(engine, tiny_model):
     for i in range(4):
         alone = engine.infer(feeds["sample"][i : i + 1], feeds["timestep"][i : i + 1], feeds["class_labels"][i : i + 1])
         np.testing.assert_allclose(alone[0], together[i], rtol=1e-4, atol=1e-5)
+
+
+def test_the_float32_reference_moves_only_by_whole_output_steps_with_the_batch(tiny_model, tiny_result):
+    """What float32 does guarantee: batch-dependent kernels may flip roundings inside the network (see
+    TorchEngine), but the output stays on its quantization grid, so a sample alone and in a batch differ by
+    whole output steps."""
+    engine = TorchEngine(tiny_result.reference_model(tiny_model.wrapper()), tiny_model.spec)
+    step = tiny_result.activations["conv_out:output"][0].scale
+    for t in (100, 700):
+        feeds = noised_inputs(tiny_model.spec, tiny_model.schedule, t, n=4, seed=1)
+        args = (feeds["sample"], feeds["timestep"], feeds["class_labels"])
+        together = engine.infer(*args)
+        for i in range(4):
+            steps = (engine.infer(*(a[i : i + 1] for a in args))[0] - together[i]) / step
+            np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -440,7 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--active-eta", type=float, help="eta of the active selection score (default 1.5)")
     c.add_argument("--percentile", type=float, default=99.99, help="with --activation-range percentile")
-    c.add_argument("--seed", type=int, default=0, help="seed of the calibration trajectories")
+    c.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the calibration trajectories; their noise is a calibration stream that no "
+        "`dqc sample --seed` draws, so evaluation stays held out (default 0)",
+    )
     c.add_argument("--device", help="calibration device: cpu or cuda (default: cuda when present)")
     c.add_argument("--save-calibration", metavar="FILE", help="also write the CalibrationResult file")
     c.add_argument("--ptqd", action="store_true", help="also gather PTQD statistics (k, bias, residual std per step)")

@@ -63,7 +63,7 @@ def compile_model(
     model.unet.cpu()
     out = write_bundle(model, results, out, overwrite=overwrite, progress=progress)
     if ptqd_samples:
-        gather_ptqd(out, model, cfg.sampler_config, samples=ptqd_samples, seed=cfg.seed + 20_000,
+        gather_ptqd(out, model, cfg.sampler_config, samples=ptqd_samples, seed=cfg.seed,
                     batch_size=cfg.batch_size, switch_t=switch_t, progress=progress)  # fmt: skip
     return out
 

@@ -205,7 +205,7 @@ def _regather(src: Path, dst: Path, source: Path, spec: SamplerSpec, fields: dic
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     cfg = SamplerConfig(spec.name, fields["steps"], spec.eta, fields["guidance"])
-    pipeline.gather_ptqd(tmp, load_model(source), cfg, samples=samples, seed=fields["seed"] + 20_000,
+    pipeline.gather_ptqd(tmp, load_model(source), cfg, samples=samples, seed=fields["seed"],
                          batch_size=32, progress=progress)  # fmt: skip
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
