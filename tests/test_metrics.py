@@ -11,7 +11,7 @@ import pytest
 
 from tools.cli import main
 from tools.digits import load_digits_split
-from tools.metrics import classify, evaluate, frechet_distance, load_classifier, psnr_mse
+from tools.metrics import classify, evaluate, frechet_distance, load_classifier, psnr_mse, psnr_report
 from tools.pipeline import save_npz
 
 
@@ -45,6 +45,21 @@ def test_psnr_mse():
     assert psnr_mse(a, a)[0] == 100.0
 
 
+def test_pooled_and_mean_psnr_differ_when_errors_spread():
+    """One drifted sample among three: pooled 10·log10(4/mean MSE) is pulled down by it, the mean of
+    per-sample PSNRs much less; the bootstrap intervals hold their estimates."""
+    a = np.zeros((3, 1, 2, 2))
+    b = a.copy()
+    b[0], b[1], b[2] = 0.02, 0.02, 0.6  # per-sample MSE 4e-4, 4e-4, 0.36
+    r = psnr_report(a, b, boot=200)
+    assert r["psnr_mean"] == pytest.approx((40 + 40 + 10 * np.log10(4 / 0.36)) / 3)
+    assert r["psnr_pooled"] == pytest.approx(10 * np.log10(4 / ((4e-4 + 4e-4 + 0.36) / 3)))
+    assert r["psnr_pooled"] < r["psnr_mean"] - 10
+    for key in ("psnr_pooled", "psnr_mean"):
+        lo, hi = r[f"{key}_ci95"]
+        assert lo <= r[key] <= hi
+
+
 def test_shipped_classifier_meets_its_accuracy():
     _, test = load_digits_split()
     acc = (classify(load_classifier(), test.images) == test.labels).mean()
@@ -70,7 +85,8 @@ def test_eval_cli_writes_json_and_labels_override(tmp_path):
     assert main(["eval", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz"), "--json",
                  str(tmp_path / "o.json")]) == 0  # fmt: skip
     r = json.loads((tmp_path / "o.json").read_text())
-    assert {"fd", "accuracy", "psnr_vs_reference", "mse_vs_reference", "n"} <= set(r)
+    assert {"fd", "accuracy", "psnr_vs_reference", "psnr_pooled_vs_reference", "psnr_ci95", "mse_vs_reference",
+            "n"} <= set(r)  # fmt: skip
     assert r["n"] == 50 and r["seed"] == 7 and r["psnr_vs_reference"] == 100.0
     wrong = evaluate(tmp_path / "s.npz", labels="3")  # every sample requested as a 3
     assert wrong["accuracy"] == pytest.approx((test.labels[:50] == 3).mean(), abs=0.05)

@@ -249,7 +249,11 @@ def _eval(a: argparse.Namespace) -> None:
     print(f"  FD (classifier features vs held-out digits) {r['fd']:.4f}")
     print(f"  accuracy (classified as requested)          {acc}")
     if "psnr_vs_reference" in r:
-        print(f"  PSNR / MSE vs {r['reference']}  {r['psnr_vs_reference']:.2f} dB / {r['mse_vs_reference']:.3g}")
+        lo, hi = r["psnr_ci95"]
+        plo, phi = r["psnr_pooled_ci95"]
+        print(f"  PSNR vs {r['reference']}  mean per sample {r['psnr_vs_reference']:.2f} dB [{lo:.2f}, {hi:.2f}], "
+              f"pooled {r['psnr_pooled_vs_reference']:.2f} dB [{plo:.2f}, {phi:.2f}] (95 % bootstrap); "
+              f"MSE {r['mse_vs_reference']:.3g}")  # fmt: skip
     if a.fid_inception:
         fid = r["fid_inception"]
         print(f"  FID (Inception)  {'—' if fid is None else f'{fid:.3f}'}  ({r['fid_inception_note']})")

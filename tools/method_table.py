@@ -78,7 +78,7 @@ def run_method_table(
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
-    from tools.metrics import evaluate
+    from tools.metrics import evaluate, psnr_cells
     from tools.plots import line_chart_png
     from tools.reference import REFERENCE_GUIDANCE, resolve_model
 
@@ -147,7 +147,7 @@ def run_method_table(
                 "calibration_inputs": stats.get("calibration_inputs"),
                 "fd": report["fd"],
                 "accuracy": report.get("accuracy"),
-                "psnr_db": report.get("psnr_vs_reference"),
+                **psnr_cells(report),
                 "c_error": errors.get("c_error"),
                 "g_error": errors.get("g_error"),
                 "calibration_seconds": stats.get("total_seconds"),
@@ -203,11 +203,14 @@ def cell_name(method: str, groups, strategy, size, bits: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    from tools.metrics import format_psnr
+
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)
 
     lines = [
-        "| method | bits | groups | timesteps | calib inputs | FD ↓ | accuracy | PSNR vs FP (dB) | C-Error | G-Error "
+        "| method | bits | groups | timesteps | calib inputs | FD ↓ | accuracy | PSNR vs FP (dB): mean / pooled "
+        "| C-Error | G-Error "
         "| calibration (s) | device |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -215,7 +218,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r['bits']} | {fmt(r.get('groups'), 'd')} | {r.get('timesteps') or '—'} | "
             f"{fmt(r.get('calibration_inputs'), 'd')} | {fmt(r['fd'], '.3f')} | {fmt(r['accuracy'], '.1%')} | "
-            f"{fmt(r['psnr_db'], '.2f')} | {fmt(r.get('c_error'), '.4f')} | {fmt(r.get('g_error'), '.4f')} | "
+            f"{format_psnr(r)} | {fmt(r.get('c_error'), '.4f')} | {fmt(r.get('g_error'), '.4f')} | "
             f"{fmt(r['calibration_seconds'], '.0f')} | {r['device'] or '—'} |"
         )
     return "\n".join(lines) + "\n"

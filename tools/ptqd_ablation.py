@@ -77,7 +77,7 @@ def run_ptqd_ablation(
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
-    from tools.metrics import evaluate
+    from tools.metrics import evaluate, psnr_cells
     from tools.reference import REFERENCE_GUIDANCE, resolve_model
 
     if method not in METHODS:
@@ -107,7 +107,7 @@ def run_ptqd_ablation(
             pipeline.write_json(path.with_suffix(".timing.json"), timing)
         report = evaluate(path, reference=reference)
         timing = _load(path.with_suffix(".timing.json")) or {}
-        return {"fd": report["fd"], "accuracy": report.get("accuracy"), "psnr_db": report.get("psnr_vs_reference"),
+        return {"fd": report["fd"], "accuracy": report.get("accuracy"), **psnr_cells(report),
                 "ptqd_share": timing.get("ptqd_share"), "notes": timing.get("notes", [])}  # fmt: skip
 
     rows = []
@@ -212,15 +212,17 @@ def _regather(src: Path, dst: Path, source: Path, spec: SamplerSpec, fields: dic
 
 
 def markdown_table(rows: list[dict]) -> str:
+    from tools.metrics import format_psnr
+
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)
 
-    lines = ["| sampler | bits | row | FD ↓ | accuracy | PSNR vs FP (dB) | PTQD host time / engine time |",
+    lines = ["| sampler | bits | row | FD ↓ | accuracy | PSNR vs FP (dB): mean / pooled | PTQD host / engine time |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         share = fmt(r.get("ptqd_share") or None, ".2%")
         lines.append(f"| {r['sampler']} | {r['bits']} | {r['row']} | {fmt(r['fd'], '.3f')} | "
-                     f"{fmt(r['accuracy'], '.1%')} | {fmt(r['psnr_db'], '.2f')} | {share} |")  # fmt: skip
+                     f"{fmt(r['accuracy'], '.1%')} | {format_psnr(r)} | {share} |")  # fmt: skip
     notes = dict.fromkeys(f"{r['sampler']} {r['bits']}: {note}" for r in rows for note in r.get("notes", []))
     for r in rows:
         if "plan" in r:
