@@ -9,6 +9,11 @@ The quantized network's prediction is modelled per sampling step t as
   Guard (ours, not in the paper): under the same model, CNC leaves an expected squared error of
   σ_q²/(1 + k)² per element, no correction leaves k² E[ε²] + σ_q²; where CNC's is not smaller (k_t near
   −1, where the network has all but lost ε), the step keeps k = 0. `cnc-all` applies CNC at every step.
+- minimum-error gain (ours, beyond the paper): under the same model the linear estimate of ε from ε̂ − b_t
+  with the least expected squared error is  ε ← c_t (ε̂ − b_t),  c_t = (1 + k_t) E[ε²] / ((1 + k_t)² E[ε²] + σ_q,t²)
+  (the Wiener gain). It equals CNC's 1/(1 + k_t) when σ_q,t = 0 and shrinks towards 0 as the residual grows;
+  with k_t < 0 (MSE-calibrated engines lose part of ε) it neither amplifies noise like 1/(1 + k_t) nor gives
+  up like the guard's k = 0. Its independent residual std is c_t σ_q,t (what VSC absorbs). `gain` replaces `cnc`.
 - variance-schedule calibration (VSC) shrinks the sampler's own noise so that the residual quantization
   noise, entering x_prev with the coefficient λ_t of ε in the update, keeps the total variance on the
   schedule:  σ'_t² = σ_t² − λ_t² σ_q'²  if that is ≥ 0, else 0          (supplement Eqs. E–F)
@@ -27,7 +32,7 @@ import numpy as np
 
 from runtime.errors import BundleError
 
-COMPONENTS = ("cnc", "bc", "vsc")
+COMPONENTS = ("cnc", "gain", "bc", "vsc")
 CNC_ALL = "cnc-all"  # CNC at every step, the guard off
 
 
@@ -91,6 +96,15 @@ class PtqdTables:
         k = 0.0 if guard and int(self.timesteps[r]) in self.cnc_off else float(self.k[r])
         return k, self.bias[r], float(self.sigma_q[r])
 
+    def gain(self, t: int) -> float:
+        """The minimum-error gain c_t = (1 + k) E[ε²] / ((1 + k)² E[ε²] + σ_q²) of timestep t's row."""
+        if self.eps_power is None:
+            raise BundleError("PTQD statistics lack eps_power (gathered by an older dqc); regather them for --ptqd gain")
+        r = self.row(t)
+        k, power, sq = float(self.k[r]), float(self.eps_power[r]), float(self.sigma_q[r])
+        denom = (1 + k) ** 2 * power + sq**2
+        return (1 + k) * power / denom if denom > 0 else 1.0
+
     def snr(self) -> np.ndarray:
         """SNR_Q per gathered step: (1 + k)² E[ε²] / σ_q² (inf where σ_q = 0)."""
         if self.eps_power is None:
@@ -140,6 +154,9 @@ class RoutedPtqd:
     def at(self, t: int, guard: bool = True) -> tuple[float, np.ndarray, float]:
         return self.tables[self.precision_of_t[int(t)]].at(t, guard)
 
+    def gain(self, t: int) -> float:
+        return self.tables[self.precision_of_t[int(t)]].gain(t)
+
 
 def diffusion_snr(alphas_cumprod: np.ndarray, timesteps) -> np.ndarray:
     """SNR_F(t) = ā_t / (1 − ā_t): the signal-to-noise ratio of x_t itself."""
@@ -160,12 +177,16 @@ def switch_timestep(timesteps, snr_low: np.ndarray, snr_f: np.ndarray) -> int:
     return int(ts[i - 1]) if i > 0 else int(ts[0]) + 1
 
 
-def correct_eps(eps: np.ndarray, k: float, bias: np.ndarray, *, cnc: bool, bc: bool) -> np.ndarray:
-    """ε ← (ε̂ − b) / (1 + k) with each part switchable; bias is per channel (axis 1)."""
+def correct_eps(eps: np.ndarray, k: float, bias: np.ndarray, *, cnc: bool, bc: bool,
+                gain: float | None = None) -> np.ndarray:  # fmt: skip
+    """ε ← (ε̂ − b) / (1 + k) with each part switchable, or ε ← gain · (ε̂ − b) when a gain is given;
+    bias is per channel (axis 1)."""
     out = eps
     if bc:
         out = out - bias.reshape(1, -1, *[1] * (eps.ndim - 2)).astype(eps.dtype)
-    if cnc:
+    if gain is not None:
+        out = out * np.float32(gain)
+    elif cnc:
         out = out / np.float32(1.0 + k)
     return out.astype(np.float32, copy=False)
 

@@ -179,6 +179,8 @@ def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun) -> tuple[st
                            f"({CNC_ALL}: CNC at every step, without its guard)")  # fmt: skip
     if CNC_ALL in components:
         components = (*components, "cnc")
+    if "gain" in components and "cnc" in components:
+        raise SamplerError("--ptqd: gain replaces cnc (both rescale ε); pass one of them")
     if ptqd is None or not components:
         return ()
     if ptqd.sampler != cfg.name:
@@ -263,9 +265,10 @@ def sample(
             if use:
                 start = time.perf_counter()
                 k, bias, sq = ptqd.at(int(t), guard=CNC_ALL not in use)
-                eps = correct_eps(eps, k, bias, cnc="cnc" in use, bc="bc" in use)
-                if "vsc" in use:  # the residual std after CNC: σ_q / (1 + k)
-                    sigma_q = sq / (1.0 + k) if "cnc" in use else sq
+                gain = ptqd.gain(int(t)) if "gain" in use else None
+                eps = correct_eps(eps, k, bias, cnc="cnc" in use, bc="bc" in use, gain=gain)
+                if "vsc" in use:  # the independent residual std left: σ_q / (1 + k) after CNC, c_t σ_q after the gain
+                    sigma_q = sq * gain if gain is not None else (sq / (1.0 + k) if "cnc" in use else sq)
                 run.ptqd_seconds += time.perf_counter() - start
             if observe is not None:
                 observe(i, int(t), x, eps, lab)

@@ -41,6 +41,46 @@ def test_corrections_divide_out_the_correlated_part_and_the_bias():
     np.testing.assert_array_equal(correct_eps(q.astype(np.float32), k, b, cnc=False, bc=False), q.astype(np.float32))
 
 
+@pytest.mark.parametrize("k", [-0.35, 0.08])
+def test_minimum_error_gain_recovers_planted_statistics_and_beats_cnc(k):
+    """Planted ε̂ = (1 + k) ε + b + n with a loud residual: the gathered tables give the Wiener gain
+    c = (1 + k) E[ε²] / ((1 + k)² E[ε²] + σ²), and c (ε̂ − b) has the least squared error of the three."""
+    from calibration.ptqd import StepAccumulator
+
+    sigma = 0.5
+    q, fp, bias = _planted(k=k, sigma=sigma, n=512)
+    acc = StepAccumulator(3)
+    acc.add(q, fp)
+    kk, b, sq, power = acc.result()
+    tables = PtqdTables.checked([10], [kk], b[None], [sq], sampler="ddim", steps=1, eta=0.0, channels=3,
+                                eps_power=[power])  # fmt: skip
+    expected = (1 + k) / ((1 + k) ** 2 + sigma**2)  # E[ε²] = 1
+    assert tables.gain(10) == pytest.approx(expected, rel=0.02)
+    q32 = q.astype(np.float32)
+    err = {
+        "none": np.mean((correct_eps(q32, kk, b, cnc=False, bc=True) - fp) ** 2),
+        "cnc": np.mean((correct_eps(q32, kk, b, cnc=True, bc=True) - fp) ** 2),
+        "gain": np.mean((correct_eps(q32, kk, b, cnc=False, bc=True, gain=tables.gain(10)) - fp) ** 2),
+    }
+    assert err["gain"] < err["cnc"] and err["gain"] < err["none"]
+    # Eq. 7's expected error of the gain: (1 − c(1 + k))² E[ε²] + c² σ²
+    c = tables.gain(10)
+    assert err["gain"] == pytest.approx((1 - c * (1 + k)) ** 2 + c**2 * sigma**2, rel=0.03)
+
+
+def test_gain_and_cnc_are_exclusive(tiny_model):
+    from runtime.engine import EngineSet, TorchEngine
+    from runtime.sampler import SamplerConfig, sample
+
+    ts = tiny_model.schedule.timesteps(10)
+    tables = PtqdTables.checked(ts, np.zeros(10), np.zeros((10, 1)), np.zeros(10), sampler="ddim", steps=10, eta=0.0,
+                                channels=1, eps_power=np.ones(10))  # fmt: skip
+    fp = EngineSet.single(TorchEngine(tiny_model.wrapper(), tiny_model.spec))
+    with pytest.raises(SamplerError, match="gain replaces cnc"):
+        sample(fp, tiny_model.schedule, SamplerConfig(steps=10), n=1, labels=np.zeros(1, np.int64), ptqd=tables,
+               ptqd_components=("cnc", "gain"), progress=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["ddim", "ddpm"])
 def test_eps_coefficient_is_the_samplers_own_derivative(name):
     """λ_t from the formula equals d x_prev / d ε of the sampler's update (finite difference, no noise)."""

@@ -488,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="cnc,bc,vsc",
         metavar="C1,C2",
         help="PTQD corrections applied when the bundle has statistics: cnc (correlated noise; skipped where it "
-        "would raise the expected error), cnc-all (at every step), bc (bias), vsc (variance schedule; no effect "
+        "would raise the expected error), cnc-all (at every step), gain (instead of cnc: the minimum-error gain "
+        "c_t = (1+k) E[eps^2] / ((1+k)^2 E[eps^2] + sigma_q^2)), bc (bias), vsc (variance schedule; no effect "
         "with DDIM eta 0) (default: cnc,bc,vsc)",
     )
     s.add_argument("--no-ptqd", action="store_true", help="apply no PTQD correction")

@@ -30,8 +30,11 @@ from tools import pipeline
 from tools.method_table import _bundle_matches, _samples_match
 
 # (row name, PTQD components): each adds one correction to the row before (supplement Table B's order)
+# PTQD supplement Table B's rows (CNC with our guard), then CNC as the paper applies it (no guard) and the
+# minimum-error gain in its place
 ABLATION_ROWS = (("baseline", ()), ("+CNC", ("cnc",)), ("+CNC+VSC", ("cnc", "vsc")),
-                 ("+CNC+VSC+BC", ("cnc", "vsc", "bc")))  # fmt: skip
+                 ("+CNC+VSC+BC", ("cnc", "vsc", "bc")), ("+CNC-all+VSC+BC", ("cnc-all", "vsc", "bc")),
+                 ("+gain", ("gain",)), ("+gain+VSC+BC", ("gain", "vsc", "bc")))  # fmt: skip
 _SAMPLER = re.compile(r"^(ddpm|ddim)(?:-eta([0-9]*\.?[0-9]+))?$")
 # the settings that define a cell's bundle: one made with other values is recompiled
 _CELL_KEYS = ("sampler", "steps", "eta", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters",
