@@ -99,7 +99,7 @@ class PtqdTables:
     def gain(self, t: int) -> float:
         """The minimum-error gain c_t = (1 + k) E[ε²] / ((1 + k)² E[ε²] + σ_q²) of timestep t's row."""
         if self.eps_power is None:
-            raise BundleError("PTQD statistics lack eps_power (gathered by an older dqc); regather them for --ptqd gain")
+            raise BundleError("PTQD statistics lack eps_power (gathered by an older dqc); regather them for gain")
         r = self.row(t)
         k, power, sq = float(self.k[r]), float(self.eps_power[r]), float(self.sigma_q[r])
         denom = (1 + k) ** 2 * power + sq**2
