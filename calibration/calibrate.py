@@ -183,6 +183,8 @@ def calibrate(
                        "sigma_rows": search.rows or search.timesteps}  # fmt: skip
         if search.counts:
             group_stats["draws"] = search.counts
+        if search.assigned_by_loss:
+            group_stats["assigned_by_loss"] = search.assigned_by_loss
     errors = activation_errors(model, layers, data, cfg, activations, group_of_t) if cfg.activation_error else None
     stats = {
         "record_seconds": round(t_record, 3),

@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
+from calibration.objective import LOSS_WEIGHTINGS
 from exporter.profiles import get_profile
 from runtime.errors import ConfigError, SamplerError
 from runtime.sampler import SamplerConfig, check_seed
@@ -15,6 +16,7 @@ ACTIVATION_RANGES = ("minmax", "percentile")
 TIMESTEP_SELECTIONS = ("uniform", "random", "normal", "active")
 WEIGHT_RANGES = ("lp", "minmax")
 WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
+GROUP_SEARCHES = ("none", "sigma", "loss")
 _RECONSTRUCTION = dict(weight_range="lp", weight_rounding="brecq", act_iters=5000)
 # Method presets: the fields each sets unless given explicitly.
 METHODS = {
@@ -89,6 +91,15 @@ class CalibrationConfig:
     group_epochs: int = 10  # APQ-DM: 10 epochs of the joint search
     group_lr: float = 0.0  # 0: APQ-DM's 5e-3 for 8-bit and 3e-3 below, decaying to 1e-5
     group_entropy: float = 0.8  # λ of the entropy term on σ^t (APQ-DM Eq. 7)
+    # none: each group's min-max ranges on its contiguous share, nothing learned | sigma: the soft search,
+    # g(t) = argmax σ^t (APQ-DM) | loss: the soft search, then g(t) = the group of least loss at t, refined
+    group_search: str = "loss"
+    group_alpha_lr: float = 0.05  # α's own constant Adam rate; 0: the quantizers' decaying rate (as before)
+    group_alpha_bias: float = 0.1  # α's initial logit lead for its contiguous share (1.0 before)
+    group_refine_epochs: int = 1  # group_search loss: epochs of training under the hard assignment
+    # what an ε error at each input's timestep costs (calibration.objective): eps | x0 | xprev | final;
+    # weights the group search's J and the LSQ pass of block reconstruction
+    loss_weighting: str = "eps"
     activation_error: bool = False  # also measure C-Error / G-Error (APQ-DM Table 1) into the stats
     device: str = "cpu"
 
@@ -151,6 +162,15 @@ class CalibrationConfig:
             )
         if self.active_eta < 0:
             raise ConfigError(f"active_eta={self.active_eta}: must be ≥ 0")
+        if self.group_search not in GROUP_SEARCHES:
+            raise ConfigError(f"group_search={self.group_search!r}: use one of {GROUP_SEARCHES}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting={self.loss_weighting!r}: use one of {LOSS_WEIGHTINGS}")
+        if self.group_alpha_lr < 0 or self.group_alpha_bias < 0 or self.group_refine_epochs < 0:
+            raise ConfigError(
+                f"group search: alpha_lr={self.group_alpha_lr}, alpha_bias={self.group_alpha_bias} and "
+                f"refine_epochs={self.group_refine_epochs} must be ≥ 0"
+            )
         if self.group_epochs < 1 or self.group_lr < 0 or self.group_entropy < 0:
             raise ConfigError(
                 f"group search: epochs={self.group_epochs} must be ≥ 1, lr={self.group_lr} and "

@@ -12,6 +12,13 @@ and the quantizer step sizes and α are optimised jointly on
 After the search g(t) = argmax_g σ_g^t: every timestep is served by one group's quantizers, so each group
 exports as one graph. Symmetry between the G identical quantizers is broken by initialising group g's
 ranges on the g-th contiguous share of the calibrated timesteps and α towards that share.
+
+Two departures from a literal reading, so the search can move the assignment (issue 16): α has its own
+constant learning rate (`group_alpha_lr`; with the quantizers' rate decaying from 5e-3 to 1e-5 an α moved
+0.1 in all) and a weak initial lead (`group_alpha_bias`, 0.1 instead of 1). With `group_assign = "loss"`
+the final g(t) is the group whose quantizers, forced on, give timestep t's inputs the least loss, refined
+by a pass of training under that hard assignment (calibration.group_assign). J's per-input error may be
+weighted by what an ε error at its timestep costs the sample (calibration.objective).
 """
 
 from __future__ import annotations
@@ -45,9 +52,28 @@ class GroupMixer(nn.Module):
         self.fixed = fixed
         self.current: torch.Tensor | None = None
         self.current_group: torch.Tensor | None = None
+        self.forced: int | None = None  # every row through this group's quantizers (per-group loss evaluation)
+
+    @property
+    def hard(self) -> bool:
+        """Whether each row runs through one group's quantizers only."""
+        return self.fixed or self.forced is not None
+
+    def fix(self, assignment: list[int]) -> None:
+        """From now on σ is the one-hot `assignment` (one group per timestep, in `timesteps` order), not learned."""
+        one_hot = torch.zeros_like(self.alpha)
+        one_hot[torch.arange(len(assignment)), torch.tensor(assignment)] = 1.0
+        self.alpha.data = one_hot.to(self.alpha.device)
+        self.alpha.requires_grad_(False)
+        self.fixed = True
 
     def set_batch(self, t: torch.Tensor) -> torch.Tensor:
         """σ for each row of a batch of timesteps (all must be calibrated timesteps)."""
+        if self.forced is not None:
+            self.current = torch.zeros(len(t), self.alpha.shape[1], device=self.alpha.device)
+            self.current[:, self.forced] = 1.0
+            self.current_group = torch.full((len(t),), self.forced, device=self.alpha.device)
+            return self.current
         rows = torch.tensor([self.row[int(x)] for x in t.tolist()], device=self.alpha.device)
         if self.fixed:
             self.current = self.alpha[rows].detach()
@@ -80,7 +106,7 @@ class MixedQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixer = self._mixer[0]
-        if mixer.fixed:  # one-hot σ: run each row through its own group's quantizer only
+        if mixer.hard:  # one-hot σ: run each row through its own group's quantizer only
             out = torch.empty_like(x)
             for g in mixer.current_group.unique().tolist():
                 rows = mixer.current_group == g
@@ -103,6 +129,7 @@ class GroupSearchResult:
     history: list[dict] = field(default_factory=list)  # per epoch or round: step, loss, entropy, σ snapshot
     counts: dict[int, int] | None = None  # active selection: how often each timestep was drawn
     rows: list[int] | None = None  # the timestep of each σ row in `history` (default: `timesteps`)
+    assigned_by_loss: dict | None = None  # group_search = "loss": the loss tables and what moved
 
     def group_of_t(self, num_train_timesteps: int) -> np.ndarray:
         return nearest_group_table(self.assignment, num_train_timesteps)
@@ -157,18 +184,27 @@ class _Optimizer:
     so an absolute 5e-3 would move a 0.01 step by half of itself per iteration."""
 
     def __init__(self, mixer: GroupMixer, quant_params: list[torch.Tensor], total: int, *, lr: float,
-                 lr_end: float = 1e-5, entropy_weight: float = 0.8) -> None:  # fmt: skip
+                 lr_end: float = 1e-5, entropy_weight: float = 0.8, alpha_lr: float = 0.0,
+                 weight_of_t: torch.Tensor | None = None) -> None:  # fmt: skip
+        decay = (lr_end / lr) ** (1 / max(total, 1))
         groups = [{"params": [p], "lr": lr * float(p.detach().abs().max())} for p in quant_params]
-        if not mixer.fixed:
-            groups.append({"params": [mixer.alpha], "lr": lr})
+        if not mixer.fixed:  # alpha_lr > 0: α's own constant rate; 0: the quantizers' decaying one
+            groups.append({"params": [mixer.alpha], "lr": alpha_lr or lr})
         self.opt = torch.optim.Adam(groups, lr=lr)
-        self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, (lr_end / lr) ** (1 / max(total, 1)))
+        factors = [lambda i: decay**i] * len(quant_params)
+        if not mixer.fixed:
+            factors.append((lambda i: 1.0) if alpha_lr else (lambda i: decay**i))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factors)
         self.floor = [0.01 * float(p.detach().abs().max()) for p in quant_params]
         self.mixer, self.quant_params, self.entropy_weight = mixer, quant_params, entropy_weight
+        self.weight_of_t = weight_of_t
 
     def step(self, forward: nn.Module, x, t, c, target) -> float:
         sigma = self.mixer.set_batch(t)
-        rec = (forward(x, t, c) - target).pow(2).flatten(1).sum(1).mean()
+        per_row = (forward(x, t, c) - target).pow(2).flatten(1).sum(1)
+        if self.weight_of_t is not None:  # what an ε error at each input's timestep costs (calibration.objective)
+            per_row = per_row * self.weight_of_t[t]
+        rec = per_row.mean()
         loss = rec + self.entropy_weight * GroupMixer.entropy(sigma)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -199,6 +235,8 @@ def search_loop(
     lr: float,
     lr_end: float = 1e-5,
     entropy_weight: float = 0.8,
+    alpha_lr: float = 0.0,
+    weight_of_t: torch.Tensor | None = None,
     progress: bool = False,
 ) -> GroupSearchResult:
     """Joint optimisation of the quantizer steps and α on J (Eq. 7) over a fixed calibration set.
@@ -207,7 +245,7 @@ def search_loop(
     from tqdm.auto import tqdm
 
     opt = _Optimizer(mixer, quant_params, epochs * steps_per_epoch, lr=lr, lr_end=lr_end,
-                     entropy_weight=entropy_weight)  # fmt: skip
+                     entropy_weight=entropy_weight, alpha_lr=alpha_lr, weight_of_t=weight_of_t)  # fmt: skip
     history = [snapshot(mixer, 0)]
     bar = tqdm(total=epochs * steps_per_epoch, desc="group search", disable=not progress, leave=False)
     for _ in range(epochs):
@@ -264,7 +302,7 @@ class _Search:
 
         fixed = groups == len(timesteps)  # one group per calibrated timestep: nothing to search
         init = contiguous_assignment(timesteps, groups)
-        self.mixer = GroupMixer(timesteps, groups, init, fixed=fixed).to(cfg.device)
+        self.mixer = GroupMixer(timesteps, groups, init, bias=cfg.group_alpha_bias, fixed=fixed).to(cfg.device)
         self.mixed: dict[str, MixedQuantizer] = {}
 
         def quantizer(point: str) -> MixedQuantizer | None:
@@ -336,13 +374,48 @@ def run_group_search(model, layers, weights: dict, data, cfg, *, groups: int, ep
         raise ValueError(f"groups={groups}: must be between 1 and the {len(timesteps)} calibrated timesteps")
     init = contiguous_assignment(timesteps, groups)
     shares = [data.at_timesteps({t for t, a in zip(timesteps, init, strict=True) if a == g}) for g in range(groups)]
-    search = _Search(model, layers, weights, cfg, timesteps, groups, _share_inits(model, layers, cfg, shares))
+    inits = _share_inits(model, layers, cfg, shares)
+    if cfg.group_search == "none":  # each group's min-max ranges on its contiguous share, nothing learned
+        sigma = np.eye(groups)[init]
+        return GroupSearchResult(dict(zip(timesteps, init, strict=True)), sigma, timesteps), inits
+    search = _Search(model, layers, weights, cfg, timesteps, groups, inits)
     search.add(data)
+    weight_of_t = loss_weights(model, cfg, data)
     steps = -(-len(search) // cfg.batch_size)
     with torch.enable_grad():
         result = search_loop(search.forward, search.mixer, search.params, search.batches, steps, epochs=epochs,
-                             lr=lr, entropy_weight=entropy_weight, progress=progress)  # fmt: skip
+                             lr=lr, entropy_weight=entropy_weight, alpha_lr=cfg.group_alpha_lr,
+                             weight_of_t=weight_of_t, progress=progress)  # fmt: skip
+        _assign_by_loss(search, result, cfg, lr, weight_of_t, progress)
     return result, search.group_params()
+
+
+def loss_weights(model, cfg, data) -> torch.Tensor | None:
+    """(T,) weights of J's per-input errors by timestep (calibration.objective); None for plain ε-MSE."""
+    if cfg.loss_weighting == "eps":
+        return None
+    from calibration.objective import data_std, timestep_weights
+
+    std = data_std(model.schedule, np.concatenate(data.timesteps), np.concatenate(data.samples))
+    w = timestep_weights(model.schedule, cfg.sampler_config, cfg.loss_weighting, std)
+    return torch.from_numpy(w).float().to(cfg.device)
+
+
+def _assign_by_loss(search: _Search, result: GroupSearchResult, cfg, lr: float, weight_of_t, progress: bool) -> None:
+    """With cfg.group_search == "loss": replace result's argmax-σ assignment (of its timesteps) by the
+    per-timestep loss assignment, refined (calibration.group_assign); record what moved."""
+    if cfg.group_search != "loss" or search.mixer.fixed:
+        return
+    from calibration.group_assign import assign_by_loss
+
+    def optimizer(total: int) -> _Optimizer:
+        return _Optimizer(search.mixer, search.params, total, lr=0.2 * lr, weight_of_t=weight_of_t)
+
+    final, stats = assign_by_loss(search, optimizer, refine_epochs=cfg.group_refine_epochs, progress=progress)
+    of = dict(zip(search.mixer.timesteps, final, strict=True))
+    result.assignment = {t: of[t] for t in result.timesteps}
+    stats["loss_rows"] = search.mixer.timesteps
+    result.assigned_by_loss = stats
 
 
 def run_active_search(model, layers, weights: dict, cfg, *, groups: int, rounds: int, per_round: int, epochs: int,
@@ -381,9 +454,11 @@ def run_active_search(model, layers, weights: dict, cfg, *, groups: int, rounds:
     search = _Search(model, layers, weights, cfg, candidates, groups, _share_inits(model, layers, cfg, pilot))
     drawn = [concat(pilot)]
     search.add(drawn[0])
+    weight_of_t = loss_weights(model, cfg, drawn[0])
     phases = rounds - groups + 1
     total = epochs * -(-len(search) * rounds // groups // cfg.batch_size)
-    opt = _Optimizer(search.mixer, search.params, total, lr=lr, entropy_weight=entropy_weight)
+    opt = _Optimizer(search.mixer, search.params, total, lr=lr, entropy_weight=entropy_weight,
+                     alpha_lr=cfg.group_alpha_lr, weight_of_t=weight_of_t)  # fmt: skip
     history = [snapshot(search.mixer, 0)]
     with torch.enable_grad():
         for phase in range(phases):
@@ -407,6 +482,8 @@ def run_active_search(model, layers, weights: dict, cfg, *, groups: int, rounds:
         {t: int(n) for t, n in zip(candidates, counts, strict=True) if n},
         candidates,
     )
+    with torch.enable_grad():
+        _assign_by_loss(search, result, cfg, lr, weight_of_t, progress)
     return result, search.group_params(), concat(drawn)
 
 

@@ -61,7 +61,9 @@ def test_active_search_draws_rounds_and_assigns_drawn_steps(tiny_model):
                                            epochs=2, lr=3e-3)  # fmt: skip
     assert sum(result.counts.values()) == 5 and len(data) == 20
     assert sorted(result.assignment) == sorted(result.counts) == sorted(result.timesteps)
-    assert all(result.assignment[t] == int(result.sigma[i].argmax()) for i, t in enumerate(result.timesteps))
+    # group_search "loss": each drawn step goes to the group of least loss after the refinement
+    rows, losses = result.assigned_by_loss["loss_rows"], np.array(result.assigned_by_loss["loss_final"])
+    assert all(result.assignment[t] == int(losses[rows.index(t)].argmin()) for t in result.timesteps)
     assert all(len(v) == 3 for v in acts.values())
     assert len(result.history) == 1 + (5 - 3 + 1)  # the start and one point per training phase
     assert result.rows == [int(t) for t in tiny_model.schedule.timesteps(10)]  # σ rows: every candidate step

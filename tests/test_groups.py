@@ -7,10 +7,13 @@ import torch
 
 from calibration.groups import (
     GroupMixer,
+    MixedQuantizer,
+    _Search,
     assignment_from_sigma,
     contiguous_assignment,
     nearest_group_table,
     run_group_search,
+    search_loop,
 )
 
 
@@ -43,7 +46,8 @@ def test_group_search_on_tiny_model_is_valid_and_entropy_falls(tiny_model):
     from calibration.config import CalibrationConfig
     from calibration.qmodules import quantizable_layers
 
-    cfg = CalibrationConfig(bits="W6A6", steps=10, calib_samples=8, calib_timesteps=6, batch_size=16)
+    cfg = CalibrationConfig(bits="W6A6", steps=10, calib_samples=8, calib_timesteps=6, batch_size=16,
+                            group_search="sigma")  # fmt: skip
     base = calibrate(tiny_model, cfg, progress=False)
     data = record_trajectories(tiny_model, cfg, progress=False)
     layers = quantizable_layers(tiny_model.unet)
@@ -163,3 +167,61 @@ def test_shared_weights_store_keeps_per_group_biases_in_their_graphs():
         assert by_name["conv/bias/int"].data_location != onnx.TensorProto.EXTERNAL
         assert by_name["conv/bias/scale"].data_location != onnx.TensorProto.EXTERNAL
         assert numpy_helper.to_array(by_name["conv/bias/int"])[0] == 7 + g
+
+
+class _SyntheticSearch(_Search):
+    """One 4-bit activation quantizer per group on data whose range depends on the timestep: t in SMALL
+    carries values of ±0.1, the others ±10. Group 0 starts with a small range and serves the first half of
+    the timesteps, group 1 a large one and the second half; the best assignment is SMALL → group 0, the
+    rest → group 1, which moves t = 3 and t = 6 away from their contiguous start."""
+
+    SMALL = {0, 1, 2, 6}
+
+    def __init__(self, alpha_lr: float, alpha_bias: float) -> None:
+        from calibration.config import CalibrationConfig
+        from calibration.quantizers import activation_params
+
+        timesteps = list(range(8))
+        self.cfg = CalibrationConfig(batch_size=16, group_alpha_lr=alpha_lr, group_alpha_bias=alpha_bias)
+        self.mixer = GroupMixer(timesteps, 2, contiguous_assignment(timesteps, 2), bias=alpha_bias)
+        inits = [activation_params(-0.1, 0.1, True, 4), activation_params(-10, 10, True, 4)]
+        quant = MixedQuantizer(inits, self.mixer)
+        self.mixed = {"x": quant}
+        self.forward = lambda x, t, c: quant(x)
+        self.params = [q.scale for q in quant.quantizers]
+        gen = torch.Generator().manual_seed(0)
+        t = torch.arange(8).repeat_interleave(32)
+        amp = torch.tensor([0.1 if int(v) in self.SMALL else 10.0 for v in t])
+        x = (torch.rand(len(t), 1, 4, 4, generator=gen) * 2 - 1) * amp.reshape(-1, 1, 1, 1)
+        self.rows, self.passes = [x, t, None, x.clone()], 0
+
+
+def _searched(alpha_lr: float, alpha_bias: float, assign: bool) -> dict[int, int]:
+    from calibration.group_assign import assign_by_loss
+    from calibration.groups import _Optimizer
+
+    search = _SyntheticSearch(alpha_lr, alpha_bias)
+    steps = -(-len(search) // 16)
+    with torch.enable_grad():
+        result = search_loop(search.forward, search.mixer, search.params, search.batches, steps, epochs=10,
+                             lr=5e-3, alpha_lr=alpha_lr)  # fmt: skip
+        if not assign:
+            return result.assignment
+        optimizer = lambda total: _Optimizer(search.mixer, search.params, total, lr=1e-3)  # noqa: E731
+        final, stats = assign_by_loss(search, optimizer, refine_epochs=1)
+    return dict(zip(search.mixer.timesteps, final, strict=True))
+
+
+def test_the_search_finds_an_assignment_other_than_the_contiguous_start():
+    best = {t: 0 if t in _SyntheticSearch.SMALL else 1 for t in range(8)}
+    contiguous = dict(enumerate(contiguous_assignment(list(range(8)), 2)))
+    assert best != contiguous
+    # as the search was: α's 1.0 lead, moved at the quantizers' decaying rate, never leaves the start
+    assert _searched(alpha_lr=0.0, alpha_bias=1.0, assign=False) == contiguous
+    # its own rate and a weak lead: the soft search moves t = 3, whose clipped ±10 inputs cost much; t = 6's
+    # small error against Eq. 7's entropy term (λ = 0.8, pulling σ towards its current argmax) keeps it
+    soft = _searched(alpha_lr=0.05, alpha_bias=0.1, assign=False)
+    assert soft[3] == 1 and soft != contiguous
+    # the per-timestep loss assignment finds the best, from the new search and even from the old one
+    assert _searched(alpha_lr=0.05, alpha_bias=0.1, assign=True) == best
+    assert _searched(alpha_lr=0.0, alpha_bias=1.0, assign=True) == best
