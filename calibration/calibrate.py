@@ -159,9 +159,11 @@ def calibrate(
     if cfg.reconstructs or not cfg.searches_groups:
         acts = observe_activations(model, layers, data, cfg, progress)
         if cfg.reconstructs:
+            from calibration.objective import loss_weights
             from calibration.reconstruct import reconstruct
 
-            weights, acts, recon_stats = reconstruct(model.wrapper(), layers, weights, acts, data, cfg, progress)
+            weights, acts, recon_stats = reconstruct(model.wrapper(), layers, weights, acts, data, cfg, progress,
+                                                     weight_of_t=loss_weights(model, cfg, data))  # fmt: skip
         activations = {p: [a] for p, a in acts.items()}
     group_of_t = np.zeros(model.spec.num_train_timesteps, np.int64)
     group_stats = None

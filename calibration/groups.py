@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from calibration.adaround import apply_layer
+from calibration.objective import loss_weights
 from calibration.quantizers import ActParams, LsqQuantizer
 
 if TYPE_CHECKING:
@@ -388,17 +389,6 @@ def run_group_search(model, layers, weights: dict, data, cfg, *, groups: int, ep
                              weight_of_t=weight_of_t, progress=progress)  # fmt: skip
         _assign_by_loss(search, result, cfg, lr, weight_of_t, progress)
     return result, search.group_params()
-
-
-def loss_weights(model, cfg, data) -> torch.Tensor | None:
-    """(T,) weights of J's per-input errors by timestep (calibration.objective); None for plain ε-MSE."""
-    if cfg.loss_weighting == "eps":
-        return None
-    from calibration.objective import data_std, timestep_weights
-
-    std = data_std(model.schedule, np.concatenate(data.timesteps), np.concatenate(data.samples))
-    w = timestep_weights(model.schedule, cfg.sampler_config, cfg.loss_weighting, std)
-    return torch.from_numpy(w).float().to(cfg.device)
 
 
 def _assign_by_loss(search: _Search, result: GroupSearchResult, cfg, lr: float, weight_of_t, progress: bool) -> None:

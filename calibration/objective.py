@@ -25,6 +25,18 @@ import numpy as np
 LOSS_WEIGHTINGS = ("eps", "x0", "xprev", "final")
 
 
+def loss_weights(model, cfg, data):
+    """(T,) torch weights of the calibration objectives' per-input errors by training timestep, for
+    cfg.loss_weighting and cfg's sampler, the data std read off `data`; None for plain ε-MSE."""
+    if cfg.loss_weighting == "eps":
+        return None
+    import torch
+
+    std = data_std(model.schedule, np.concatenate(data.timesteps), np.concatenate(data.samples))
+    w = timestep_weights(model.schedule, cfg.sampler_config, cfg.loss_weighting, std)
+    return torch.from_numpy(w).float().to(cfg.device)
+
+
 def data_std(schedule, timesteps: np.ndarray, samples: np.ndarray) -> float:
     """s from x_t = √ā_t x_0 + √(1−ā_t) ε at the least noisy of `timesteps` (rows of `samples`)."""
     t = int(np.min(timesteps))

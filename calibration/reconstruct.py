@@ -9,7 +9,12 @@ of its own. Two passes over the units:
    E‖unit_Q(x̂) − unit_FP(x)‖² + λ Σ (1 − |2h(V) − 1|^β) over the AdaRound variables V of the unit's
    layers (eq. 25 of AdaRound, block output instead of layer output); Adam lr 1e-3, batch 32.
 2. activations — hardened weights, every activation quantizer on; the same block loss over the LSQ step
-   sizes of the unit's activation quantizers (LSQ eq. 1–4), Adam lr 4e-4 with cosine decay.
+   sizes of the unit's activation quantizers (LSQ eq. 1–4), Adam with cosine decay at a rate relative to
+   each step's initial value (cfg.act_lr, as the group search), each input's error weighted by what an ε
+   error at its timestep costs (cfg.loss_weighting, calibration.objective).
+
+The stats record, per unit, the error before and after each pass and, for the weights, the gap between the
+soft rounding at the end of training and its hardened form.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -140,19 +146,25 @@ def _capture(forward: nn.Module, unit: str, data: CalibrationData, cfg: Calibrat
     return torch.cat(calls).clone()
 
 
-def _loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, idx) -> torch.Tensor:
+def _loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, idx,
+          row_weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     a, k = _index(args, kwargs, idx)
     out = q_forward.get_submodule(unit)(*a, **k)
-    return block_loss(out, target[idx])
+    if row_weight is None:
+        return block_loss(out, target[idx])
+    # block_loss per input (channels summed, positions averaged), weighted by the input's timestep
+    per_row = (out - target[idx]).pow(2).sum(1 if out.ndim == 4 else -1).flatten(1).mean(1)
+    return (per_row * row_weight[idx]).mean()
 
 
-def _fit_loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, chunk: int) -> float:
+def _fit_loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, chunk: int,
+              row_weight: torch.Tensor | None = None) -> float:  # fmt: skip
     """The unit's reconstruction error over all its reconstruction inputs, in chunks, without gradients."""
     total = 0.0
     with torch.no_grad():
         for lo in range(0, len(target), chunk):
             idx = torch.arange(lo, min(lo + chunk, len(target)), device=target.device)
-            total += _loss(q_forward, unit, args, kwargs, target, idx).item() * len(idx)
+            total += _loss(q_forward, unit, args, kwargs, target, idx, row_weight).item() * len(idx)
     return total / len(target)
 
 
@@ -164,14 +176,18 @@ def reconstruct(
     data: CalibrationData,
     cfg: CalibrationConfig,
     progress: bool = True,
+    weight_of_t: torch.Tensor | None = None,
 ) -> tuple[dict, dict, dict]:
     """Block-reconstructed integer weights and, when cfg.act_iters > 0, learned activation scales.
 
     `weights` gives each layer's range-searched per-channel scales (kept), `acts` the observed activation
-    quantizers that initialise the LSQ step sizes. Returns (weights, acts, stats)."""
+    quantizers that initialise the LSQ step sizes, `weight_of_t` (T,) the LSQ pass's per-timestep loss
+    weights (None: uniform). Returns (weights, acts, stats)."""
     bits = cfg.parsed_bits.weight
     data = data.subset(cfg.adaround_samples, cfg.seed)
     rows = len(data)
+    row_t = torch.from_numpy(np.concatenate(data.timesteps)).to(cfg.device)
+    act_weight = None if weight_of_t is None else weight_of_t.to(cfg.device)[row_t]
     recon: dict[str, ReconLayer] = {}
 
     def build(name: str, layer: nn.Module) -> nn.Module:
@@ -206,6 +222,7 @@ def reconstruct(
                 continue
             args, kwargs = _capture(q_forward, unit.name, data, cfg, "inputs")
             target = _capture(fp_forward, unit.name, data, cfg, "output")
+            row_weight = act_weight if phase == "activations" else None
             if phase == "weights":
                 for m in members:
                     m.weights = "soft"
@@ -214,21 +231,23 @@ def reconstruct(
                 sched = None
             else:
                 params = [q.scale for m in members for q in (m.act_in, m.act_out) if q is not None]
-                opt = torch.optim.Adam(params, lr=cfg.act_lr)
+                floors = [0.01 * float(q.detach().abs().max()) for q in params]
+                opt = torch.optim.Adam([{"params": [q], "lr": cfg.act_lr * float(q.detach().abs().max())}
+                                        for q in params])  # fmt: skip
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
             # reported: the unit's error on all its inputs before (round-to-nearest weights / observed
             # activation ranges) and after, hard-rounded; and the training loss over the last steps
             soft = [m.weights for m in members]
             for m in members:
                 m.weights = "hard"  # at initialisation hard rounding is round-to-nearest
-            before = _fit_loss(q_forward, unit.name, args, kwargs, target, 4 * cfg.recon_batch)
+            before = _fit_loss(q_forward, unit.name, args, kwargs, target, 4 * cfg.recon_batch, row_weight)
             for m, w in zip(members, soft, strict=True):
                 m.weights = w
             window = min(_REPORT_EVERY, iters)
             tail, shown = [], 0
             for i in range(iters):
                 idx = torch.randint(0, rows, (cfg.recon_batch,), generator=gen).to(target.device)
-                rec = _loss(q_forward, unit.name, args, kwargs, target, idx)
+                rec = _loss(q_forward, unit.name, args, kwargs, target, idx, row_weight)
                 loss = rec
                 if phase == "weights" and (beta := annealed_beta(i, iters)) is not None:
                     loss = rec + cfg.adaround_reg * sum(m.rounding.regulariser(beta) for m in members)
@@ -237,22 +256,22 @@ def reconstruct(
                 opt.step()
                 if sched is not None:
                     sched.step()
-                    for q in params:  # a step size must stay positive
-                        q.data.clamp_(min=1e-8)
+                    for q, floor in zip(params, floors, strict=True):  # a step size must stay positive
+                        q.data.clamp_(min=floor)
                 if i >= iters - window:
                     tail.append(rec.item())
                 if (i + 1) % _REPORT_EVERY == 0 or i == iters - 1:
                     bar.update(i + 1 - shown)
                     shown = i + 1
             bar.set_postfix(unit=unit.name.removeprefix("unet."), loss=f"{sum(tail) / len(tail):.4g}")
+            entry = {"before": round(before, 6)}
+            if phase == "weights":  # the soft rounding as trained, before hardening: the soft/hard gap
+                entry["soft"] = round(_fit_loss(q_forward, unit.name, args, kwargs, target, 4 * cfg.recon_batch), 6)
             for m in members:
                 m.weights = "hard"
-            after = _fit_loss(q_forward, unit.name, args, kwargs, target, 4 * cfg.recon_batch)
-            stats[f"{'weight' if phase == 'weights' else 'act'}_loss"][unit.name.removeprefix("unet.")] = {
-                "before": round(before, 6),
-                "after": round(after, 6),
-                "train_tail": round(sum(tail) / len(tail), 6),
-            }
+            after = _fit_loss(q_forward, unit.name, args, kwargs, target, 4 * cfg.recon_batch, row_weight)
+            entry |= {"after": round(after, 6), "train_tail": round(sum(tail) / len(tail), 6)}
+            stats[f"{'weight' if phase == 'weights' else 'act'}_loss"][unit.name.removeprefix("unet.")] = entry
         bar.close()
 
     with torch.enable_grad():

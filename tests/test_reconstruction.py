@@ -98,6 +98,7 @@ def test_brecq_reduces_network_error_versus_nearest(tiny_model):
     assert "mid_block.resnets.0" in units and "up_blocks.0.attentions.0" in units and "conv_in" in units
     # each unit's error on its reconstruction inputs, round-to-nearest → learned (hard) rounding
     assert sum(u["after"] for u in units.values()) < 0.9 * sum(u["before"] for u in units.values())
+    assert all(u["soft"] >= 0 for u in units.values())  # the soft/hard gap is recorded per unit
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 1, 8, 8, generator=g)
     t = torch.randint(0, 1000, (32,), generator=g)
@@ -189,7 +190,7 @@ def test_presets_set_the_published_recipes():
             20000,
             32,
             1e-3,
-            4e-4,
+            5e-3,  # relative to each step's initial value, as in the group search
             0.01,
         )
     assert CalibrationConfig.for_method("qdiffusion", shortcut_split=False).shortcut_split is False
@@ -252,3 +253,13 @@ def test_interrupted_reconstruction_writes_nothing(tiny_dir, tmp_path, monkeypat
     assert main(argv) == 130
     assert "interrupted" in capsys.readouterr().err
     assert steps["n"] == 30 and list(tmp_path.iterdir()) == []
+
+
+def test_rounding_temperature_anneals_linearly_after_the_warm_up():
+    """BRECQ's LinearTempDecay: no regulariser for the first 20 %, then β falls linearly from 20 to 2."""
+    from calibration.adaround import annealed_beta
+
+    assert annealed_beta(0, 1000) is None and annealed_beta(199, 1000) is None
+    assert annealed_beta(200, 1000) == pytest.approx(20.0)
+    assert annealed_beta(600, 1000) == pytest.approx(11.0)
+    assert annealed_beta(999, 1000) == pytest.approx(2.0, abs=0.03)

@@ -41,6 +41,7 @@ def _compile(a: argparse.Namespace) -> None:
         shortcut_split=a.shortcut_split,
         groups=_resolve_groups(a.groups, a),
         group_epochs=a.group_epochs,
+        **{k: getattr(a, k) for k in OBJECTIVE_KEYS},
         fresh_trajectories=a.fresh_trajectories,
         active_eta=a.active_eta,
         percentile=a.percentile,
@@ -282,8 +283,33 @@ def _train_reference(a: argparse.Namespace) -> None:
 
 def _calibration_overrides(a: argparse.Namespace) -> dict:
     """The calibration fields a quality table's --flags override (None: the method's preset)."""
-    keys = ("adaround_iters", "act_iters", "recon_batch", "calib_samples", "calib_timesteps", "group_epochs")
+    keys = ("adaround_iters", "act_iters", "recon_batch", "calib_samples", "calib_timesteps", "group_epochs",
+            *OBJECTIVE_KEYS)  # fmt: skip
     return {k: getattr(a, k) for k in keys}
+
+
+OBJECTIVE_KEYS = ("group_search", "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting")
+
+
+def _objective_flags(p) -> None:
+    """The calibration objective's flags (issue 16), shared by compile and the quality tables."""
+    from calibration.config import GROUP_SEARCHES
+    from calibration.objective import LOSS_WEIGHTINGS
+
+    p.add_argument("--group-search", choices=GROUP_SEARCHES,
+                   help="none: per-group min-max ranges on contiguous shares, nothing learned; sigma: APQ-DM's "
+                   "search, g(t) = argmax sigma; loss: the search, then each timestep to the group of least loss "
+                   "on its inputs, refined (default loss)")  # fmt: skip
+    p.add_argument("--group-alpha-lr", type=float, help="alpha's own constant Adam rate (0: the quantizers' "
+                   "decaying rate, as APQ-DM; default 0.05)")  # fmt: skip
+    p.add_argument("--group-alpha-bias", type=float, help="alpha's initial lead for its contiguous share "
+                   "(default 0.1)")  # fmt: skip
+    p.add_argument("--group-refine-epochs", type=int, help="--group-search loss: epochs under the hard "
+                   "assignment (default 1)")  # fmt: skip
+    p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS,
+                   help="weight each calibration input's error (group search, LSQ pass) by what an eps error at "
+                   "its timestep costs: eps (none), x0 ((1-abar)/abar), xprev (the sampler update's eps "
+                   "coefficient squared), final (xprev carried to the sample)")  # fmt: skip
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -420,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timestep groups G (apqdm: 8; 1: one shared set of scales; per-step: one per calibrated timestep)",
     )
     c.add_argument("--group-epochs", type=int, help="epochs of the group search (default 10)")
+    _objective_flags(c)
     c.add_argument(
         "--shortcut-split",
         action=argparse.BooleanOptionalAction,
@@ -659,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-timesteps", type=int, help="override the calibration timesteps (default 20)")
     q.add_argument("--groups", metavar="G1,G2", help="APQ-DM group counts to compare, e.g. 1,4,8,16,per-step")
     q.add_argument("--group-epochs", type=int, help="override the group search epochs (default 10)")
+    _objective_flags(q)
     q.add_argument("--timesteps", metavar="S1,S2", help="calibration timestep strategies, e.g. random,normal,active")
     q.add_argument(
         "--calib-sizes",

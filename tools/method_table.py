@@ -23,7 +23,8 @@ _RECONSTRUCTION_KEYS = ("adaround_iters", "act_iters", "recon_batch")
 # the settings that define a cell: a bundle made with other values is recompiled
 _CELL_KEYS = (
     "steps", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters", "act_iters", "recon_batch",
-    "groups", "group_epochs", "timestep_selection", "fresh_trajectories", "activation_error",
+    "groups", "group_epochs", "timestep_selection", "fresh_trajectories", "activation_error", "group_search",
+    "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting",
 )  # fmt: skip
 
 
