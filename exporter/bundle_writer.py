@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -28,6 +28,7 @@ from calibration.shortcut import apply_splits
 from exporter.onnx_export import export_float
 from exporter.precision import to_float_type
 from exporter.profiles import get_profile
+from exporter.publish import OWNER, check_output, publish, stage
 from exporter.qdq import LayerQuant, insert_qdq, insert_residual_qdq
 from exporter.simplify import fold_shapes
 from runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, sha256_file
@@ -229,10 +230,13 @@ def write_bundle(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    before_publish: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Export one Q/DQ graph per group and write the bundle directory atomically. A list of results writes
-    one engine set per precision (step-aware mixed precision): the first is the bundle's main precision,
-    every graph after group 0 an overlay of it, and the weights must be the same in all of them."""
+    """Export one Q/DQ graph per group and write the bundle directory atomically (exporter.publish): it
+    appears whole or not at all, and never over anything but a bundle it was told to replace. A list of
+    results writes one engine set per precision (step-aware mixed precision): the first is the bundle's main
+    precision, every graph after group 0 an overlay of it, and the weights must be the same in all of them.
+    `before_publish(staged_dir)` completes the staged bundle (e.g. PTQD statistics) before it appears."""
     results = result if isinstance(result, list) else [result]
     out = Path(out)
     for r in results:
@@ -246,17 +250,14 @@ def write_bundle(
         raise ExportError(f"precision variants {bits}: each precision once")
     if any(r.splits != results[0].splits for r in results):
         raise ExportError("precision variants split different shortcut convolutions; calibrate them alike")
-    if out.exists() and not (overwrite and (out / MANIFEST).is_file()):
-        hint = "pass --force to replace it" if (out / MANIFEST).is_file() else "choose a new output path"
-        raise BundleError(f"{out}: already exists; {hint}")
+    check_output(out, overwrite)
     model = dataclasses.replace(model, unet=apply_splits(model.unet, results[0].splits))  # Q-Diffusion split
     fp = export_float(model)
     opset = get_profile(results[0].config.target).opset
     if fp.opset_import[0].version != opset:
         fp = version_converter.convert_version(fp, opset)
     fp = fold_shapes(fp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = stage(out)
     try:
         shared, groups, graphs, report = SharedWeights(), [], [], {}
         jobs = [(r, g) for r in results for g in range(r.num_groups)]
@@ -281,16 +282,12 @@ def write_bundle(
                 entry |= {"file": f"group_{g}.overlay.onnx", "base": "group_0.onnx"}
             onnx.save(graph if delta is None else delta, str(tmp / entry["file"]))
         (tmp / WEIGHTS).write_bytes(bytes(shared.blob))
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != OWNER}
         manifest = _manifest(model, results, groups, report, files, quantized_macs(model, results[0]))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        if before_publish is not None:
+            before_publish(tmp)
+        publish(tmp, out, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

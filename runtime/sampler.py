@@ -74,10 +74,10 @@ class SamplerConfig:
             raise SamplerError(f"--sampler {self.name!r}: use one of {SAMPLERS}")
         if self.steps < 1:
             raise SamplerError(f"--steps {self.steps}: must be at least 1")
-        if not self.eta >= 0:
-            raise SamplerError(f"--eta {self.eta}: must be ≥ 0")
-        if not self.guidance >= 0:
-            raise SamplerError(f"--guidance {self.guidance}: must be ≥ 0")
+        if not 0 <= self.eta < float("inf"):
+            raise SamplerError(f"--eta {self.eta}: must be finite and ≥ 0")
+        if not 0 <= self.guidance < float("inf"):
+            raise SamplerError(f"--guidance {self.guidance}: must be finite and ≥ 0")
 
 
 @dataclass
@@ -273,6 +273,12 @@ def sample(
             if observe is not None:
                 observe(i, int(t), x, eps, lab)
             x = _step(schedule, cfg, x, eps, int(t), prev, noise, sigma_q)
+            if not np.isfinite(x).all():
+                bad = "the engine's prediction" if not np.isfinite(eps).all() else "the update"
+                raise SamplerError(
+                    f"sampling step {i} (t = {int(t)}), samples {lo}..{idx.stop - 1}: {bad} is NaN or Inf; "
+                    "the engine, its scales or the PTQD statistics are broken — nothing was written"
+                )
             bar.update(len(idx))
         run.samples[lo : idx.stop] = x
     bar.close()

@@ -235,8 +235,9 @@ def _demo(a: argparse.Namespace) -> None:
 
 def _eval(a: argparse.Namespace) -> None:
     from tools.metrics import evaluate
-    from tools.pipeline import write_json
+    from tools.pipeline import check_output_file, write_json
 
+    check_output_file(a.json, "--json")
     r = evaluate(
         a.samples,
         reference=a.reference,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +50,11 @@ def compile_model(
             raise ConfigError("--mixed-bits: the switch between precisions is chosen from PTQD statistics; add --ptqd")
     elif switch_t is not None:
         raise ConfigError("--switch-t needs --mixed-bits (a second precision to switch to)")
+    from exporter.publish import check_output
+
+    check_output(Path(out), overwrite)  # before any work: calibration can take hours
+    if calibration_out is not None and Path(calibration_out).is_dir():
+        raise ConfigError(f"--save-calibration {calibration_out}: is a directory; give a file path")
     model_dir = resolve_model(model_dir)
     model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device)
     configs = [cfg] + ([dataclasses.replace(cfg, bits=mixed_bits)] if mixed_bits else [])
@@ -61,11 +65,12 @@ def compile_model(
     if calibration_out is not None:
         results[0].save(calibration_out)
     model.unet.cpu()
-    out = write_bundle(model, results, out, overwrite=overwrite, progress=progress)
-    if ptqd_samples:
-        gather_ptqd(out, model, cfg.sampler_config, samples=ptqd_samples, seed=cfg.seed,
+    def add_statistics(staged: Path) -> None:  # PTQD statistics on the staged engines: the bundle appears whole
+        gather_ptqd(staged, model, cfg.sampler_config, samples=ptqd_samples, seed=cfg.seed,
                     batch_size=cfg.batch_size, switch_t=switch_t, progress=progress)  # fmt: skip
-    return out
+
+    return write_bundle(model, results, out, overwrite=overwrite, progress=progress,
+                        before_publish=add_statistics if ptqd_samples else None)  # fmt: skip
 
 
 def gather_ptqd(bundle_dir, model, sampler_cfg, *, samples: int, seed: int, batch_size: int,
@@ -123,16 +128,11 @@ def parse_labels(text: str | None, n: int, num_class_embeds: int | None) -> np.n
 
 def save_npz(path: str | Path, **arrays) -> None:
     """Atomic .npz write (temp file renamed), so a failed run leaves no partial output."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **{k: v for k, v in arrays.items() if v is not None})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # created with the umask's permissions (mkstemp's would be 0600)
+            np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
+
+    _replace_atomically(Path(path), write)
 
 
 def save_samples(path: str | Path, samples: np.ndarray, labels: np.ndarray | None, meta: dict) -> None:
@@ -140,13 +140,33 @@ def save_samples(path: str | Path, samples: np.ndarray, labels: np.ndarray | Non
     save_npz(path, samples=samples, labels=labels, meta=np.array(json.dumps(meta)))
 
 
+def check_output_file(path: str | Path | None, flag: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a directory, or one whose
+    parent is a file."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give a file path inside it")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory")
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """write(tmp) then rename over `path`; the temporary file never outlives a failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path, obj) -> None:
     """Atomic JSON write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def save_grid_png(path: str | Path, images: np.ndarray, columns: int = 10) -> None:
@@ -164,11 +184,7 @@ def save_grid_png(path: str | Path, images: np.ndarray, columns: int = 10) -> No
     pixels = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
     pixels = pixels[..., 0] if c == 1 else pixels
     image = Image.fromarray(pixels).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    _replace_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def sample_to_file(
@@ -196,6 +212,8 @@ def sample_to_file(
     (low precision at t ≥ switch_t) says otherwise."""
     if n < 1:
         raise ConfigError(f"-n {n}: the number of samples must be at least 1")
+    check_output_file(out, "-o")
+    check_output_file(png, "--png")
     bundle = load_bundle(path) if is_bundle(path) else None
     if bundle is None and (precision or switch_t is not None):
         raise ConfigError("--precision / --switch-t choose between a bundle's precisions; the source is a model")
