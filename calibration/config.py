@@ -198,7 +198,12 @@ class CalibrationConfig:
         if method not in METHODS:
             raise ConfigError(f"--method {method!r}: use one of {sorted(METHODS)}")
         given = {k: v for k, v in fields.items() if v is not None}
-        return cls(method=method, **(METHODS[method] | given))
+        chosen = METHODS[method] | given
+        if "calib_timesteps" not in given and chosen.get("timestep_selection", cls.timestep_selection) != "active":
+            # a default follows the flags it depends on: no more calibrated steps than sampling steps
+            steps = chosen.get("steps", cls.steps)
+            chosen["calib_timesteps"] = min(chosen.get("calib_timesteps", cls.calib_timesteps), steps)
+        return cls(method=method, **chosen)
 
     @property
     def reconstructs(self) -> bool:

@@ -218,13 +218,16 @@ def test_per_step_groups_and_active_timesteps_from_the_cli(tiny_dir, tmp_path):
     assert len(load_bundle(out).manifest["groups"]) == 4
     out = tmp_path / "act"
     argv = ["compile", str(tiny_dir), "-o", str(out), "--method", "apqdm", "--groups", "2", "--group-epochs", "1",
-            "--steps", "10", "--calib-samples", "4", "--calib-timesteps", "3", "-q"]  # fmt: skip
+            "--steps", "10", "--calib-samples", "4", "--calib-timesteps", "3", "--ptqd", "--ptqd-samples", "4",
+            "-q"]  # fmt: skip
     assert main(argv) == 0
     stats = load_bundle(out).manifest["calibration"]["stats"]
     assert sum(stats["group_search"]["draws"].values()) == 3 and stats["calibration_inputs"] == 12
     assert main(["info", str(out), "--plots", str(tmp_path / "plots")]) == 0
-    for name in ("group_map.png", "sigma_evolution.png"):
-        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pngs = {name: (tmp_path / "plots" / name).read_bytes() for name in ("group_map.png", "sigma_evolution.png",
+                                                                          "ptqd.png")}  # fmt: skip
+    assert all(v[:8] == b"\x89PNG\r\n\x1a\n" for v in pngs.values())
+    assert len(set(pngs.values())) == 3  # each chart in its own file (σ's evolution once overwrote ptqd.png)
     with pytest.raises(SystemExit):
         main(["compile", str(tiny_dir), "-o", str(tmp_path / "x"), "--groups", "many"])
 

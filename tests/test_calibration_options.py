@@ -41,6 +41,11 @@ def test_method_presets_and_overrides():
     )
     assert CalibrationConfig.for_method("naive", activation_range="percentile").activation_range == "percentile"
     assert CalibrationConfig.for_method("lp").weight_range == "lp"
+    # the calibrated-steps default follows --steps; an explicit value is still checked against it
+    assert CalibrationConfig.for_method("lp", steps=10).calib_timesteps == 10
+    assert CalibrationConfig.for_method("qdiffusion", steps=50).calib_timesteps == 20
+    with pytest.raises(ConfigError, match="cannot exceed steps"):
+        CalibrationConfig.for_method("lp", steps=10, calib_timesteps=20)
     with pytest.raises(ConfigError, match="--method"):
         CalibrationConfig.for_method("brecq")
     with pytest.raises(ConfigError, match="timestep_selection"):

@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--calib-timesteps",
         type=int,
-        help="sampling steps whose inputs are kept (default 20; --timesteps active: rounds, apqdm default 16)",
+        help="sampling steps whose inputs are kept (default 20, at most --steps; --timesteps active: rounds, "
+        "apqdm default 16)",
     )
     c.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     c.add_argument(

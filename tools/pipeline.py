@@ -65,6 +65,7 @@ def compile_model(
     if calibration_out is not None:
         results[0].save(calibration_out)
     model.unet.cpu()
+
     def add_statistics(staged: Path) -> None:  # PTQD statistics on the staged engines: the bundle appears whole
         gather_ptqd(staged, model, cfg.sampler_config, samples=ptqd_samples, seed=cfg.seed,
                     batch_size=cfg.batch_size, switch_t=switch_t, progress=progress)  # fmt: skip
@@ -128,6 +129,7 @@ def parse_labels(text: str | None, n: int, num_class_embeds: int | None) -> np.n
 
 def save_npz(path: str | Path, **arrays) -> None:
     """Atomic .npz write (temp file renamed), so a failed run leaves no partial output."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # created with the umask's permissions (mkstemp's would be 0600)
             np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
@@ -389,7 +391,7 @@ def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
     if search and search.get("history") and search.get("sigma_rows"):
         written.append(out / "sigma_evolution.png")
         assignment = {int(t): g for t, g in search["assignment"].items()}
-        sigma_evolution_png(written[1], search["history"], assignment, search["sigma_rows"],
+        sigma_evolution_png(written[-1], search["history"], assignment, search["sigma_rows"],
                             title="group search: importance weights sigma (APQ-DM Eq. 6)")  # fmt: skip
     return written
 
