@@ -89,7 +89,9 @@ class Bundle:
 
         entry = self._entry(group)
         if "base" not in entry:
-            return onnx.load(str(self.root / entry["file"]), load_external_data=load_weights)
+            model = onnx.load(str(self.root / entry["file"]), load_external_data=load_weights)
+            check_scales(model, self.root / entry["file"])
+            return model
         model = onnx.load(str(self.root / entry["base"]), load_external_data=load_weights)
         tensors = {t.name: i for i, t in enumerate(model.graph.initializer)}
         for t in onnx.load(str(self.root / entry["file"])).graph.initializer:
@@ -99,6 +101,7 @@ class Bundle:
                     f"{entry['base']}; recompile the bundle"
                 )
             model.graph.initializer[tensors[t.name]].CopyFrom(t)
+        check_scales(model, self.root / entry["file"])
         return model
 
     @property
@@ -230,6 +233,30 @@ class SharedInitializers:
                 array = blobs[loc][offset : offset + length].view(tensor_dtype_to_np_dtype(t.data_type))
                 values[t.name] = ort.OrtValue.ortvalue_from_numpy(array.reshape(tuple(t.dims)))
         return cls(values, list(blobs.values()))
+
+
+MAX_SCALE = 1e6  # a quantization step beyond this is no calibration result
+
+
+def check_scales(model, where: Path) -> None:
+    """Every Q/DQ scale the graph holds inline must be finite, > 0 and at most MAX_SCALE: a NaN or huge
+    scale turns every sample into NaN or noise."""
+    from onnx import numpy_helper
+
+    inline = {t.name: t for t in model.graph.initializer if not t.external_data}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
+            continue
+        t = inline.get(node.input[1])
+        if t is None:
+            continue
+        s = numpy_helper.to_array(t).astype(np.float64)
+        if not (np.isfinite(s).all() and (s > 0).all() and (s <= MAX_SCALE).all()):
+            bad = s[~(np.isfinite(s) & (s > 0) & (s <= MAX_SCALE))].ravel()[0]
+            raise BundleError(
+                f"{where}: scale {t.name!r} of {node.op_type} {node.name!r} is {bad}; scales must be finite, "
+                f"> 0 and ≤ {MAX_SCALE:g} — recompile the bundle"
+            )
 
 
 def _inside(root: Path, name: str) -> bool:

@@ -33,6 +33,7 @@ import numpy as np
 from runtime.errors import BundleError
 
 COMPONENTS = ("cnc", "gain", "bc", "vsc")
+MAX_K, MAX_EPS_STAT = 100.0, 100.0  # bounds on |k_t| and on |b_t|, σ_q,t (units of a unit-variance ε)
 CNC_ALL = "cnc-all"  # CNC at every step, the guard off
 
 
@@ -74,6 +75,12 @@ class PtqdTables:
                 raise BundleError(f"{where}: {name} is NaN or Inf at timesteps {bad.tolist()}; regather the statistics")
         if (sigma_q < 0).any():
             raise BundleError(f"{where}: sigma_q is negative at timesteps {ts[sigma_q < 0].tolist()}")
+        # ε has unit variance: statistics beyond these bounds are not a quantized network's error
+        for name, v, bound in (("k", k, MAX_K), ("bias", bias, MAX_EPS_STAT), ("sigma_q", sigma_q, MAX_EPS_STAT)):
+            if (np.abs(v) > bound).any():
+                bad = ts[(np.abs(v.reshape(n, -1)) > bound).any(1)]
+                raise BundleError(f"{where}: |{name}| exceeds {bound:g} at timesteps {bad.tolist()}; regather the "
+                                  "statistics")  # fmt: skip
         if eps_power is not None:
             eps_power = np.asarray(eps_power, np.float64)
             if eps_power.shape != (n,) or not np.isfinite(eps_power).all() or (eps_power < 0).any():

@@ -31,6 +31,12 @@ class NoiseSchedule:
     def __post_init__(self) -> None:
         if len(self.betas) < 2:
             raise ModelLoadError("noise schedule: need at least 2 training timesteps (betas)")
+        bad = [i for i, b in enumerate(self.betas) if not 0.0 < b < 1.0]  # NaN fails both comparisons
+        if bad:
+            raise ModelLoadError(
+                f"noise schedule: betas must lie in (0, 1); betas[{bad[0]}] = {self.betas[bad[0]]}"
+                + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+            )
         if self.timestep_spacing not in _SPACINGS:
             raise ModelLoadError(
                 f"scheduler config: timestep_spacing={self.timestep_spacing!r} is not supported; use one of {_SPACINGS}"

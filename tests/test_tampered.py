@@ -1,0 +1,76 @@
+"""Bundles tampered with and their hashes recomputed (what an attacker does): poisoned numbers are refused
+at load time with the file and the value named, never sampled into NaN (issue 17, item 6)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from runtime.bundle import MANIFEST, load_bundle, sha256_file
+from runtime.errors import DqcError
+from tools.cli import main
+
+
+def _copy(bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(bundle, out)
+    return out
+
+
+def _rehash(root, name):
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["files"][name] = sha256_file(root / name)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _poison_scale(root, value):
+    path = root / "group_0.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    t = next(t for t in model.graph.initializer if t.name in scales and not t.external_data)
+    array = numpy_helper.to_array(t).copy()
+    array.flat[0] = value
+    t.CopyFrom(numpy_helper.from_array(array, t.name))
+    onnx.save(model, str(path))
+    _rehash(root, "group_0.onnx")
+    return t.name
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e38, 0.0, -1.0])
+def test_poisoned_graph_scales_are_refused_by_name(tiny_bundle, tmp_path, value):
+    root = _copy(tiny_bundle, tmp_path)
+    name = _poison_scale(root, value)
+    with pytest.raises(DqcError, match=f"group_0.onnx: scale '{name}'"):
+        load_bundle(root).engines().for_timestep(0)
+    assert main(["sample", str(root), "-n", "1", "--steps", "2", "-o", str(tmp_path / "s.npz"), "-q"]) == 2
+    assert not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.parametrize("beta", [float("nan"), 0.0, 1.5])
+def test_poisoned_betas_are_refused(tiny_bundle, tmp_path, beta):
+    root = _copy(tiny_bundle, tmp_path)
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["schedule"]["betas"][7] = beta
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DqcError, match=r"betas\[7\]"):
+        _ = load_bundle(root).schedule
+    assert main(["sample", str(root), "-n", "1", "--steps", "2", "-o", str(tmp_path / "s.npz"), "-q"]) == 2
+
+
+@pytest.mark.parametrize("field, value", [("bias", 1e300), ("k", -1e9), ("sigma_q", 1e50)])
+def test_absurd_ptqd_statistics_are_refused(field, value):
+    from runtime.errors import BundleError
+    from runtime.ptqd import PtqdTables
+
+    ts, n = np.arange(4) * 10, 4
+    stats = {"k": np.zeros(n), "bias": np.zeros((n, 1)), "sigma_q": np.full(n, 0.1)}
+    stats[field] = stats[field].copy()
+    stats[field].flat[2] = value
+    with pytest.raises(BundleError, match=f"\\|{field}\\| exceeds .* timesteps \\[20\\]"):
+        PtqdTables.checked(ts, stats["k"], stats["bias"], stats["sigma_q"], sampler="ddim", steps=4, eta=0.0,
+                           channels=1)  # fmt: skip
