@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import manifest_schema
 from runtime.engine import EngineSet, InputSpec, OrtEngine
 from runtime.errors import BundleError
 from runtime.schedule import NoiseSchedule
@@ -280,6 +281,7 @@ def load_bundle(path: str | Path) -> Bundle:
     missing = [k for k in _REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED)
     if missing:
         raise BundleError(f"{mpath}: missing fields {missing}; recompile the bundle")
+    manifest_schema.check(manifest, mpath)  # every field typed before anything reads it
     if manifest["format"] != BUNDLE_FORMAT or manifest["format_version"] != BUNDLE_VERSION:
         raise BundleError(
             f"{mpath}: format {manifest['format']!r} v{manifest['format_version']} is not "

@@ -74,3 +74,49 @@ def test_absurd_ptqd_statistics_are_refused(field, value):
     with pytest.raises(BundleError, match=f"\\|{field}\\| exceeds .* timesteps \\[20\\]"):
         PtqdTables.checked(ts, stats["k"], stats["bias"], stats["sigma_q"], sampler="ddim", steps=4, eta=0.0,
                            channels=1)  # fmt: skip
+
+
+def _set(path: str, value):
+    def edit(m):
+        keys = path.split(".")
+        d = m
+        for k in keys[:-1]:
+            d = d[int(k)] if isinstance(d, list) else d[k]
+        last = keys[-1]
+        if isinstance(d, list):
+            d[int(last)] = value
+        else:
+            d[last] = value
+        return m
+
+    return edit
+
+
+MUTATIONS = [
+    (_set("files", ["group_0.onnx"]), "files: expected an object, got list"),
+    (_set("groups", "group_0.onnx"), "groups: expected a list, got str"),
+    (_set("groups.0", "group_0.onnx"), r"groups\[0\]: expected an object, got str"),
+    (_set("groups.0.id", "0"), r"groups\[0\].id: expected int, got str"),
+    (lambda m: m | {"groups": m["groups"] * 2}, "id 0 appears more than once"),
+    (_set("precisions", ["W8A8"]), "precisions: expected an object, got list"),
+    (_set("input_spec.sample_shape", [1, 8]), "input_spec.sample_shape: expected 3 entries"),
+    (_set("input_spec.num_train_timesteps", "1000"), "input_spec.num_train_timesteps: expected int, got str"),
+    (_set("schedule.betas", "cosine"), "schedule.betas: expected a list, got str"),
+    (_set("format_version", "1"), "format_version: expected int, got str"),
+    (_set("ptqd", {"W8A8": {"file": 3}}), r"ptqd.W8A8.file: expected str, got int"),
+    (_set("timestep_to_group.5", 0.5), r"timestep_to_group\[5\]: expected int, got float"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MUTATIONS)
+def test_manifest_fields_of_the_wrong_type_are_named(tiny_bundle, tmp_path, capsys, edit, message):
+    from runtime.errors import BundleError
+
+    root = _copy(tiny_bundle, tmp_path)
+    manifest = edit(json.loads((root / MANIFEST).read_text()))
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(root)
+    assert main(["info", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "manifest.json" in err
