@@ -39,13 +39,35 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _all_tensors(graph):
+    """Every tensor a graph holds: initializers, sparse initializers' values and indices, tensor attributes
+    of its nodes (Constant among them), and the same inside every subgraph."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
 def external_data_locations(graph_path: Path) -> list[str]:
-    """The external-data file names an ONNX graph refers to (read without loading the data)."""
+    """The external-data file names an ONNX graph refers to, from every tensor it holds (read without
+    loading the data)."""
     import onnx
 
-    model = onnx.load(str(graph_path), load_external_data=False)
+    try:
+        model = onnx.load(str(graph_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: a truncated or foreign file
+        raise BundleError(f"{graph_path}: not a readable ONNX graph ({type(e).__name__}); recompile the bundle") from e
     locations = set()
-    for tensor in model.graph.initializer:
+    for tensor in _all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             entries = {e.key: e.value for e in tensor.external_data}
             locations.add(entries.get("location", ""))

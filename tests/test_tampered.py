@@ -120,3 +120,35 @@ def test_manifest_fields_of_the_wrong_type_are_named(tiny_bundle, tmp_path, caps
     assert main(["info", str(root)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "manifest.json" in err
+
+
+def test_external_data_of_a_constant_node_outside_the_bundle_is_refused(tiny_bundle, tmp_path):
+    """A Constant node whose tensor lives in a file outside the bundle (dqc once checked initializers only)."""
+    from onnx import TensorProto, helper
+
+    from runtime.errors import BundleError
+
+    root = _copy(tiny_bundle, tmp_path)
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 16)
+    path = root / "group_0.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    value = TensorProto(name="leak", data_type=TensorProto.FLOAT, dims=[4])
+    value.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        value.external_data.add(key=k, value=v)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["leak_out"], value=value))
+    onnx.save(model, str(path))
+    _rehash(root, "group_0.onnx")
+    with pytest.raises(BundleError, match="leaves the bundle directory"):
+        load_bundle(root)
+
+
+def test_a_truncated_graph_with_its_hash_recomputed_is_named(tiny_bundle, tmp_path):
+    from runtime.errors import BundleError
+
+    root = _copy(tiny_bundle, tmp_path)
+    data = (root / "group_0.onnx").read_bytes()
+    (root / "group_0.onnx").write_bytes(data[: len(data) // 3])
+    _rehash(root, "group_0.onnx")
+    with pytest.raises(BundleError, match="group_0.onnx: not a readable ONNX graph"):
+        load_bundle(root)
