@@ -152,3 +152,22 @@ def test_a_truncated_graph_with_its_hash_recomputed_is_named(tiny_bundle, tmp_pa
     _rehash(root, "group_0.onnx")
     with pytest.raises(BundleError, match="group_0.onnx: not a readable ONNX graph"):
         load_bundle(root)
+
+
+def test_eval_names_the_bad_flag_or_file(tmp_path, capsys):
+    from tools.pipeline import save_npz
+
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    save_npz(tmp_path / "s.npz", samples=x, labels=np.array(["a", "b", "c", "d"]))
+    save_npz(tmp_path / "ok.npz", samples=x)
+    (tmp_path / "junk.safetensors").write_bytes(b"not weights")
+    cases = [
+        (["eval", str(tmp_path / "s.npz")], "s.npz: labels are not integers"),
+        (["eval", str(tmp_path / "ok.npz"), "--labels", "x"], "--labels 'x'"),
+        (["eval", str(tmp_path / "ok.npz"), "--labels", "10"], "--labels must be digits"),
+        (["eval", str(tmp_path / "ok.npz"), "--classifier", str(tmp_path / "junk.safetensors")], "--classifier"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "--class-label" not in err, (argv, err)

@@ -65,7 +65,10 @@ def load_classifier(path: str | Path | None = None):
             f"classifier weights {path} not found; train them with `dqc train-reference --part classifier`"
         )
     net = DigitClassifier()
-    net.load_state_dict(load_file(str(path)))
+    try:
+        net.load_state_dict(load_file(str(path)))
+    except Exception as e:  # safetensors' header errors, or tensors of other names/shapes
+        raise ConfigError(f"--classifier {path}: not the digits classifier's safetensors weights ({e})") from e
     return net.eval()
 
 
@@ -220,15 +223,19 @@ def evaluate(
     x, data = read_samples(samples_path)
     n = len(x)
     if labels is not None:
-        y = parse_labels(labels, n, NUM_CLASSES + 1)
+        y = parse_labels(labels, n, NUM_CLASSES + 1, flag="--labels")
     elif "labels" in data:
-        y = np.asarray(data["labels"]).astype(np.int64).reshape(-1)
+        try:
+            y = np.asarray(data["labels"]).astype(np.int64).reshape(-1)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{samples_path}: labels are not integers ({e}); pass --labels to override") from e
         if len(y) != n:
             raise ConfigError(f"{samples_path}: {len(y)} labels for {n} samples")
     else:
         y = None
     if y is not None and (y.min() < 0 or y.max() >= NUM_CLASSES):
-        raise ConfigError(f"{samples_path}: labels must be digits 0..{NUM_CLASSES - 1} (got {y.min()}..{y.max()})")
+        where = "--labels" if labels is not None else f"{samples_path}: labels"
+        raise ConfigError(f"{where} must be digits 0..{NUM_CLASSES - 1} (got {y.min()}..{y.max()})")
 
     net = load_classifier(classifier)
     _, test = load_digits_split()

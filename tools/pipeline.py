@@ -110,20 +110,22 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
     return EngineSet.single(engine), model.schedule, model.null_class, {}
 
 
-def parse_labels(text: str | None, n: int, num_class_embeds: int | None) -> np.ndarray | None:
-    """'3' → all 3; '0,1,2' → cycled to n; None → cycle the real classes 0..K−2 (K−1 is the null class)."""
+def parse_labels(text: str | None, n: int, num_class_embeds: int | None, flag: str = "--class-label"
+                 ) -> np.ndarray | None:  # fmt: skip
+    """'3' → all 3; '0,1,2' → cycled to n; None → cycle the real classes 0..K−2 (K−1 is the null class).
+    `flag` names the option the text came from in errors."""
     if num_class_embeds is None:
         if text is not None:
-            raise ConfigError("--class-label: the model is unconditional; drop the flag")
+            raise ConfigError(f"{flag}: the model is unconditional; drop the flag")
         return None
     if text is None:
         return np.arange(n, dtype=np.int64) % max(num_class_embeds - 1, 1)
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as e:
-        raise ConfigError(f"--class-label {text!r}: expected an integer or a comma-separated list") from e
+        raise ConfigError(f"{flag} {text!r}: expected an integer or a comma-separated list") from e
     if not values or min(values) < 0 or max(values) >= num_class_embeds:
-        raise ConfigError(f"--class-label {text!r}: labels must lie in [0, {num_class_embeds})")
+        raise ConfigError(f"{flag} {text!r}: labels must lie in [0, {num_class_embeds})")
     return np.resize(np.asarray(values, dtype=np.int64), n)
 
 
