@@ -49,7 +49,7 @@ MANIFEST_V1 = Record(
         "files": DictOf(STR),
         "target": STR,
         "bits": STR,
-        "calibration?": Record({}),
+        "calibration?": Record({"sampler?": STR, "steps?": INT, "eta?": NUM, "guidance?": NUM}),
         "precisions?": DictOf(Record({"groups": ListOf(INT), "timestep_to_group": ListOf(INT)})),
         "precision_plan?": (Record({"low": STR, "high": STR}), None),
         "ptqd?": (DictOf(_PTQD), None),
@@ -140,5 +140,11 @@ def check(manifest, mpath: Path) -> None:
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise BundleError(f"{mpath}: groups: id {dupes[0]} appears more than once; recompile the bundle")
-    if any(n <= 0 for n in manifest["input_spec"]["sample_shape"]) or manifest["input_spec"]["num_train_timesteps"] < 2:
+    spec = manifest["input_spec"]
+    if any(n <= 0 for n in spec["sample_shape"]) or spec["num_train_timesteps"] < 2:
         raise BundleError(f"{mpath}: input_spec: sample_shape entries and num_train_timesteps must be positive")
+    steps = manifest.get("calibration", {}).get("steps")
+    if steps is not None and not 1 <= steps <= spec["num_train_timesteps"]:
+        raise BundleError(
+            f"{mpath}: calibration.steps = {steps} must lie in [1, {spec['num_train_timesteps']}]; recompile the bundle"
+        )

@@ -105,6 +105,8 @@ MUTATIONS = [
     (_set("format_version", "1"), "format_version: expected int, got str"),
     (_set("ptqd", {"W8A8": {"file": 3}}), r"ptqd.W8A8.file: expected str, got int"),
     (_set("timestep_to_group.5", 0.5), r"timestep_to_group\[5\]: expected int, got float"),
+    (_set("calibration.steps", 5000), r"calibration.steps = 5000 must lie in \[1, 1000\]"),
+    (_set("calibration.steps", "100"), "calibration.steps: expected int, got str"),
 ]
 
 
