@@ -123,6 +123,12 @@ class Bundle:
                     f"{self.root / entry['file']}: overlay initializer {t.name!r} is not in its base graph "
                     f"{entry['base']}; recompile the bundle"
                 )
+            base = model.graph.initializer[tensors[t.name]]
+            if (t.data_type, list(t.dims)) != (base.data_type, list(base.dims)):
+                raise BundleError(
+                    f"{self.root / entry['file']}: overlay initializer {t.name!r} has type {t.data_type} and shape "
+                    f"{list(t.dims)}, its base {base.data_type} {list(base.dims)}; recompile the bundle"
+                )
             model.graph.initializer[tensors[t.name]].CopyFrom(t)
         check_scales(model, self.root / entry["file"])
         return model
@@ -187,6 +193,9 @@ class Bundle:
         missing = [k for k in ("timesteps", "k", "bias", "sigma_q") if k not in t]
         if missing:
             raise BundleError(f"{path}: PTQD statistics lack {missing}; regather them with dqc compile --ptqd")
+        ts, T = t["timesteps"], self.spec.num_train_timesteps
+        if ts.ndim != 1 or not np.issubdtype(ts.dtype, np.integer) or ((ts < 0) | (ts >= T)).any():
+            raise BundleError(f"{path}: PTQD timesteps must be integers in [0, {T}); regather the statistics")
         return PtqdTables.checked(t["timesteps"], t["k"], t["bias"], t["sigma_q"], sampler=meta["sampler"],
                                   steps=meta["steps"], eta=meta["eta"], channels=self.spec.sample_shape[0],
                                   eps_power=t.get("eps_power"), where=str(path))  # fmt: skip
@@ -250,7 +259,13 @@ class SharedInitializers:
                 loc = e.get("location", "")
                 if loc not in blobs:
                     blobs[loc] = np.fromfile(bundle.root / loc, dtype=np.uint8)
-                offset, length = int(e.get("offset", 0)), int(e.get("length", len(blobs[loc])))
+                offset, length = e.get("offset", "0"), e.get("length", str(len(blobs[loc])))
+                if not (offset.isdigit() and length.isdigit()):
+                    raise BundleError(
+                        f"{bundle.root / name}: initializer {t.name}: external data offset {offset!r} and length "
+                        f"{length!r} must be non-negative integers; recompile the bundle"
+                    )
+                offset, length = int(offset), int(length)
                 if offset + length > len(blobs[loc]):
                     raise BundleError(f"{bundle.root / loc}: initializer {t.name} lies past the end of the file")
                 array = blobs[loc][offset : offset + length].view(tensor_dtype_to_np_dtype(t.data_type))

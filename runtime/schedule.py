@@ -84,8 +84,14 @@ class NoiseSchedule:
 def _betas(cfg: dict, path: Path) -> tuple[np.ndarray, str]:
     if cfg.get("trained_betas") is not None:
         return np.asarray(cfg["trained_betas"], dtype=np.float64), "trained_betas"
-    T = int(cfg.get("num_train_timesteps", 1000))
-    b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+    T = cfg.get("num_train_timesteps", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+        raise ModelLoadError(f"{path}: num_train_timesteps={T!r} must be an integer ≥ 2")
+    b0, b1 = cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02)
+    for name, v in (("beta_start", b0), ("beta_end", b1)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ModelLoadError(f"{path}: {name}={v!r} must be a number")
+    b0, b1 = float(b0), float(b1)
     kind = cfg.get("beta_schedule", "linear")
     if kind == "linear":
         return np.linspace(b0, b1, T, dtype=np.float64), kind

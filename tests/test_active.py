@@ -205,6 +205,17 @@ def test_overlay_naming_an_unknown_initializer_is_refused(group_bundle, tmp_path
     with pytest.raises(BundleError, match="no/such/tensor"):
         bundle.group_model(1)
 
+    def wrong_dtype(m, d):  # an overlay scale stored as float64: the session would fail with a traceback
+        path = d / m["groups"][1]["file"]
+        delta = onnx.load(str(path))
+        t = delta.graph.initializer[0]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+        onnx.save(delta, str(path))
+
+    bundle = load_bundle(_rewrite(group_bundle, tmp_path / "dtype", wrong_dtype))
+    with pytest.raises(BundleError, match="overlay initializer .* has type 11"):
+        bundle.group_model(1)
+
 
 def test_per_step_groups_and_active_timesteps_from_the_cli(tiny_dir, tmp_path):
     from runtime.bundle import load_bundle

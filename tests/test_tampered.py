@@ -173,3 +173,55 @@ def test_eval_names_the_bad_flag_or_file(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and "--class-label" not in err, (argv, err)
+
+
+@pytest.mark.parametrize("offset", ["-8", "abc"])
+def test_external_data_offsets_must_be_non_negative_integers(tiny_bundle, tmp_path, offset):
+    from runtime.errors import BundleError
+
+    root = _copy(tiny_bundle, tmp_path)
+    path = root / "group_0.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    t = next(t for t in model.graph.initializer if t.external_data)
+    next(e for e in t.external_data if e.key == "offset").value = offset
+    onnx.save(model, str(path))
+    _rehash(root, "group_0.onnx")
+    with pytest.raises(BundleError, match=f"external data offset '{offset}'"):
+        load_bundle(root).engines().for_timestep(0)
+
+
+def test_ptqd_timesteps_outside_the_schedule_are_refused(tiny_bundle, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from exporter.bundle_writer import add_ptqd
+    from runtime.errors import BundleError
+    from runtime.ptqd import PtqdTables
+
+    root = _copy(tiny_bundle, tmp_path)
+    ts = np.array([900, 500, 100])
+    tables = PtqdTables.checked(ts, np.zeros(3), np.zeros((3, 1)), np.full(3, 0.1), sampler="ddim", steps=3, eta=0.0,
+                                channels=1, eps_power=np.ones(3))  # fmt: skip
+    add_ptqd(root, {"W8A8": tables}, samples=4)
+    name = "ptqd_W8A8.safetensors"
+    stats = load_file(str(root / name))
+    stats["timesteps"] = np.array([5000, 500, 100])
+    save_file(stats, str(root / name))
+    _rehash(root, name)
+    with pytest.raises(BundleError, match=r"PTQD timesteps must be integers in \[0, 1000\)"):
+        load_bundle(root).ptqd()
+
+
+def test_scheduler_config_numbers_of_the_wrong_type_are_named(tmp_path):
+    from runtime.errors import ModelLoadError
+    from runtime.schedule import load_schedule
+
+    for field, value in (("num_train_timesteps", "1000"), ("beta_end", "0.02")):
+        (tmp_path / "scheduler_config.json").write_text(json.dumps({field: value}))
+        with pytest.raises(ModelLoadError, match=f"{field}='"):
+            load_schedule(tmp_path)
+
+
+def test_info_plots_at_a_file_is_refused(tiny_bundle, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["info", str(tiny_bundle), "--plots", str(tmp_path / "f")]) == 2
+    assert "--plots" in capsys.readouterr().err and (tmp_path / "f").read_text() == "x"

@@ -372,6 +372,8 @@ def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
     bundle, the evolution of σ during the search."""
     from tools.plots import group_map_png, sigma_evolution_png
 
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--plots {out_dir}: is a file; give a directory for the charts")
     bundle = load_bundle(path)
     cal = bundle.manifest.get("calibration", {})
     steps = bundle.schedule.timesteps(int(cal.get("steps", 100)))
