@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime import manifest_schema
 from runtime.engine import EngineSet, InputSpec, OrtEngine
-from runtime.errors import BundleError
+from runtime.errors import BundleError, DqcError
 from runtime.schedule import NoiseSchedule
 
 BUNDLE_FORMAT = "dqc-bundle"
@@ -228,7 +228,8 @@ class Bundle:
                 state["weights"] = SharedInitializers.from_bundle(self)
             graph = self.group_model(group).SerializeToString()
             return OrtEngine(graph, spec, providers=providers, threads=threads, external_dir=self.root,
-                             initializers=state["weights"], prepack=prepack, spin=single)  # fmt: skip
+                             initializers=state["weights"], prepack=prepack, spin=single,
+                             name=f"{self.graph_path(group)} (group {group})")  # fmt: skip
 
         factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in self.manifest["groups"]}
         route = self.group_of_t if route is None else route
@@ -319,6 +320,10 @@ def load_bundle(path: str | Path) -> Bundle:
     if missing:
         raise BundleError(f"{mpath}: missing fields {missing}; recompile the bundle")
     manifest_schema.check(manifest, mpath)  # every field typed before anything reads it
+    try:
+        NoiseSchedule.from_dict(manifest["schedule"])
+    except (DqcError, TypeError, ValueError) as e:
+        raise BundleError(f"{mpath}: schedule: {e}; recompile the bundle") from None
     if manifest["format"] != BUNDLE_FORMAT or manifest["format_version"] != BUNDLE_VERSION:
         raise BundleError(
             f"{mpath}: format {manifest['format']!r} v{manifest['format_version']} is not "

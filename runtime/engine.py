@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runtime.errors import EngineInputError
+from runtime.errors import EngineError, EngineInputError
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,10 @@ class OrtEngine:
         initializers=None,
         prepack: bool = True,
         spin: bool = True,
+        name: str | None = None,
     ) -> None:
         self.graph = graph if isinstance(graph, bytes) else Path(graph)
+        self.name = name or (str(graph) if not isinstance(graph, bytes) else "ONNX graph")  # for messages
         self.spec, self.providers, self.external_dir = spec, providers, external_dir
         self.optimized_model_path, self.threads = optimized_model_path, threads
         self.initializers, self.prepack, self.spin = initializers, prepack, spin
@@ -155,7 +157,18 @@ class OrtEngine:
             if not self.spin:  # idle sessions' spinning worker threads would compete with the running one
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             graph = self.graph if isinstance(self.graph, bytes) else str(self.graph)
-            self._session = ort.InferenceSession(graph, opts, providers=self.providers or default_providers())
+            try:
+                self._session = ort.InferenceSession(graph, opts, providers=self.providers or default_providers())
+            except Exception as e:  # ONNX Runtime's own errors (some not even decodable): name the graph
+                raise EngineError(f"{self.name}: ONNX Runtime cannot load it ({_describe(e)})") from None
+            inputs = {i.name: i.shape for i in self._session.get_inputs()}
+            graph_shape = inputs.get("sample", [None])[1:]
+            if [d for d in graph_shape if isinstance(d, int)] != [int(d) for d in self.spec.sample_shape]:
+                self._session = None
+                raise EngineError(
+                    f"{self.name}: its sample input is {inputs.get('sample')}, the input spec says (N, "
+                    f"{', '.join(map(str, self.spec.sample_shape))}); the bundle's manifest does not match its graph"
+                )
         return self._session
 
     def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
@@ -163,7 +176,19 @@ class OrtEngine:
         feeds = {"sample": sample, "timestep": timestep}
         if class_labels is not None:
             feeds["class_labels"] = class_labels
-        return self.activate().run(["eps"], feeds)[0]
+        session = self.activate()
+        try:
+            return session.run(["eps"], feeds)[0]
+        except Exception as e:
+            raise EngineError(f"{self.name}: ONNX Runtime failed to run it ({_describe(e)})") from None
+
+
+def _describe(e: Exception) -> str:
+    try:
+        text = str(e)
+    except Exception:  # a message that is not valid UTF-8
+        text = ""
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 class TorchEngine:

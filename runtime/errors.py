@@ -30,6 +30,10 @@ class BundleError(DqcError):
     """A bundle is missing, tampered with or malformed."""
 
 
+class EngineError(DqcError):
+    """An engine (ONNX Runtime session, TensorRT plan) that cannot be built or run; names its file."""
+
+
 class EngineInputError(DqcError, ValueError):
     """An engine was called with an input of the wrong name, shape, dtype or range."""
 

@@ -42,7 +42,10 @@ MANIFEST_V1 = Record(
         "input_spec": Record(
             {"sample_shape": ListOf(INT, 3), "num_train_timesteps": INT, "num_class_embeds?": (INT, None)}
         ),
-        "schedule": Record({"betas": ListOf(NUM), "beta_schedule": STR}),
+        "schedule": Record(
+            {"betas": ListOf(NUM), "beta_schedule": STR, "clip_sample?": BOOL, "clip_sample_range?": NUM,
+             "set_alpha_to_one?": BOOL, "steps_offset?": INT, "timestep_spacing?": STR}
+        ),  # fmt: skip
         "null_class?": (INT, None),
         "groups": ListOf(_GROUP),
         "timestep_to_group": ListOf(INT),
@@ -53,6 +56,8 @@ MANIFEST_V1 = Record(
         "precisions?": DictOf(Record({"groups": ListOf(INT), "timestep_to_group": ListOf(INT)})),
         "precision_plan?": (Record({"low": STR, "high": STR}), None),
         "ptqd?": (DictOf(_PTQD), None),
+        "quantized_nodes?": ListOf(Record({"node": STR, "op": STR})),
+        "float_nodes?": ListOf(Record({"node": STR, "op": STR, "reason": STR})),
     }
 )
 
