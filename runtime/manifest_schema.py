@@ -43,8 +43,15 @@ MANIFEST_V1 = Record(
             {"sample_shape": ListOf(INT, 3), "num_train_timesteps": INT, "num_class_embeds?": (INT, None)}
         ),
         "schedule": Record(
-            {"betas": ListOf(NUM), "beta_schedule": STR, "clip_sample?": BOOL, "clip_sample_range?": NUM,
-             "set_alpha_to_one?": BOOL, "steps_offset?": INT, "timestep_spacing?": STR}
+            {
+                "betas": ListOf(NUM),
+                "beta_schedule": STR,
+                "clip_sample?": BOOL,
+                "clip_sample_range?": NUM,
+                "set_alpha_to_one?": BOOL,
+                "steps_offset?": INT,
+                "timestep_spacing?": STR,
+            }
         ),  # fmt: skip
         "null_class?": (INT, None),
         "groups": ListOf(_GROUP),
