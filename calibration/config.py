@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from calibration.objective import LOSS_WEIGHTINGS
 from exporter.profiles import get_profile
@@ -106,6 +107,12 @@ class CalibrationConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numbers: finite floats, integers a 32-bit index can hold
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name}={v}: must be finite")
+            if isinstance(v, int) and not isinstance(v, bool) and f.name != "seed" and abs(v) > 2**31 - 1:
+                raise ConfigError(f"{f.name}={v}: out of range")
         parse_bits(self.bits)
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r}: use one of {sorted(METHODS)}")

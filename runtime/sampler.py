@@ -26,6 +26,7 @@ from runtime.ptqd import CNC_ALL, correct_eps
 from runtime.schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "ddpm")
+MAX_GUIDANCE = 100.0  # classifier-free guidance beyond this only amplifies the prediction into overflow
 MAX_SEED = 2**64  # seeds are 0 ≤ s < 2**64 (two 32-bit words of seed material)
 EVALUATION_NOISE: tuple[int, ...] = ()  # the spawn key of `dqc sample`'s noise
 CALIBRATION_NOISE = 0xCA11B  # the first spawn-key word of every calibration stream
@@ -74,10 +75,10 @@ class SamplerConfig:
             raise SamplerError(f"--sampler {self.name!r}: use one of {SAMPLERS}")
         if self.steps < 1:
             raise SamplerError(f"--steps {self.steps}: must be at least 1")
-        if not 0 <= self.eta < float("inf"):
-            raise SamplerError(f"--eta {self.eta}: must be finite and ≥ 0")
-        if not 0 <= self.guidance < float("inf"):
-            raise SamplerError(f"--guidance {self.guidance}: must be finite and ≥ 0")
+        if not 0 <= self.eta <= 1:  # NaN fails too
+            raise SamplerError(f"--eta {self.eta}: must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise SamplerError(f"--guidance {self.guidance}: must be finite, in [0, {MAX_GUIDANCE:g}]")
 
 
 @dataclass
@@ -230,8 +231,8 @@ def sample(
     seed = check_seed(seed)
     if n < 1:
         raise SamplerError(f"-n {n}: the number of samples must be at least 1")
-    if batch_size < 1:
-        raise SamplerError(f"--batch-size {batch_size}: must be at least 1")
+    if not 1 <= batch_size <= 2**31 - 1:
+        raise SamplerError(f"--batch-size {batch_size}: must be between 1 and 2**31 - 1")
     spec = engines.spec
     if spec.num_class_embeds is not None:
         if labels is None or len(labels) != n:
@@ -242,7 +243,10 @@ def sample(
     elif labels is not None:
         raise SamplerError("--class-label given, but the model is unconditional; drop it")
     ts = schedule.timesteps(cfg.steps)
-    run = SampleRun(np.empty((n, *spec.sample_shape), np.float32), labels, ts)
+    try:
+        run = SampleRun(np.empty((n, *spec.sample_shape), np.float32), labels, ts)
+    except (MemoryError, ValueError):
+        raise SamplerError(f"-n {n}: {n} samples of shape {spec.sample_shape} do not fit in memory") from None
     use = _ptqd_plan(ptqd, ptqd_components, cfg, run)
     bar = tqdm(total=n * len(ts), desc="sampling", unit="step", disable=not progress, leave=False)
     for lo in range(0, n, batch_size):

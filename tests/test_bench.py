@@ -6,6 +6,7 @@ import json
 import pytest
 
 from tools.cli import main
+from tools.ptqd_ablation import ABLATION_ROWS
 
 
 def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
@@ -39,8 +40,7 @@ def test_ptqd_ablation_table_on_the_tiny_model(tiny_dir, tmp_path, capsys):
     table = json.loads((out / "table.json").read_text())
     rows = [(r["sampler"], r["bits"], r["row"]) for r in table["rows"]]
     for sampler in ("ddim-eta1", "ddim-eta0"):
-        assert [r for s, b, r in rows if s == sampler and b == "W4A8"] == ["baseline", "+CNC", "+CNC+VSC",
-                                                                            "+CNC+VSC+BC"]  # fmt: skip
+        assert [r for s, b, r in rows if s == sampler and b == "W4A8"] == [name for name, _ in ABLATION_ROWS]
     assert [r for s, b, r in rows if b == "W4A4+W4A8"] == ["mixed W4A4/W4A8 (PTQD switch)", "all W4A8", "all W4A4"]
     md = (out / "table.md").read_text()
     assert "VSC does nothing with DDIM eta = 0" in md and "mixed precision: W4A4 at t >=" in md
@@ -61,7 +61,7 @@ def test_ptqd_ablation_table_on_the_tiny_model(tiny_dir, tmp_path, capsys):
         b: ("ddim", 0.0, 3) for b in ("W4A8", "W4A4")}  # fmt: skip
     assert json.loads((out / "W4A8_ddim-eta1" / "bundle" / "manifest.json").read_text()) == first
     rows = [(r["sampler"], r["row"]) for r in json.loads((out / "table.json").read_text())["rows"]]
-    assert [r for s, r in rows if s == "ddim-eta0"][1:] == ["baseline", "+CNC", "+CNC+VSC", "+CNC+VSC+BC"]
+    assert [r for s, r in rows if s == "ddim-eta0"][1:] == [name for name, _ in ABLATION_ROWS]
 
 
 def test_lint_and_build_from_the_command_line(tiny_bundle, capsys):

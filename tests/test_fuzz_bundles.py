@@ -111,3 +111,44 @@ def ptqd_bundle(tiny_dir, tmp_path_factory):
             "--ptqd", "--ptqd-samples", "4", "-q"]  # fmt: skip
     assert main(argv) == 0
     return out
+
+
+BAD_VALUES = ["-1", "nan", "inf", "-inf", "abc", "", "1e400", "99999999999999999999999"]
+NUMERIC_FLAGS = {
+    "sample": ["-n", "--steps", "--eta", "--seed", "--guidance", "--batch-size", "--switch-t"],
+    "compile": ["--steps", "--eta", "--guidance", "--calib-samples", "--calib-timesteps", "--batch-size", "--seed",
+                "--group-epochs", "--adaround-iters", "--act-iters", "--ptqd-samples", "--group-alpha-lr"],
+}  # fmt: skip
+
+
+def _bad_flag_cases(n: int):
+    rng = np.random.default_rng(29)
+    cases = []
+    while len(cases) < n:
+        verb = ["sample", "compile"][rng.integers(2)]
+        flag = NUMERIC_FLAGS[verb][rng.integers(len(NUMERIC_FLAGS[verb]))]
+        value = BAD_VALUES[rng.integers(len(BAD_VALUES))]
+        cases.append((verb, flag, value))
+    return cases
+
+
+@pytest.mark.parametrize("verb, flag, value", _bad_flag_cases(CASES or 40))
+def test_bad_flag_values_exit_2_naming_the_flag_and_write_nothing(tiny_bundle, tiny_dir, tmp_path, capsys, verb, flag,
+                                                                  value):  # fmt: skip
+    out = tmp_path / ("s.npz" if verb == "sample" else "B")
+    source = tiny_bundle if verb == "sample" else tiny_dir
+    argv = [verb, str(source), "-o", str(out), f"{flag}={value}", "-q"]
+    if verb == "compile":
+        argv += (
+            ["--calib-samples", "2", "--calib-timesteps", "2"]
+            if flag not in ("--calib-samples", "--calib-timesteps")
+            else []
+        )
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse: a value of the wrong type
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, (argv, rc, err)
+    assert "Traceback" not in err and flag.lstrip("-").split("-")[0] in err.replace("_", "-"), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], argv

@@ -93,7 +93,13 @@ def test_vsc_that_silences_a_step_keeps_later_noise_in_step(tmp_path):
     ts = schedule.timesteps(10)
     silenced = 3
     sigma_q = np.zeros(len(ts))
-    sigma_q[silenced] = 1e6  # σ′² = σ² − λ² σ_q² < 0 → σ′ = 0 at this step only
+    sigma_q[silenced] = 100.0  # σ′² = σ² − λ² σ_q² < 0 → σ′ = 0 at this step only
+    from runtime.ptqd import calibrated_sigma, eps_coefficient
+    from runtime.sampler import noise_sigma
+
+    a_t, a_prev = step_alphas(schedule, "ddim", int(ts[silenced]), int(ts[silenced + 1]))
+    sigma = noise_sigma("ddim", 1.0, a_t, a_prev, int(ts[silenced + 1]))
+    assert sigma > 0 and calibrated_sigma(sigma, eps_coefficient("ddim", a_t, a_prev, sigma), 100.0) == 0
     tables = PtqdTables.checked(ts, np.zeros(len(ts)), np.zeros((len(ts), 1)), sigma_q, sampler="ddim", steps=10,
                                 eta=1.0, channels=1)  # fmt: skip
     xs = {}

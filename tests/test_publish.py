@@ -153,11 +153,13 @@ def test_sample_and_eval_refuse_directory_outputs_before_work(tiny_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
-@pytest.mark.parametrize("kw", [dict(eta=float("inf")), dict(guidance=float("inf")), dict(eta=float("nan"))])
-def test_non_finite_sampler_settings_are_refused(kw):
+@pytest.mark.parametrize(
+    "kw", [dict(eta=float("inf")), dict(guidance=float("inf")), dict(eta=float("nan")), dict(eta=1e23)]
+)
+def test_non_finite_or_overflowing_sampler_settings_are_refused(kw):
     from runtime.sampler import SamplerConfig
 
-    with pytest.raises(SamplerError, match="finite"):
+    with pytest.raises(SamplerError, match=f"--{next(iter(kw))}"):
         SamplerConfig(**kw)
 
 

@@ -214,8 +214,8 @@ def sample_to_file(
     A bundle's PTQD statistics, when it has them, correct each step with the `ptqd` components. A
     mixed-precision bundle follows its plan unless `precision` (one precision at every step) or `switch_t`
     (low precision at t ≥ switch_t) says otherwise."""
-    if n < 1:
-        raise ConfigError(f"-n {n}: the number of samples must be at least 1")
+    if not 1 <= n <= 2**31 - 1:
+        raise ConfigError(f"-n {n}: the number of samples must be between 1 and 2**31 - 1")
     check_output_file(out, "-o")
     check_output_file(png, "--png")
     bundle = load_bundle(path) if is_bundle(path) else None
