@@ -173,7 +173,9 @@ def calibrate(
         search_args = dict(groups=cfg.groups, epochs=cfg.group_epochs, lr=cfg.search_lr,
                            entropy_weight=cfg.group_entropy, progress=progress)  # fmt: skip
         if active:
-            search, group_acts, data = groups.run_active_search(
+            from calibration.active import run_active_search
+
+            search, group_acts, data = run_active_search(
                 model, layers, weights, cfg, rounds=cfg.calib_timesteps, per_round=cfg.calib_samples,
                 eta=cfg.active_eta, **search_args,
             )  # fmt: skip
@@ -226,7 +228,7 @@ def thin(history: list, keep: int) -> list:
 def activation_errors(model, layers, data, cfg, activations, group_of_t) -> dict:
     """C-Error on the calibration inputs and G-Error on 16 fresh full-precision generation trajectories at
     every sampling step (APQ-DM Table 1)."""
-    from calibration.groups import activation_error
+    from calibration.activation_error import activation_error
 
     generation = dataclasses.replace(cfg, calib_samples=16, calib_timesteps=cfg.steps, timestep_selection="uniform",
                                      fresh_trajectories=False)  # fmt: skip

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from calibration.groups import select_active
+from calibration.active import select_active
 
 
 def test_active_score_is_entropy_plus_eta_over_draws():
@@ -48,9 +48,9 @@ def test_record_at_stops_the_trajectory_at_t(tiny_model):
 def test_active_search_draws_rounds_and_assigns_drawn_steps(tiny_model):
     """G = 3 over 5 rounds: the first three rounds seed one group each, the next two are chosen by Eq. 12;
     the assignment covers exactly the drawn steps and every group starts from its own data."""
+    from calibration.active import run_active_search
     from calibration.calibrate import quantize_weights
     from calibration.config import CalibrationConfig
-    from calibration.groups import run_active_search
     from calibration.qmodules import quantizable_layers
 
     cfg = CalibrationConfig(bits="W6A6", steps=10, calib_samples=4, calib_timesteps=5, batch_size=8,
