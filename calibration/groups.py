@@ -24,6 +24,7 @@ weighted by what an ε error at its timestep costs the sample (calibration.objec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch import nn
