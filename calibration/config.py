@@ -101,8 +101,9 @@ class CalibrationConfig:
     group_alpha_bias: float = 0.1  # α's initial logit lead for its contiguous share (1.0 before)
     group_refine_epochs: int = 1  # group_search loss: epochs of training under the hard assignment
     # what an ε error at each input's timestep costs (calibration.objective): eps | x0 | xprev | final;
-    # weights the group search's J and the LSQ pass of block reconstruction
-    loss_weighting: str = "eps"
+    # weights the group search's J and the LSQ pass of block reconstruction. xprev measured best
+    # (docs/RESULTS.md, issue 16: +1.3 dB over eps on LSQ-trained shared scales at W8A8)
+    loss_weighting: str = "xprev"
     activation_error: bool = False  # also measure C-Error / G-Error (APQ-DM Table 1) into the stats
     device: str = "cpu"
 

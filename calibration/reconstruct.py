@@ -153,7 +153,7 @@ def _loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: tor
     if row_weight is None:
         return block_loss(out, target[idx])
     # block_loss per input (channels summed, positions averaged), weighted by the input's timestep
-    per_row = (out - target[idx]).pow(2).sum(1 if out.ndim == 4 else -1).flatten(1).mean(1)
+    per_row = (out - target[idx]).pow(2).sum(1 if out.ndim == 4 else -1).reshape(len(out), -1).mean(1)
     return (per_row * row_weight[idx]).mean()
 
 

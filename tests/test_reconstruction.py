@@ -263,3 +263,23 @@ def test_rounding_temperature_anneals_linearly_after_the_warm_up():
     assert annealed_beta(200, 1000) == pytest.approx(20.0)
     assert annealed_beta(600, 1000) == pytest.approx(11.0)
     assert annealed_beta(999, 1000) == pytest.approx(2.0, abs=0.03)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (6, 5), (6, 7, 5)])
+def test_weighted_block_loss_equals_the_plain_one_at_uniform_weights(shape):
+    """The LSQ pass's per-input weighting (loss_weighting) is block_loss when every weight is 1, for conv
+    (N, C, H, W), linear (N, C) and attention (N, tokens, C) outputs."""
+    from calibration.adaround import block_loss
+    from calibration.reconstruct import _loss
+
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    unit = torch.nn.Module()
+    unit.add_module("block", torch.nn.Identity())
+    idx = torch.arange(shape[0])
+    plain = _loss(unit, "block", [x], {}, target, idx)
+    weighted = _loss(unit, "block", [x], {}, target, idx, torch.ones(shape[0]))
+    torch.testing.assert_close(weighted, plain)
+    assert torch.isclose(plain, block_loss(x, target))
+    doubled = _loss(unit, "block", [x], {}, target, idx, torch.full((shape[0],), 2.0))
+    torch.testing.assert_close(doubled, 2 * plain)

@@ -310,7 +310,7 @@ def _objective_flags(p) -> None:
     p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS,
                    help="weight each calibration input's error (group search, LSQ pass) by what an eps error at "
                    "its timestep costs: eps (none), x0 ((1-abar)/abar), xprev (the sampler update's eps "
-                   "coefficient squared), final (xprev carried to the sample)")  # fmt: skip
+                   "coefficient squared; default), final (xprev carried to the sample)")  # fmt: skip
 
 
 def _bench(a: argparse.Namespace) -> None:
