@@ -114,6 +114,7 @@ class Bundle:
         if "base" not in entry:
             model = onnx.load(str(self.root / entry["file"]), load_external_data=load_weights)
             check_scales(model, self.root / entry["file"])
+            check_class_embeds(model, self.spec, self.root / entry["file"])
             return model
         model = onnx.load(str(self.root / entry["base"]), load_external_data=load_weights)
         tensors = {t.name: i for i, t in enumerate(model.graph.initializer)}
@@ -131,6 +132,7 @@ class Bundle:
                 )
             model.graph.initializer[tensors[t.name]].CopyFrom(t)
         check_scales(model, self.root / entry["file"])
+        check_class_embeds(model, self.spec, self.root / entry["base"])
         return model
 
     @property
@@ -275,6 +277,26 @@ class SharedInitializers:
 
 
 MAX_SCALE = 1e6  # a quantization step beyond this is no calibration result
+
+
+def check_class_embeds(model, spec: InputSpec, where: Path) -> None:
+    """The manifest's class-conditioning must be the graph's: a class_labels input exactly when the spec has
+    class embeddings, and as many rows in the embedding table it gathers from."""
+    has_input = any(i.name == "class_labels" for i in model.graph.input)
+    if has_input != (spec.num_class_embeds is not None):
+        raise BundleError(
+            f"{where}: the graph {'has' if has_input else 'has no'} class_labels input, the manifest's input_spec "
+            f"says num_class_embeds = {spec.num_class_embeds}; recompile the bundle"
+        )
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and list(node.input[1:2]) == ["class_labels"] and node.input[0] in dims:
+            rows = dims[node.input[0]][0]
+            if rows != spec.num_class_embeds:
+                raise BundleError(
+                    f"{where}: the class embedding {node.input[0]!r} has {rows} rows, the manifest's input_spec "
+                    f"says num_class_embeds = {spec.num_class_embeds}; recompile the bundle"
+                )
 
 
 def check_scales(model, where: Path) -> None:

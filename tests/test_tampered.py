@@ -225,3 +225,15 @@ def test_info_plots_at_a_file_is_refused(tiny_bundle, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["info", str(tiny_bundle), "--plots", str(tmp_path / "f")]) == 2
     assert "--plots" in capsys.readouterr().err and (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("classes", [20, None])
+def test_a_class_embedding_count_unlike_the_graphs_is_refused(tiny_bundle, tmp_path, classes):
+    from runtime.errors import BundleError
+
+    root = _copy(tiny_bundle, tmp_path)
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["input_spec"]["num_class_embeds"] = classes
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="group_0.onnx: the (class embedding .* has 11 rows|graph has class_labels)"):
+        load_bundle(root).engines().for_timestep(0)
