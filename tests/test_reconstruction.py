@@ -255,14 +255,21 @@ def test_interrupted_reconstruction_writes_nothing(tiny_dir, tmp_path, monkeypat
     assert steps["n"] == 30 and list(tmp_path.iterdir()) == []
 
 
-def test_rounding_temperature_anneals_linearly_after_the_warm_up():
-    """BRECQ's LinearTempDecay: no regulariser for the first 20 %, then β falls linearly from 20 to 2."""
+def test_rounding_temperature_anneals_after_the_warm_up():
+    """No regulariser for the first 20 %, then β falls from 20 to 2: on a cosine (the default), or linearly
+    (BRECQ's LinearTempDecay)."""
     from calibration.adaround import annealed_beta
 
-    assert annealed_beta(0, 1000) is None and annealed_beta(199, 1000) is None
-    assert annealed_beta(200, 1000) == pytest.approx(20.0)
-    assert annealed_beta(600, 1000) == pytest.approx(11.0)
-    assert annealed_beta(999, 1000) == pytest.approx(2.0, abs=0.03)
+    for schedule in ("cosine", "linear"):
+        assert annealed_beta(0, 1000, schedule=schedule) is None and annealed_beta(199, 1000, schedule=schedule) is None
+        assert annealed_beta(200, 1000, schedule=schedule) == pytest.approx(20.0, abs=0.03)
+        assert annealed_beta(999, 1000, schedule=schedule) == pytest.approx(2.0)
+        assert annealed_beta(599, 1000, schedule=schedule) == pytest.approx(11.0, abs=0.03)
+    # the cosine stays near β₀ longer, then hardens faster at the end
+    assert annealed_beta(300, 1000) > annealed_beta(300, 1000, schedule="linear")
+    assert annealed_beta(900, 1000) < annealed_beta(900, 1000, schedule="linear")
+    with pytest.raises(ValueError, match="beta schedule 'step'"):
+        annealed_beta(500, 1000, schedule="step")
 
 
 @pytest.mark.parametrize("shape", [(6, 3, 4, 4), (6, 5), (6, 7, 5)])
