@@ -1,7 +1,8 @@
 """Parity of a shipped graph with its PyTorch fake-quant reference.
 
-`layer_parity` checks each quantized layer in isolation: ONNX Runtime (all optimizations, integer
-kernels) exposes the float value entering each layer's input Q and the layer's (dequantized) output;
+`layer_parity` checks each quantized layer in isolation: the backend (ONNX Runtime with all optimizations, or
+OpenVINO's CPU plugin; integer kernels on both) exposes the float value entering each layer's input Q and the
+layer's (dequantized) output;
 the reference layer is fed the same float input. This separates modeling errors (scales, zero points,
 bias, placement) from the rounding flips that a requantized network amplifies end to end.
 """
@@ -53,22 +54,37 @@ def _quantized_layers(reference, scope: str) -> dict:
     return out
 
 
+def _run_probes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], backend: str) -> dict[str, np.ndarray]:
+    """Every output of `model` (weights inside) on `backend`: ort or openvino."""
+    if backend == "ort":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    if backend == "openvino":
+        from runtime.openvino import compile_config, core
+
+        compiled = core().compile_model(core().read_model(model.SerializeToString()), "CPU", compile_config())
+        result = compiled(feeds)
+        return {name: result[o] for o in compiled.outputs for name in o.get_names()}  # a tensor may have several
+    raise ValueError(f"layer parity backend {backend!r}: use ort or openvino")
+
+
 def layer_parity(
-    graph: str | Path | onnx.ModelProto, reference, feeds: dict[str, np.ndarray], scope: str = "unet"
-) -> dict[str, dict]:
+    graph: str | Path | onnx.ModelProto, reference, feeds: dict[str, np.ndarray], scope: str = "unet",
+    backend: str = "ort",
+) -> dict[str, dict]:  # fmt: skip
     """Per layer: fraction of output elements where engine and reference differ by more than half an
     output step (quantized outputs), and the relative error ‖Δ‖/‖y‖. `graph`: a graph file, or a model
-    with its weights loaded (e.g. `Bundle.group_model(g, load_weights=True)`)."""
-    import onnxruntime as ort
+    with its weights loaded (e.g. `Bundle.group_model(g, load_weights=True)`); `backend`: ort or openvino."""
     import torch
 
     modules = _quantized_layers(reference, scope)
     names = list(modules)
     model, probes = _probe_model(graph if isinstance(graph, onnx.ModelProto) else Path(graph), names)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    values = _run_probes(model, feeds, backend)
     report = {}
     for name, (pre, post) in probes.items():
         module = modules[name]

@@ -205,23 +205,30 @@ class Bundle:
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
         prepack: bool = True, route: np.ndarray | None = None, backend: str = "ort", spin: bool | None = None,
+        hint: str | None = None,
     ) -> EngineSet:  # fmt: skip
-        """Engines, one per group, created on first use: ONNX Runtime sessions (`backend="ort"`), or the
-        TensorRT plans `dqc build` made (`backend="trt"`, routed alike).
+        """Engines, one per group, created on first use: ONNX Runtime sessions (`backend="ort"`), OpenVINO
+        compiled models on the CPU (`"openvino"`, float parts in `hint` precision), the TensorRT plans
+        `dqc build` made (`"trt"`), or `"auto"`: the fastest of these available (`resolve_backend`).
+        Every backend routes alike; `route` (from Bundle.route) picks other groups per timestep than the
+        bundle's own table, `max_resident` bounds how many group engines stay loaded (least recently used ones
+        are released), `threads` the worker threads of each (0: the backend's default).
         ONNX Runtime: All group sessions take the weights
         from one in-memory copy of weights.bin and allocate activations from one shared arena;
-        `max_resident` bounds how many sessions stay loaded (least recently used ones are released);
-        `prepack=False` stops each session from keeping its own pre-packed copy of the weights; `route` (from
-        Bundle.route) picks other groups per timestep than the bundle's own table. With several
+        `prepack=False` stops each session from keeping its own pre-packed copy of the weights. With several
         groups the sessions' worker threads do not spin-wait between calls (idle sessions would compete
         with the running one); `spin` overrides that (False: never spin, e.g. when other sessions run in
         between)."""
+        backend = resolve_backend(backend, self)
         if backend == "trt":
             from runtime.tensorrt import trt_engine_set
 
             return trt_engine_set(self, route, max_resident=max_resident)
-        if backend != "ort":
-            raise BundleError(f"backend {backend!r}: use ort (ONNX Runtime) or trt (TensorRT plans from dqc build)")
+        if backend == "openvino":
+            from runtime.openvino import DEFAULT_HINT, openvino_engine_set
+
+            return openvino_engine_set(self, route, hint=hint or DEFAULT_HINT, threads=threads,
+                                       max_resident=max_resident)  # fmt: skip
         spec, state = self.spec, {}
         single = len(self.manifest["groups"]) == 1 if spin is None else spin  # several sessions: no spin-waiting
 
@@ -274,6 +281,33 @@ class SharedInitializers:
                 array = blobs[loc][offset : offset + length].view(tensor_dtype_to_np_dtype(t.data_type))
                 values[t.name] = ort.OrtValue.ortvalue_from_numpy(array.reshape(tuple(t.dims)))
         return cls(values, list(blobs.values()))
+
+
+BACKENDS = ("auto", "ort", "openvino", "trt")
+
+
+def resolve_backend(backend: str, bundle: Bundle | None = None) -> str:
+    """The backend `backend` names; `auto` is the fastest available for the bundle: its TensorRT plans when
+    it has them and TensorRT loads, else OpenVINO when installed (1.6–2.4× ONNX Runtime on our Q/DQ graphs on
+    AVX-512 CPUs, docs/RESULTS.md), else ONNX Runtime."""
+    if backend not in BACKENDS:
+        raise BundleError(
+            f"--backend {backend!r}: use ort (ONNX Runtime), openvino (OpenVINO CPU), trt (TensorRT plans from "
+            "dqc build) or auto (the fastest available)"
+        )
+    if backend != "auto":
+        return backend
+    from runtime import openvino
+
+    if bundle is not None and (bundle.manifest.get("engines") or {}).get("trt"):
+        from runtime.tensorrt import BuildError, _import_trt
+
+        try:
+            _import_trt()
+            return "trt"
+        except BuildError:  # no TensorRT here: the CPU backends
+            pass
+    return "openvino" if openvino.available() else "ort"
 
 
 MAX_SCALE = 1e6  # a quantization step beyond this is no calibration result

@@ -262,5 +262,10 @@ class EngineSet:
         return self._engines[g]
 
     @property
+    def resident(self) -> list[Engine]:
+        """The engines loaded now, least recently used first."""
+        return list(self._engines.values())
+
+    @property
     def loaded_groups(self) -> list[int]:
         return sorted(self._engines)

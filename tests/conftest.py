@@ -32,3 +32,16 @@ def tiny_bundle(tiny_model, tiny_result, tmp_path_factory):
     from exporter.bundle_writer import write_bundle
 
     return write_bundle(tiny_model, tiny_result, tmp_path_factory.mktemp("b") / "bundle", progress=False)
+
+
+@pytest.fixture(scope="session")
+def mixed_bundle(tiny_dir, tmp_path_factory):
+    """A W8A8 + W8A4 bundle with PTQD statistics of both."""
+    from tools.cli import main
+
+    out = tmp_path_factory.mktemp("mixed") / "b"
+    argv = ["compile", str(tiny_dir), "-o", str(out), "--bits", "W8A8", "--mixed-bits", "W8A4", "--steps", "6",
+            "--eta", "1", "--calib-samples", "4", "--calib-timesteps", "3", "--ptqd", "--ptqd-samples", "4",
+            "-q"]  # fmt: skip
+    assert main(argv) == 0
+    return out

@@ -1,4 +1,5 @@
-"""One contract for every Engine backend (ONNX Runtime sessions, the torch fake-quant reference, TensorRT plans):
+"""One contract for every Engine backend (ONNX Runtime sessions, OpenVINO compiled models, the torch fake-quant
+reference, TensorRT plans):
 the same inputs are accepted and refused alike, outputs are float32 of the sample's shape, and a batch computes
 what its samples compute one by one."""
 
@@ -13,6 +14,10 @@ from runtime.errors import EngineInputError
 
 def _ort(tiny_model, tiny_result, tiny_bundle, tmp_path_factory):
     return load_bundle(tiny_bundle).engines().for_timestep(0)
+
+
+def _openvino(tiny_model, tiny_result, tiny_bundle, tmp_path_factory):
+    return load_bundle(tiny_bundle).engines(backend="openvino").for_timestep(0)
 
 
 def _torch(tiny_model, tiny_result, tiny_bundle, tmp_path_factory):
@@ -34,6 +39,7 @@ def _trt(tiny_model, tiny_result, tiny_bundle, tmp_path_factory):
 
 BACKENDS = [
     pytest.param(_ort, id="ort"),
+    pytest.param(_openvino, id="openvino"),
     pytest.param(_torch, id="torch-reference"),
     pytest.param(_trt, id="trt", marks=pytest.mark.gpu),
 ]

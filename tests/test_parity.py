@@ -1,4 +1,4 @@
-"""The shipped ORT graph computes the function of the PyTorch fake-quant reference."""
+"""The shipped graph computes the function of the PyTorch fake-quant reference, on ONNX Runtime and on OpenVINO."""
 
 import pytest
 
@@ -6,11 +6,12 @@ from exporter.parity import end_to_end_parity, layer_parity, noised_inputs
 from runtime.bundle import load_bundle
 
 
-def test_every_layer_matches_its_reference_on_integer_kernels(tiny_model, tiny_result, tiny_bundle):
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_every_layer_matches_its_reference_on_integer_kernels(backend, tiny_model, tiny_result, tiny_bundle):
     reference = tiny_result.reference_model(tiny_model.wrapper())
     for t in (5, 400, 950):
         feeds = noised_inputs(tiny_model.spec, tiny_model.schedule, t, n=4, seed=0)
-        report = layer_parity(tiny_bundle / "group_0.onnx", reference, feeds)
+        report = layer_parity(tiny_bundle / "group_0.onnx", reference, feeds, backend=backend)
         assert len(report) == len(tiny_result.weights)
         for name, r in report.items():
             # integer kernels and the float reference round identically but for accumulation-order ties
@@ -19,11 +20,12 @@ def test_every_layer_matches_its_reference_on_integer_kernels(tiny_model, tiny_r
             assert r["rel_err"] <= 2e-2, (t, name, r)
 
 
-def test_end_to_end_engine_quality_tracks_the_reference(tiny_model, tiny_result, tiny_bundle):
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_end_to_end_engine_quality_tracks_the_reference(backend, tiny_model, tiny_result, tiny_bundle):
     """End to end, rounding flips cascade through requantized layers, so ε_ORT and ε_fq differ by a
     fraction of the quantization error itself (the issue's target 0.1 is missed: docs/RESULTS.md).
     What must hold: the engine's error against full precision is that of the reference, not worse."""
-    engine = load_bundle(tiny_bundle).engines().for_timestep(0)
+    engine = load_bundle(tiny_bundle).engines(backend=backend).for_timestep(0)
     reference = tiny_result.reference_model(tiny_model.wrapper())
     r = end_to_end_parity(engine, reference, tiny_model.wrapper(), tiny_model.spec, tiny_model.schedule)
     print(r)
@@ -61,12 +63,13 @@ def test_low_bit_layers_match_their_reference_on_integer_kernels(low_bit, tiny_m
     reference = result.reference_model(tiny_model.wrapper())
     for t in (5, 950):
         feeds = noised_inputs(tiny_model.spec, tiny_model.schedule, t, n=4, seed=0)
-        report = layer_parity(bundle / "group_0.onnx", reference, feeds)
-        assert len(report) == len(result.weights)
-        for name, r in report.items():
-            assert r["flipped"] <= 2e-3, (bits, t, name, r)
-            assert r["max_steps"] is None or r["max_steps"] <= 1.0 + 1e-3, (bits, t, name, r)
-            assert r["rel_err"] <= 5e-2, (bits, t, name, r)
+        for backend in ("ort", "openvino"):
+            report = layer_parity(bundle / "group_0.onnx", reference, feeds, backend=backend)
+            assert len(report) == len(result.weights)
+            for name, r in report.items():
+                assert r["flipped"] <= 2e-3, (backend, bits, t, name, r)
+                assert r["max_steps"] is None or r["max_steps"] <= 1.0 + 1e-3, (backend, bits, t, name, r)
+                assert r["rel_err"] <= 5e-2, (backend, bits, t, name, r)
     for p in reference.modules():
         if hasattr(p, "act_in"):
             assert p.act_in.qmax == 2**a_bits - 1

@@ -259,19 +259,6 @@ def test_switch_is_the_first_step_where_the_cheap_precision_loses_to_the_diffusi
                            channels=1, eps_power=[1.0, np.nan, 1, 1, 1])  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def mixed_bundle(tiny_dir, tmp_path_factory):
-    """A W8A8 + W8A4 bundle with PTQD statistics of both."""
-    from tools.cli import main
-
-    out = tmp_path_factory.mktemp("mixed") / "b"
-    argv = ["compile", str(tiny_dir), "-o", str(out), "--bits", "W8A8", "--mixed-bits", "W8A4", "--steps", "6",
-            "--eta", "1", "--calib-samples", "4", "--calib-timesteps", "3", "--ptqd", "--ptqd-samples", "4",
-            "-q"]  # fmt: skip
-    assert main(argv) == 0
-    return out
-
-
 def test_mixed_precision_routes_each_step_to_its_precision_and_statistics(mixed_bundle, tmp_path):
     from runtime.bundle import load_bundle
     from tools.pipeline import sample_to_file

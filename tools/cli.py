@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
+from runtime.bundle import BACKENDS
 from runtime.errors import ConfigError, DqcError
+from runtime.openvino import DEFAULT_HINT, PRECISION_HINTS
 
 MODEL_HELP = (
     "a diffusers pipeline directory (unet/ + scheduler/), a bare UNet2DModel directory with --scheduler, "
@@ -111,6 +113,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _engine_words(engine: dict) -> str:
+    names = {"ort": "ONNX Runtime", "openvino": "OpenVINO", "trt": "TensorRT", "torch": "torch"}
+    words = f"{names.get(engine.get('backend'), engine.get('backend'))} {engine.get('version', '')}".strip()
+    return words + (f" ({engine['precision_hint']} float parts)" if "precision_hint" in engine else "")
+
+
 def _sample(a: argparse.Namespace) -> None:
     from tools.pipeline import sample_to_file
 
@@ -130,11 +138,13 @@ def _sample(a: argparse.Namespace) -> None:
         ptqd=() if a.no_ptqd else tuple(_csv(a.ptqd) or ()),
         precision=a.precision,
         switch_t=a.switch_t,
+        backend=a.backend,
+        hint=a.precision_hint,
         progress=not a.quiet,
     )
     print(
         f"wrote {a.output}: {a.n} samples, {len(run.timesteps)} steps, "
-        f"{1e3 * run.seconds_per_step:.2f} ms per engine call"
+        f"{1e3 * run.seconds_per_step:.2f} ms per engine call on {_engine_words(run.engine)}"
     )
     if run.ptqd:
         share = run.ptqd_seconds / max(run.engine_seconds, 1e-12)
@@ -499,8 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "sample",
         help="draw samples from a bundle or a full-precision model",
-        description="Sample a bundle (ONNX Runtime) or a model directory (full precision, torch) "
-        "with a seeded host-side sampler; identical seeds give identical noise for both.",
+        description="Sample a bundle (OpenVINO or ONNX Runtime on the CPU, TensorRT plans on a GPU) or a model "
+        "directory (full precision, torch) with a seeded host-side sampler; identical seeds give identical noise "
+        "for both. The output records the backend that ran.",
     )
     s.add_argument("source", help="bundle directory, or " + MODEL_HELP)
     s.add_argument("-n", type=int, required=True, help="number of samples")
@@ -526,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--switch-t", type=int, help="mixed-precision bundles: run the cheaper precision at t >= this "
                    "timestep (default: the bundle's plan)")  # fmt: skip
     s.add_argument("--batch-size", type=int, default=16, help="samples per engine call (default 16)")
+    s.add_argument(
+        "--backend", default="auto", choices=BACKENDS,
+        help="what runs a bundle's graphs: ort (ONNX Runtime), openvino (OpenVINO CPU plugin), trt (the TensorRT "
+        "plans of dqc build), auto (default: TensorRT plans when the bundle has them and TensorRT loads, else "
+        "OpenVINO when installed, else ONNX Runtime)",
+    )  # fmt: skip
+    s.add_argument("--precision-hint", choices=PRECISION_HINTS, help="openvino: the precision of the graph's float "
+                   f"parts (default {DEFAULT_HINT}; bf16 needs a CPU with AVX-512 BF16 or AMX)")  # fmt: skip
     s.add_argument("--scheduler", help="scheduler for a bare model directory")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_sample)

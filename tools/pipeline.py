@@ -91,9 +91,10 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu", route=None):
-    """(EngineSet, schedule, null_class, sampler defaults) for a bundle (ORT; `route` from Bundle.route) or
-    a model directory (FP torch)."""
+def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu", route=None,
+                 backend: str = "auto", hint: str | None = None):  # fmt: skip
+    """(EngineSet, schedule, null_class, sampler defaults) for a bundle (on `backend`, see Bundle.engines;
+    `route` from Bundle.route) or a model directory (FP torch)."""
     from tools.reference import resolve_model
 
     path = resolve_model(path)
@@ -101,10 +102,13 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
         bundle = load_bundle(path)
         cal = bundle.manifest.get("calibration", {})
         defaults = {k: cal[k] for k in ("sampler", "steps", "eta", "guidance") if k in cal}
-        return bundle.engines(route=route), bundle.schedule, bundle.null_class, defaults
+        engines = bundle.engines(route=route, backend=backend, hint=hint)
+        return engines, bundle.schedule, bundle.null_class, defaults
     from calibration.model_io import load_model
     from runtime.engine import TorchEngine
 
+    if backend not in ("auto", "torch"):
+        raise ConfigError(f"--backend {backend}: {path} is a model directory, which runs in full precision on torch")
     model = load_model(path, scheduler, device=device)
     engine = TorchEngine(model.wrapper(), model.spec, device=device)
     return EngineSet.single(engine), model.schedule, model.null_class, {}
@@ -208,12 +212,15 @@ def sample_to_file(
     ptqd: tuple[str, ...] = ("cnc", "bc", "vsc"),
     precision: str | None = None,
     switch_t: int | None = None,
+    backend: str = "auto",
+    hint: str | None = None,
     progress: bool = True,
 ) -> SampleRun:
     """`dqc sample`: draw n samples from a bundle or a model directory into an .npz (and a PNG grid).
     A bundle's PTQD statistics, when it has them, correct each step with the `ptqd` components. A
     mixed-precision bundle follows its plan unless `precision` (one precision at every step) or `switch_t`
-    (low precision at t ≥ switch_t) says otherwise."""
+    (low precision at t ≥ switch_t) says otherwise. A bundle runs on `backend` (ort, openvino, trt, or auto:
+    the fastest available) with OpenVINO's float parts in `hint` precision; the file records which."""
     if not 1 <= n <= 2**31 - 1:
         raise ConfigError(f"-n {n}: the number of samples must be between 1 and 2**31 - 1")
     check_output_file(out, "-o")
@@ -222,7 +229,8 @@ def sample_to_file(
     if bundle is None and (precision or switch_t is not None):
         raise ConfigError("--precision / --switch-t choose between a bundle's precisions; the source is a model")
     route = None if bundle is None else bundle.route(precision, switch_t)
-    engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler, route=route)
+    engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler, route=route, backend=backend,
+                                                           hint=hint)  # fmt: skip
     cfg = SamplerConfig(
         defaults.get("sampler", "ddim") if sampler is None else sampler,
         defaults.get("steps", 100) if steps is None else steps,
@@ -246,6 +254,7 @@ def sample_to_file(
     )
     if bundle is not None:
         run.step_precisions = bundle.precision_of(route[run.timesteps])
+    run.engine = engine_report(engines)
     samples = np.clip(run.samples, -1, 1).astype(np.float32)
     meta = {
         "source": str(path),
@@ -258,11 +267,36 @@ def sample_to_file(
         "ptqd": run.ptqd,
         "ptqd_notes": run.ptqd_notes,
         "precision_split": precision_split(run.step_precisions),
+        "engine": run.engine,
     }
     save_samples(out, samples, labels, meta)
     if png is not None:
         save_grid_png(png, samples)
     return run
+
+
+def engine_report(engines) -> dict:
+    """What ran a sampling run: the backend, its version and, for OpenVINO, the float parts' precision."""
+    from runtime.engine import OrtEngine, TorchEngine
+    from runtime.openvino import OpenVinoEngine
+
+    engine = (engines.resident or [engines.for_timestep(0)])[-1]
+    if isinstance(engine, OpenVinoEngine):
+        from runtime.openvino import openvino_version
+
+        return {"backend": "openvino", "version": openvino_version(), "precision_hint": engine.execution_precision,
+                "requested_hint": engine.config["INFERENCE_PRECISION_HINT"]}  # fmt: skip
+    if isinstance(engine, OrtEngine):
+        import onnxruntime
+
+        return {"backend": "ort", "version": onnxruntime.__version__}
+    if isinstance(engine, TorchEngine):
+        import torch
+
+        return {"backend": "torch", "version": torch.__version__, "dtype": engine.dtype}
+    from runtime.tensorrt import tensorrt_version
+
+    return {"backend": "trt", "version": tensorrt_version()}
 
 
 def precision_split(step_precisions: list[str]) -> list[dict]:

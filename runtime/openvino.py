@@ -1,0 +1,160 @@
+"""OpenVINO backend (the CPU plugin): `OpenVinoEngine`, the Engine contract on one compiled model, and
+`openvino_engine_set` over a bundle's group graphs, routed by t like the ONNX Runtime sessions.
+
+OpenVINO reads the bundle's Q/DQ ONNX graphs as they are. Its low-precision transformations turn each
+Quantize → Dequantize → Conv/MatMul pattern into an integer kernel (u8 activations × s8 weights, as ONNX
+Runtime's QLinearConv), and it runs everything else (GroupNorm, SiLU, softmax, the time embedding) in the
+precision `INFERENCE_PRECISION_HINT` asks for: f32, or bf16 on CPUs with AVX-512 BF16 / AMX. `PRECISION_HINTS`
+lists both; `DEFAULT_HINT` is the one docs/RESULTS.md measured best on quality and speed together.
+
+`openvino` is imported inside functions, so a bundle run on ONNX Runtime needs none of it and a missing
+install says so in one line. As in Polygraphy's runners, constructors only store arguments; the model is
+read and compiled on the first `infer`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtime.engine import EngineSet, InputSpec, check_inputs
+from runtime.errors import EngineError
+
+MISSING_OPENVINO = (
+    "the openvino backend needs OpenVINO, which is not installed: pip install openvino — or run the bundle on "
+    "ONNX Runtime with --backend ort"
+)
+PRECISION_HINTS = ("f32", "bf16")
+DEFAULT_HINT = "f32"  # bf16 moves ε by 6–7 % on a W6A6 bundle for ≤ 5 % speed here (docs/RESULTS.md)
+_PROCESS: dict = {}  # one openvino.Core per process: it owns the plugins and their thread pools
+
+
+def import_openvino():
+    """The openvino module; raises a one-line EngineError when it is missing."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise EngineError(MISSING_OPENVINO) from e
+    return openvino
+
+
+def available() -> bool:
+    try:
+        import_openvino()
+    except EngineError:
+        return False
+    return True
+
+
+def openvino_version() -> str:
+    return import_openvino().get_version()
+
+
+def core():
+    if "core" not in _PROCESS:
+        _PROCESS["core"] = import_openvino().Core()
+    return _PROCESS["core"]
+
+
+def compile_config(hint: str = DEFAULT_HINT, threads: int = 0) -> dict:
+    """The CPU plugin properties every dqc engine compiles with: latency mode (one stream, all threads on
+    one request, as the sampler calls), the float parts' precision, and `threads` (0: OpenVINO's default)."""
+    if hint not in PRECISION_HINTS:
+        raise EngineError(f"--precision-hint {hint!r}: use one of {PRECISION_HINTS}")
+    if threads < 0:
+        raise EngineError(f"threads={threads}: must be ≥ 0 (0: OpenVINO's default)")
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+class OpenVinoEngine:
+    """The Engine contract on one ONNX graph compiled by OpenVINO for the CPU. `graph`: a file (external
+    weights are found beside it) or serialized ONNX bytes with the weights inside."""
+
+    def __init__(
+        self, graph: str | Path | bytes, spec: InputSpec, *, hint: str = DEFAULT_HINT, threads: int = 0,
+        name: str | None = None,
+    ) -> None:  # fmt: skip
+        self.graph = graph if isinstance(graph, bytes) else Path(graph)
+        self.name = name or (str(graph) if not isinstance(graph, bytes) else "ONNX graph")
+        self.spec, self.config = spec, compile_config(hint, threads)
+        self._compiled = self._request = None
+
+    def activate(self):
+        if self._request is not None:
+            return self._request
+        ov = import_openvino()
+        try:
+            model = core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
+        except Exception as e:
+            raise EngineError(f"{self.name}: OpenVINO cannot read it ({_describe(e)})") from None
+        names = {i.get_any_name(): i.get_partial_shape() for i in model.inputs}
+        shape = names.get("sample")
+        want = [int(d) for d in self.spec.sample_shape]
+        if shape is None or shape.rank.is_dynamic or [d.get_length() for d in list(shape)[1:]] != want:
+            raise EngineError(
+                f"{self.name}: its sample input is {shape}, the input spec says (N, {', '.join(map(str, want))}); "
+                "the bundle's manifest does not match its graph"
+            )
+        if [o.get_any_name() for o in model.outputs] != ["eps"]:
+            raise EngineError(f"{self.name}: the graph's outputs are not the one 'eps' every dqc graph has")
+        try:
+            self._compiled = core().compile_model(model, "CPU", self.config)
+        except Exception as e:
+            raise EngineError(f"{self.name}: OpenVINO {ov.get_version()} cannot compile it ({_describe(e)})") from None
+        self._request = self._compiled.create_infer_request()
+        return self._request
+
+    @property
+    def execution_precision(self) -> str:
+        """The float parts' precision the compiled model actually runs (the hint may be ignored by a CPU
+        without bf16)."""
+        self.activate()
+        value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+    def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
+        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
+        feeds = {"sample": sample, "timestep": timestep}
+        if class_labels is not None:
+            feeds["class_labels"] = class_labels
+        request = self.activate()
+        try:
+            request.infer(feeds)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        except Exception as e:
+            raise EngineError(f"{self.name}: OpenVINO failed to run it ({_describe(e)})") from None
+
+
+def _describe(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def openvino_engine_set(
+    bundle, route: np.ndarray | None = None, *, hint: str = DEFAULT_HINT, threads: int = 0,
+    max_resident: int | None = None,
+) -> EngineSet:  # fmt: skip
+    """OpenVINO engines, one per group, compiled on first use. A group whose graph is a whole file is read
+    from the bundle (its external weights beside it); an overlay group (a base graph with other
+    initializers) is assembled in memory first. Every graph passes the bundle's scale and class-table
+    checks before OpenVINO sees it."""
+    import_openvino()  # the one-line error before any graph is touched
+    compile_config(hint, threads)
+    spec = bundle.spec
+
+    def make(group: int) -> OpenVinoEngine:
+        entry = next(g for g in bundle.manifest["groups"] if g["id"] == group)
+        name = f"{bundle.graph_path(group)} (group {group})"
+        if "base" in entry:
+            graph = bundle.group_model(group, load_weights=True).SerializeToString()
+        else:
+            bundle.group_model(group)  # the checks; OpenVINO reads the file and its weights itself
+            graph = bundle.graph_path(group)
+        return OpenVinoEngine(graph, spec, hint=hint, threads=threads, name=name)
+
+    factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in bundle.manifest["groups"]}
+    return EngineSet(factories, bundle.group_of_t if route is None else route, spec, max_resident=max_resident)
