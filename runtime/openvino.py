@@ -57,25 +57,29 @@ def core():
     return _PROCESS["core"]
 
 
-def compile_config(hint: str = DEFAULT_HINT, threads: int = 0) -> dict:
+def compile_config(hint: str | None = DEFAULT_HINT, threads: int = 0) -> dict:
     """The CPU plugin properties every dqc engine compiles with: latency mode (one stream, all threads on
-    one request, as the sampler calls), the float parts' precision, and `threads` (0: OpenVINO's default)."""
-    if hint not in PRECISION_HINTS:
+    one request, as the sampler calls), the float parts' precision (None: the plugin's own choice, bf16 where
+    the CPU has it), and `threads` (0: OpenVINO's default)."""
+    if hint is not None and hint not in PRECISION_HINTS:
         raise EngineError(f"--precision-hint {hint!r}: use one of {PRECISION_HINTS}")
     if threads < 0:
         raise EngineError(f"threads={threads}: must be ≥ 0 (0: OpenVINO's default)")
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if hint is not None:
+        config["INFERENCE_PRECISION_HINT"] = hint
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     return config
 
 
 class OpenVinoEngine:
-    """The Engine contract on one ONNX graph compiled by OpenVINO for the CPU. `graph`: a file (external
-    weights are found beside it) or serialized ONNX bytes with the weights inside."""
+    """The Engine contract on one graph compiled by OpenVINO for the CPU. `graph`: an ONNX file (external
+    weights are found beside it) or OpenVINO IR (.xml, its .bin beside it), or serialized ONNX bytes with the
+    weights inside. `hint`: the float parts' precision (None: the plugin's default)."""
 
     def __init__(
-        self, graph: str | Path | bytes, spec: InputSpec, *, hint: str = DEFAULT_HINT, threads: int = 0,
+        self, graph: str | Path | bytes, spec: InputSpec, *, hint: str | None = DEFAULT_HINT, threads: int = 0,
         name: str | None = None,
     ) -> None:  # fmt: skip
         self.graph = graph if isinstance(graph, bytes) else Path(graph)
@@ -91,7 +95,7 @@ class OpenVinoEngine:
             model = core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
         except Exception as e:
             raise EngineError(f"{self.name}: OpenVINO cannot read it ({_describe(e)})") from None
-        names = {i.get_any_name(): i.get_partial_shape() for i in model.inputs}
+        names = {n: i.get_partial_shape() for i in model.inputs for n in i.get_names()}
         shape = names.get("sample")
         want = [int(d) for d in self.spec.sample_shape]
         if shape is None or shape.rank.is_dynamic or [d.get_length() for d in list(shape)[1:]] != want:
@@ -99,14 +103,51 @@ class OpenVinoEngine:
                 f"{self.name}: its sample input is {shape}, the input spec says (N, {', '.join(map(str, want))}); "
                 "the bundle's manifest does not match its graph"
             )
-        if [o.get_any_name() for o in model.outputs] != ["eps"]:
+        if len(model.outputs) != 1 or "eps" not in model.outputs[0].get_names():
             raise EngineError(f"{self.name}: the graph's outputs are not the one 'eps' every dqc graph has")
         try:
             self._compiled = core().compile_model(model, "CPU", self.config)
         except Exception as e:
             raise EngineError(f"{self.name}: OpenVINO {ov.get_version()} cannot compile it ({_describe(e)})") from None
+        self._inputs = set(names)
         self._request = self._compiled.create_infer_request()
         return self._request
+
+    @property
+    def threads(self) -> int:
+        """The worker threads the compiled model runs on."""
+        self.activate()
+        return int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
+
+    def profile(self, sample, timestep, class_labels=None, runs: int = 5) -> dict:
+        """Where the time goes: OpenVINO's per-node counters over `runs` calls (a separately compiled model with
+        PERF_COUNT on), milliseconds per call summed by (node type, kernel), e.g. ("Convolution",
+        "brgconv_avx512_amx_I8"): which kernels run int8 and on which instructions."""
+        import collections
+
+        self.activate()
+        model = core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
+        compiled = core().compile_model(model, "CPU", self.config | {"PERF_COUNT": True})
+        request = compiled.create_infer_request()
+        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
+        feeds = {"sample": sample, "timestep": timestep}
+        if class_labels is not None and "class_labels" in self._inputs:
+            feeds["class_labels"] = class_labels
+        request.infer(feeds)  # warm-up
+        per, count, total = collections.Counter(), collections.Counter(), 0.0
+        for _ in range(runs):
+            request.infer(feeds)
+            total += request.latency
+            for info in request.profiling_info:
+                if info.status == info.Status.EXECUTED:
+                    key = f"{info.node_type} / {info.exec_type}"
+                    per[key] += info.real_time.total_seconds() * 1e3 / runs
+                    count[key] += 1
+        return {
+            "run_ms": round(total / runs, 3),
+            "kernel_ms": round(sum(per.values()), 3),
+            "ops": {k: {"ms": round(ms, 3), "nodes": count[k] // runs} for k, ms in per.most_common()},
+        }
 
     @property
     def execution_precision(self) -> str:
@@ -123,7 +164,7 @@ class OpenVinoEngine:
             feeds["class_labels"] = class_labels
         request = self.activate()
         try:
-            request.infer(feeds)
+            request.infer({name: value for name, value in feeds.items() if name in self._inputs})
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
         except Exception as e:
             raise EngineError(f"{self.name}: OpenVINO failed to run it ({_describe(e)})") from None

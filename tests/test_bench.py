@@ -13,14 +13,34 @@ def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
     assert main(["bench", "--quick", "-q", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     m = report["models"]["tiny"]
-    assert set(m["latency"]["1"]) == {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8"}
+    engines = {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8", "ov-fp32", "ov-nncf", "dqc-G1-ov", "dqc-G8-ov"}
+    assert set(m["latency"]["1"]) == engines and not m["skipped"]
     assert all(v["median_ms"] > 0 for v in m["latency"]["1"].values())
-    assert set(m["ratios"]["1"]) == {"dqc-G1 vs fp32", "dqc-G1 vs ort-static", "dqc-G8 vs fp32", "dqc-G8 vs ort-static"}
+    assert {m["engines"][k]["backend"] for k in ("dqc-G1-ov", "dqc-G8-ov")} == {"openvino"}
+    assert m["engines"]["ov-nncf"] == {"backend": "openvino-default", "source": "ov-nncf"}
+    ours, bases = ("dqc-G1", "dqc-G8", "dqc-G1-ov", "dqc-G8-ov"), ("fp32", "ort-static", "ov-fp32", "ov-nncf")
+    best = min(ours, key=lambda k: m["latency"]["1"][k]["median_ms"])
+    pairs = {f"{o} vs {b}" for o in ours for b in bases}
+    assert set(m["ratios"]["1"]) == pairs | {f"best ({best}) vs {b}" for b in bases}
+    assert {"cpu_flags", "versions", "thread_env"} <= set(report["machine"])
+    assert {"openvino", "nncf", "onnxruntime"} <= set(report["machine"]["versions"])
+    assert all(m["threads"][k] >= 1 for k in ("dqc-G1-ov", "ov-nncf"))
     assert m["memory_mb"]["1"]["dqc-G8"] > 0 and m["loop"]["dqc-G8"]["seconds"] > 0
     # every quantized engine runs integer kernels: no float Conv left in ORT's optimized graph
     assert all(m["ops"][k]["float_conv"] == 0 and m["ops"][k]["integer"] > 0 for k in ("ort-static", "dqc-G1"))
-    assert "speed-up vs FP32" in (tmp_path / "bench.md").read_text()
-    assert "| 1 | dqc-G8 |" in capsys.readouterr().out
+    assert "speed-up vs ov-nncf" in (tmp_path / "bench.md").read_text()
+    assert "| 1 | dqc-G8 | ort |" in capsys.readouterr().out
+
+
+def test_speed_bench_without_openvino_measures_the_rest_and_says_why(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert main(["bench", "--quick", "-q", "--no-memory", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "bench.json").read_text())["models"]["tiny"]
+    assert set(m["latency"]["1"]) == {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8"}
+    assert "pip install openvino" in m["skipped"]["openvino"]
+    assert "not measured: openvino" in (tmp_path / "bench.md").read_text()
 
 
 def test_bench_refuses_bad_flags(capsys):

@@ -5,7 +5,10 @@ Per model (the shipped reference model and/or the CIFAR-10-shaped UNet with rand
 - engines: ONNX Runtime FP32 on the exported float graph (and on the same graph after our shape folding, to show how
   much of the gain is graph cleanup); ONNX Runtime's own static quantizer (`quant_pre_process`
   then `quantize_static`: QDQ, per-channel, U8 activations, S8 weights, MinMax, on the same calibration inputs as
-  ours) — the peer; our W8A8 bundle with one scale set (G = 1) and with eight timestep groups (G = 8);
+  ours) — the peer; our W8A8 bundle with one scale set (G = 1) and with eight timestep groups (G = 8), on ONNX
+  Runtime and on OpenVINO (`-ov`, float parts in runtime.openvino.DEFAULT_HINT); and, where OpenVINO is installed,
+  the CPU alternative a user would pick: OpenVINO on the float graph with its default precision hint (`ov-fp32`:
+  bf16 on CPUs that have it) and OpenVINO + NNCF INT8 on the same calibration inputs (`ov-nncf`);
 - per-step latency (median, p10, p90) at each batch, all engines interleaved in one process at the same timesteps
   (cycling through the calibrated steps, so G = 8 switches groups as in sampling); ratios ours/FP32, ours/peer;
 - resident memory: RSS growth from loading each engine (every group for G = 8) and running it, each in a fresh
@@ -28,11 +31,25 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import openvino
 from runtime.errors import ConfigError
 from tools import pipeline
 from tools.group_bench import rss_mb
 
-ENGINES = ("fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8")
+# engine: (backend, the graph or bundle it runs); backend "openvino-default" is OpenVINO with its own precision hint
+ENGINES = {
+    "fp32": ("ort", "fp32"),
+    "fp32-folded": ("ort", "fp32-folded"),
+    "ort-static": ("ort", "ort-static"),
+    "dqc-G1": ("ort", "dqc-G1"),
+    "dqc-G8": ("ort", "dqc-G8"),
+    "ov-fp32": ("openvino-default", "fp32"),
+    "ov-nncf": ("openvino-default", "ov-nncf"),
+    "dqc-G1-ov": ("openvino", "dqc-G1"),
+    "dqc-G8-ov": ("openvino", "dqc-G8"),
+}
+OURS = ("dqc-G1", "dqc-G8", "dqc-G1-ov", "dqc-G8-ov")
+BASES = ("fp32", "ort-static", "ov-fp32", "ov-nncf")
 MODELS = ("reference", "cifar10", "tiny")
 
 
@@ -71,27 +88,37 @@ def _inputs(spec, batch: int, seed: int = 0):
     return x, labels
 
 
-def open_engine(kind: str, path: str, spec=None):
-    """An EngineSet for a bench engine: a bundle directory, or a single ONNX graph file (FP32, the peer). No
-    session's worker threads spin-wait after a call: in interleaved runs the next call is another session's,
-    and spinning workers would take its cores (measured: per-call times up to 1.7x the spin-free ones)."""
+def open_engine(backend: str, path: str, spec=None):
+    """An EngineSet for a bench engine: a bundle directory or a single graph file (FP32, a peer) on `backend` (ort,
+    openvino, or openvino-default: OpenVINO's own precision hint). No ONNX Runtime session's worker threads
+    spin-wait after a call: in interleaved runs the next call is another session's, and spinning workers would take
+    its cores (measured: per-call times up to 1.7x the spin-free ones)."""
     from runtime.bundle import load_bundle
     from runtime.engine import EngineSet, OrtEngine
+    from runtime.openvino import OpenVinoEngine
 
-    if kind == "bundle":
-        return load_bundle(path).engines(spin=False)
-    return EngineSet.single(OrtEngine(Path(path), spec, spin=False))
+    if Path(path).is_dir():
+        if backend == "openvino-default":
+            raise ConfigError("bench: a bundle runs on ort or openvino")
+        return load_bundle(path).engines(spin=False, backend=backend)
+    if backend == "ort":
+        return EngineSet.single(OrtEngine(Path(path), spec, spin=False))
+    hint = None if backend == "openvino-default" else "f32"
+    return EngineSet.single(OpenVinoEngine(Path(path), spec, hint=hint))
 
 
-def resident_memory(kind: str, path: str, spec: dict, batch: int) -> dict:
+def resident_memory(backend: str, path: str, spec: dict, batch: int) -> dict:
     """In this process (a fresh one): RSS growth from opening the engine and running each of its groups once."""
-    import onnxruntime  # noqa: F401  (its import is not part of the engine)
+    import onnxruntime  # noqa: F401  (the runtimes' imports are not part of the engine)
 
     from runtime.engine import InputSpec
+    from runtime.openvino import available, core
 
+    if backend.startswith("openvino") and available():
+        core()
     spec = InputSpec.from_dict(spec)
     base = rss_mb()
-    engines = open_engine(kind, path, spec)
+    engines = open_engine(backend, path, spec)
     x, labels = _inputs(spec, batch)
     first: dict[int, int] = {}
     for t, g in enumerate(engines.group_of_t.tolist()):
@@ -105,9 +132,9 @@ def _memory_child() -> None:
     print(json.dumps(resident_memory(**json.loads(sys.argv[1]))))
 
 
-def measure_memory(kind: str, path: str, spec, batch: int) -> dict:
+def measure_memory(backend: str, path: str, spec, batch: int) -> dict:
     code = "from tools.bench import _memory_child; _memory_child()"
-    args = json.dumps({"kind": kind, "path": str(path), "spec": spec.to_dict(), "batch": batch})
+    args = json.dumps({"backend": backend, "path": str(path), "spec": spec.to_dict(), "batch": batch})
     root = str(Path(__file__).resolve().parent.parent)
     done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, cwd=root)
     if done.returncode != 0:
@@ -199,7 +226,7 @@ def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress:
     from calibration.collect import record_trajectories
     from calibration.config import CalibrationConfig
     from exporter.onnx_export import export_float
-    from tools.peer import quantize_static_peer
+    from tools.peer import nncf_peer, quantize_static_peer
 
     trained = model.source is not None and "reference_model" in str(model.source)
     common = dict(bits="W8A8", steps=plan.loop_steps, guidance=guidance, batch_size=16,
@@ -221,18 +248,36 @@ def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress:
     onnx.save(fold_shapes(fp), str(paths["fp32-folded"]))  # our graph cleanup alone: how much of the gain it is
     start = time.perf_counter()
     data = record_trajectories(model, g1, progress)
+    record = time.perf_counter() - start
     quantize_static_peer(paths["fp32"], paths["ort-static"], data)
     seconds["ort-static"] = round(time.perf_counter() - start, 1)
+    skipped = {}
+    if not openvino.available():
+        skipped["openvino"] = openvino.MISSING_OPENVINO
+    else:
+        try:
+            start = time.perf_counter()
+            paths["ov-nncf"] = nncf_peer(paths["fp32"], root / "ov_nncf.xml", data, progress=progress)
+            seconds["ov-nncf"] = round(time.perf_counter() - start + record, 1)
+        except ConfigError as e:  # nncf missing: the other OpenVINO rows still run
+            skipped["ov-nncf"] = str(e)
     for name, cfg in (("dqc-G1", g1), ("dqc-G8", g8)):
         start = time.perf_counter()
         paths[name] = pipeline.compile_model(model, root / name, cfg, overwrite=True, progress=progress)
         seconds[name] = round(time.perf_counter() - start, 1)
-    return {"paths": paths, "compile_seconds": seconds, "calibration": {"inputs": len(data), **common}}
+    return {"paths": paths, "compile_seconds": seconds, "calibration": {"inputs": len(data), **common},
+            "skipped": skipped}  # fmt: skip
 
 
-def _engine_sets(paths: dict, spec) -> dict:
-    return {name: open_engine("bundle" if name.startswith("dqc") else "graph", str(p), spec)
-            for name, p in paths.items()}  # fmt: skip
+def engines_of(paths: dict) -> dict:
+    """{engine: (backend, path)} of every ENGINES entry this run can open (OpenVINO installed, NNCF peer built)."""
+    ov = openvino.available()
+    return {name: (backend, paths[source]) for name, (backend, source) in ENGINES.items()
+            if source in paths and (ov or not backend.startswith("openvino"))}  # fmt: skip
+
+
+def _engine_sets(engines: dict, spec) -> dict:
+    return {name: open_engine(backend, str(p), spec) for name, (backend, p) in engines.items()}
 
 
 def op_counts(paths: dict, root: Path) -> dict:
@@ -240,13 +285,15 @@ def op_counts(paths: dict, root: Path) -> dict:
 
     out = {}
     for name, p in paths.items():
+        if str(p).endswith(".xml"):  # OpenVINO IR: op_profile says what it runs
+            continue
         graph = Path(p) / "group_0.onnx" if Path(p).is_dir() else Path(p)
         counts = ort_optimized_op_counts(graph, root / f"{name}.opt.onnx")
         out[name] = {**integer_op_summary(counts), "nodes": int(sum(counts.values()))}
     return out
 
 
-def quality(paths: dict, model, guidance: float, n: int, root: Path, progress: bool) -> dict:
+def quality(engines: dict, model, guidance: float, n: int, root: Path, progress: bool) -> dict:
     """FD, accuracy and PSNR vs the FP32 engine's samples, same seeds, DDIM 100, every engine."""
     from runtime.sampler import SamplerConfig, sample
     from tools.metrics import evaluate
@@ -254,7 +301,7 @@ def quality(paths: dict, model, guidance: float, n: int, root: Path, progress: b
 
     labels = labels_for(model.spec, n)
     files, out = {}, {}
-    for name, es in _engine_sets({k: v for k, v in paths.items() if k != "fp32-folded"}, model.spec).items():
+    for name, es in _engine_sets({k: v for k, v in engines.items() if k != "fp32-folded"}, model.spec).items():
         run = sample(es, model.schedule, SamplerConfig("ddim", 100, 0.0, guidance), n=n, seed=0, labels=labels,
                      null_class=model.null_class, batch_size=64, progress=progress)  # fmt: skip
         files[name] = root / f"samples_{name}.npz"
@@ -271,7 +318,8 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
         model, guidance = _load(name, root)
         built = build_engines(model, guidance, root, plan, progress)
         paths, spec = built["paths"], model.spec
-        engines = _engine_sets(paths, spec)
+        chosen = engines_of(paths)
+        engines = _engine_sets(chosen, spec)
         steps = [int(t) for t in model.schedule.timesteps(plan.loop_steps)]
         latency = {b: interleaved_latency(engines, spec, steps, b, plan.reps) for b in plan.batches}
         report = {
@@ -279,10 +327,12 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
             "parameters": int(sum(p.numel() for p in model.unet.parameters())),
             "sample_shape": list(spec.sample_shape),
             **built,
+            "engines": {k: {"backend": b, "source": ENGINES[k][1]} for k, (b, _) in chosen.items()},
+            "threads": engine_threads(engines),
             "latency": latency,
             "ratios": {b: ratios(lat) for b, lat in latency.items()},
             "loop": sampling_loop(
-                {k: engines[k] for k in ("fp32", "dqc-G8")},
+                {k: engines[k] for k in ("fp32", "dqc-G8", "dqc-G8-ov") if k in engines},
                 model.schedule,
                 spec,
                 model.null_class,
@@ -294,31 +344,77 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
         report["paths"] = {k: str(v) for k, v in paths.items()}
         del engines
         if plan.memory:
-            report["memory_mb"] = {b: {k: measure_memory("bundle" if k.startswith("dqc") else "graph", str(p), spec, b)
-                                       ["rss_mb"] for k, p in paths.items()} for b in plan.batches}  # fmt: skip
+            report["memory_mb"] = {b: {k: measure_memory(backend, str(p), spec, b)["rss_mb"]
+                                       for k, (backend, p) in chosen.items()} for b in plan.batches}  # fmt: skip
         if plan.profile:
-            report["profile"] = {b: op_profile(paths, spec, b) for b in plan.batches}
+            report["profile"] = {b: op_profile(chosen, spec, b) for b in plan.batches}
         if name == "reference" and plan.quality_samples:
-            report["quality"] = quality(paths, model, guidance, plan.quality_samples, root, progress)
+            report["quality"] = quality(chosen, model, guidance, plan.quality_samples, root, progress)
     return report
 
 
+def engine_threads(engines: dict) -> dict:
+    """The worker threads each engine runs on (ONNX Runtime: its intra-op setting, 0 = one per core)."""
+    from runtime.openvino import OpenVinoEngine
+
+    out = {}
+    for name, es in engines.items():
+        engine = es.for_timestep(0)
+        out[name] = engine.threads if isinstance(engine, OpenVinoEngine) else getattr(engine, "threads", None)
+    return out
+
+
 def ratios(latency: dict) -> dict:
-    """Speed-ups (how many times faster) of ours against FP32 and against the peer, from one run's medians."""
+    """Speed-ups (how many times faster) of ours against FP32 and the peers, from one run's medians; `best`: our
+    fastest engine (G = 1 or 8, whichever backend) against each."""
     med = {k: v["median_ms"] for k, v in latency.items()}
-    return {f"{ours} vs {base}": round(med[base] / med[ours], 3)
-            for ours in ("dqc-G1", "dqc-G8") for base in ("fp32", "ort-static")}  # fmt: skip
+    ours = [k for k in OURS if k in med]
+    out = {f"{o} vs {base}": round(med[base] / med[o], 3) for o in ours for base in BASES if base in med}
+    best = min(ours, key=med.get)
+    out |= {f"best ({best}) vs {base}": round(med[base] / med[best], 3) for base in BASES if base in med}
+    return out
+
+
+def machine_report() -> dict:
+    """What a speed figure depends on: the CPU and its int8/bf16 instructions, the libraries, thread settings."""
+    import os
+    import platform
+
+    import onnxruntime as ort
+
+    flags, model = set(), platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "amx_tile")
+    versions = {"onnxruntime": ort.__version__, "numpy": np.__version__}
+    if openvino.available():
+        versions["openvino"] = openvino.openvino_version()
+    try:
+        import nncf
+
+        versions["nncf"] = nncf.__version__
+    except ImportError:
+        pass
+    import torch
+
+    versions["torch"] = torch.__version__
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OV_CPU_THREADS_NUM", "MKL_NUM_THREADS") if k in os.environ}
+    return {"cpus": os.cpu_count(), "cpu": model, "cpu_flags": [f for f in wanted if f in flags],
+            "versions": versions, "thread_env": env,
+            "ort_session": "intra_op_num_threads 0 (one per core), spinning off"}  # fmt: skip
 
 
 def run_bench(plan: BenchPlan = BenchPlan(), *, out_dir: str | Path | None = None, progress: bool = True) -> dict:
     import logging
-    import os
-
-    import onnxruntime as ort
 
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs a line per per-channel fallback
-    report = {"machine": {"cpus": os.cpu_count(), "onnxruntime": ort.__version__}, "plan": plan.__dict__,
-              "models": {}}  # fmt: skip
+    report = {"machine": machine_report(), "plan": plan.__dict__, "models": {}}
     for name in plan.models:
         report["models"][name] = bench_model(name, plan, progress)
         print(format_model(report["models"][name]), end="", flush=True)
@@ -331,16 +427,24 @@ def run_bench(plan: BenchPlan = BenchPlan(), *, out_dir: str | Path | None = Non
 
 
 def format_model(m: dict) -> str:
+    bases = [b for b in BASES if b in next(iter(m["latency"].values()))]
     lines = [f"\n## {m['model']} ({m['parameters'] / 1e6:.2f} M parameters, {'x'.join(map(str, m['sample_shape']))})",
-             "", "| batch | engine | median ms/step | p10 | p90 | speed-up vs FP32 | vs ort-static | resident MB |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "", "| batch | engine | backend | median ms/step | p10 | p90 | "
+             + " | ".join(f"speed-up vs {b}" for b in bases) + " | resident MB |",
+             "|---|---|---|---|---|---|" + "---|" * len(bases) + "---|"]  # fmt: skip
     for b, lat in m["latency"].items():
         med = {k: v["median_ms"] for k, v in lat.items()}
         for k, v in lat.items():
             mem = m.get("memory_mb", {}).get(b, {}).get(k)
-            lines.append(f"| {b} | {k} | {v['median_ms']:.2f} | {v['p10_ms']:.2f} | {v['p90_ms']:.2f} | "
-                         f"{med['fp32'] / med[k]:.2f}× | {med['ort-static'] / med[k]:.2f}× | "
-                         f"{'—' if mem is None else f'{mem:.1f}'} |")  # fmt: skip
+            backend = m.get("engines", {}).get(k, {}).get("backend", "ort")
+            ups = " | ".join(f"{med[base] / med[k]:.2f}×" for base in bases)
+            lines.append(f"| {b} | {k} | {backend} | {v['median_ms']:.2f} | {v['p10_ms']:.2f} | {v['p90_ms']:.2f} | "
+                         f"{ups} | {'—' if mem is None else f'{mem:.1f}'} |")  # fmt: skip
+    for b, r in m["ratios"].items():
+        best = {k: v for k, v in r.items() if k.startswith("best")}
+        lines.append(f"\nbatch {b}: " + ", ".join(f"{k} {v:.2f}×" for k, v in best.items()))
+    for k, why in m.get("skipped", {}).items():
+        lines.append(f"\nnot measured: {k} ({why})")
     if "memory_mb" in m:
         for b, mem in m["memory_mb"].items():
             lines.append(f"\nresident memory at batch {b}: G = 8 / G = 1 = {mem['dqc-G8'] / mem['dqc-G1']:.2f}×")
@@ -348,8 +452,10 @@ def format_model(m: dict) -> str:
         lines.append(f"\nsampling loop, {k}: {v['seconds']:.3f} s for the whole loop (batch 1); the host loop adds "
                      f"{v['loop_overhead']:+.1%} over the bare engine calls ({v['host_share']:.2%} of the run spent "
                      "outside them)")  # fmt: skip
-    f, d = m["loop"]["fp32"]["seconds"], m["loop"]["dqc-G8"]["seconds"]
-    lines.append(f"\nwhole loop FP32 / dqc-G8: {f / d:.2f}×")
+    f = m["loop"]["fp32"]["seconds"]
+    for k in ("dqc-G8", "dqc-G8-ov"):
+        if k in m["loop"]:
+            lines.append(f"\nwhole loop FP32 / {k}: {f / m['loop'][k]['seconds']:.2f}×")
     ops = m["ops"]
     lines.append("\n| engine | ORT nodes | integer kernels | float Conv | Quantize | Dequantize |")
     lines.append("|---|---|---|---|---|---|")
@@ -357,7 +463,8 @@ def format_model(m: dict) -> str:
         lines.append(f"| {k} | {v['nodes']} | {v['integer']} | {v['float_conv']} | {v['quantize_nodes']} | "
                      f"{v['dequantize_nodes']} |")  # fmt: skip
     for b, prof in m.get("profile", {}).items():
-        lines.append(f"\nwhere the time goes at batch {b} (ONNX Runtime profiler, ms per call: the top op types)")
+        lines.append(f"\nwhere the time goes at batch {b} (ms per call, the top op types: ONNX Runtime's profiler; "
+                     "OpenVINO's per-node counters as node type / kernel)")  # fmt: skip
         lines.append("\n| engine | run | kernels | top op types (ms, nodes) |\n|---|---|---|---|")
         for k, v in prof.items():
             top = ", ".join(f"{op} {o['ms']:.2f} ({o['nodes']})" for op, o in list(v["ops"].items())[:8])
@@ -371,21 +478,25 @@ def format_model(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def op_profile(paths: dict, spec, batch: int, runs: int = 5) -> dict:
-    """Where each engine's time goes: ONNX Runtime's own profiler over `runs` calls (group 0 for a bundle),
-    kernel milliseconds per call summed by op type, with the node count per type, and the time between kernels
-    (the executor's own share)."""
+def op_profile(engines: dict, spec, batch: int, runs: int = 5) -> dict:
+    """Where each engine's time goes over `runs` calls (group 0 for a bundle), milliseconds per call summed by op
+    type with the node count per type, and the time between kernels (the executor's own share): ONNX Runtime's own
+    profiler, or OpenVINO's per-node counters (runtime.openvino.OpenVinoEngine.profile)."""
     import collections
     import os
 
     import onnxruntime as ort
 
     x, labels = _inputs(spec, batch)
-    feeds = {"sample": x, "timestep": np.full(batch, spec.num_train_timesteps // 2, np.int64)}
+    t = spec.num_train_timesteps // 2
+    feeds = {"sample": x, "timestep": np.full(batch, t, np.int64)}
     if labels is not None:
         feeds["class_labels"] = labels
     out = {}
-    for name, p in paths.items():
+    for name, (backend, p) in engines.items():
+        if backend.startswith("openvino"):
+            out[name] = open_engine(backend, str(p), spec).for_timestep(t).profile(x, feeds["timestep"], labels, runs)
+            continue
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.enable_profiling = True

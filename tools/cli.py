@@ -383,7 +383,9 @@ def _bench(a: argparse.Namespace) -> None:
     from tools.bench import BenchPlan, run_bench
 
     if a.quick:
-        plan = BenchPlan.quick()
+        import dataclasses
+
+        plan = dataclasses.replace(BenchPlan.quick(), memory=a.memory, profile=a.profile)
     else:
         models = tuple(_csv(a.models) or ([a.model] if a.model else ["reference", "cifar10"]))
         batches = _ints(a.batches, "--batches")
@@ -659,14 +661,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="speed and memory against ONNX Runtime FP32 and its own quantizer, or quality tables (--methods, ...)",
+        help="speed and memory against FP32 and the peers (ORT quantize_static, OpenVINO, OpenVINO + NNCF), or "
+        "quality tables (--methods, ...)",
         description="Speed (default): per model (the shipped reference model and the CIFAR-10-shaped UNet with "
-        "random weights), compile our W8A8 bundle with one scale set (G = 1) and with 8 timestep groups (G = 8), "
-        "ONNX Runtime's own quantize_static on the same calibration inputs (the peer) and the FP32 graph; measure "
-        "per-step latency (median, spread) at each batch with all engines interleaved in one process, resident "
-        "memory of each engine in a fresh process, the whole 100-step sampling loop, ORT's optimized op counts "
-        "and (reference model) every engine's sample quality; print ratios ours/FP32 and ours/peer and write "
-        "OUT/bench.json and OUT/bench.md. --quick: the tiny model, a smoke run. "
+        "random weights), compile our W8A8 bundle with one scale set (G = 1) and with 8 timestep groups (G = 8) and "
+        "run each on ONNX Runtime and on OpenVINO (-ov); beside them the FP32 graph on ONNX Runtime (fp32) and on "
+        "OpenVINO with its default precision hint (ov-fp32, bf16 where the CPU has it), and the peers on the same "
+        "calibration inputs: ONNX Runtime's quantize_static (ort-static) and OpenVINO + NNCF INT8 (ov-nncf; "
+        "OpenVINO rows need openvino, the NNCF row nncf). Measure per-step latency (median, spread) at each batch "
+        "with all engines interleaved in one process, resident memory of each engine in a fresh process, the whole "
+        "100-step sampling loop, ORT's optimized op counts, --profile: per-op time on each engine, and (reference "
+        "model) every engine's sample quality; print speed-ups against FP32 and each peer, our best engine's among "
+        "them, and write OUT/bench.json (with the CPU's int8/bf16 flags, library versions and thread settings) "
+        "and OUT/bench.md. --quick: the tiny model, a smoke run. "
         "Quality (--methods): for each method and bit-width compile, sample N images on ONNX Runtime with "
         "the full-precision row's seeds, and report FD, accuracy, PSNR vs FP and calibration time in "
         "OUT/table.md, OUT/table.json and the plot OUT/fd_vs_bits.png; finished cells in OUT are reused.",

@@ -1,8 +1,11 @@
-"""The peer a user would otherwise pick: ONNX Runtime's own static quantizer on the exported float graph.
+"""The peers a user would otherwise pick, each calibrated on exactly the inputs our calibration recorded (the same
+full-precision trajectories):
 
-`quant_pre_process` (symbolic shape inference with auto-merge of the dynamic batch, ORT's basic graph
-optimisations) then `quantize_static` in QDQ format, per-channel S8 weights, U8 activations, MinMax ranges,
-calibrated on exactly the inputs our calibration recorded (the same full-precision trajectories).
+- ONNX Runtime's own static quantizer on the exported float graph: `quant_pre_process` (symbolic shape inference
+  with auto-merge of the dynamic batch, ORT's basic graph optimisations) then `quantize_static` in QDQ format,
+  per-channel S8 weights, U8 activations, MinMax ranges;
+- OpenVINO + NNCF: `nncf.quantize` with its defaults (the performance preset: symmetric INT8 activations and
+  per-channel weights, fast bias correction) on the float graph read by OpenVINO, saved as OpenVINO IR.
 """
 
 from __future__ import annotations
@@ -61,6 +64,30 @@ def quantize_static_peer(fp32_path: str | Path, out_path: str | Path, data, *, b
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
     )
+    return out_path
+
+
+def nncf_peer(fp32_path: str | Path, out_path: str | Path, data, *, batch: int = 8, progress: bool = True) -> Path:
+    """NNCF's INT8 post-training quantization of `fp32_path` over `data` (CalibrationData), as OpenVINO IR
+    (`out_path`: the .xml; its .bin beside it). Raises a one-line ConfigError when nncf is not installed."""
+    from runtime.errors import ConfigError
+    from runtime.openvino import core, import_openvino
+
+    ov = import_openvino()
+    try:
+        import nncf
+    except ImportError as e:
+        raise ConfigError("the OpenVINO + NNCF peer needs nncf: pip install nncf") from e
+    import contextlib
+    import io
+
+    reader = _Feeds(data, batch)
+    feeds = list(iter(reader.get_next, None))
+    model = core().read_model(str(fp32_path))
+    with contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext():  # NNCF's bars
+        quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
+    out_path = Path(out_path)
+    ov.save_model(quantized, str(out_path), compress_to_fp16=False)
     return out_path
 
 
