@@ -205,11 +205,12 @@ class Bundle:
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
         prepack: bool = True, route: np.ndarray | None = None, backend: str = "ort", spin: bool | None = None,
-        hint: str | None = None,
+        hint: str | None = None, batch: int = 1,
     ) -> EngineSet:  # fmt: skip
         """Engines, one per group, created on first use: ONNX Runtime sessions (`backend="ort"`), OpenVINO
         compiled models on the CPU (`"openvino"`, float parts in `hint` precision), the TensorRT plans
-        `dqc build` made (`"trt"`), or `"auto"`: the fastest of these available (`resolve_backend`).
+        `dqc build` made (`"trt"`), or `"auto"`: the fastest of these available at `batch` (`resolve_backend`;
+        the set's `choice` holds the timings behind it).
         Every backend routes alike; `route` (from Bundle.route) picks other groups per timestep than the
         bundle's own table, `max_resident` bounds how many group engines stay loaded (least recently used ones
         are released), `threads` the worker threads of each (0: the backend's default).
@@ -219,6 +220,13 @@ class Bundle:
         groups the sessions' worker threads do not spin-wait between calls (idle sessions would compete
         with the running one); `spin` overrides that (False: never spin, e.g. when other sessions run in
         between)."""
+        if backend == "auto":
+            choice: dict = {}
+            chosen = resolve_backend(backend, self, batch=batch, record=choice)
+            engines = self.engines(providers, threads, max_resident=max_resident, prepack=prepack, route=route,
+                                   backend=chosen, spin=spin, hint=hint)  # fmt: skip
+            engines.choice = choice or None
+            return engines
         backend = resolve_backend(backend, self)
         if backend == "trt":
             from runtime.tensorrt import trt_engine_set
@@ -286,10 +294,11 @@ class SharedInitializers:
 BACKENDS = ("auto", "ort", "openvino", "trt")
 
 
-def resolve_backend(backend: str, bundle: Bundle | None = None) -> str:
+def resolve_backend(backend: str, bundle: Bundle | None = None, *, batch: int = 1, record: dict | None = None) -> str:
     """The backend `backend` names; `auto` is the fastest available for the bundle: its TensorRT plans when
-    it has them and TensorRT loads, else OpenVINO when installed (1.6–2.4× ONNX Runtime on our Q/DQ graphs on
-    AVX-512 CPUs, docs/RESULTS.md), else ONNX Runtime."""
+    it has them and TensorRT loads; else, where OpenVINO is installed, whichever of ONNX Runtime and OpenVINO
+    runs the bundle's group 0 faster at `batch` (`time_cpu_backends`; which wins depends on the model and the
+    CPU: docs/RESULTS.md), else ONNX Runtime. `record` receives the timings behind the choice."""
     if backend not in BACKENDS:
         raise BundleError(
             f"--backend {backend!r}: use ort (ONNX Runtime), openvino (OpenVINO CPU), trt (TensorRT plans from "
@@ -307,7 +316,35 @@ def resolve_backend(backend: str, bundle: Bundle | None = None) -> str:
             return "trt"
         except BuildError:  # no TensorRT here: the CPU backends
             pass
-    return "openvino" if openvino.available() else "ort"
+    if not openvino.available() or bundle is None:
+        return "ort"
+    timing = time_cpu_backends(bundle, batch)
+    if record is not None:
+        record.update(timing)
+    return timing["chosen"]
+
+
+def time_cpu_backends(bundle: Bundle, batch: int, calls: int = 5) -> dict:
+    """Median milliseconds per call of the bundle's group 0 on ONNX Runtime and on OpenVINO at `batch` (one
+    warm-up call each, then `calls` interleaved), and the faster: {"ort_ms", "openvino_ms", "batch", "chosen"}."""
+    import time
+
+    group = int(bundle.group_of_t[len(bundle.group_of_t) // 2])
+    route = np.full(len(bundle.group_of_t), group, np.int64)
+    engines = {name: bundle.engines(backend=name, route=route).for_timestep(0) for name in ("ort", "openvino")}
+    spec = bundle.spec
+    x = np.random.default_rng(0).standard_normal((batch, *spec.sample_shape)).astype(np.float32)
+    t = np.full(batch, spec.num_train_timesteps // 2, np.int64)
+    labels = None if spec.num_class_embeds is None else np.zeros(batch, np.int64)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for i in range(calls + 1):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.infer(x, t, labels)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    ms = {name: round(1e3 * float(np.median(v)), 3) for name, v in times.items()}
+    return {"ort_ms": ms["ort"], "openvino_ms": ms["openvino"], "batch": batch, "chosen": min(ms, key=ms.get)}
 
 
 MAX_SCALE = 1e6  # a quantization step beyond this is no calibration result

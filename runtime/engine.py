@@ -239,6 +239,7 @@ class EngineSet:
         self._factories, self._engines = factories, {}
         self.group_of_t, self.spec = np.asarray(group_of_t, dtype=np.int64), spec
         self.max_resident, self.created = max_resident, 0
+        self.choice: dict | None = None  # Bundle.engines(backend="auto"): the timings that chose the backend
 
     @classmethod
     def single(cls, engine: Engine) -> EngineSet:

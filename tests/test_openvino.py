@@ -9,7 +9,7 @@ import pytest
 
 from exporter.parity import noised_inputs
 from runtime.bundle import load_bundle, resolve_backend
-from runtime.engine import TorchEngine
+from runtime.engine import OrtEngine, TorchEngine
 from runtime.errors import BundleError, EngineError
 from runtime.openvino import MISSING_OPENVINO, OpenVinoEngine
 from tools.cli import main
@@ -20,12 +20,17 @@ def no_openvino(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
 
 
-def test_auto_picks_openvino_when_installed_and_onnx_runtime_without_it(tiny_bundle, monkeypatch):
+def test_auto_times_both_cpu_backends_and_runs_the_faster(tiny_bundle, monkeypatch):
     bundle = load_bundle(tiny_bundle)
-    assert resolve_backend("auto", bundle) == "openvino"
-    assert isinstance(bundle.engines(backend="auto").for_timestep(0), OpenVinoEngine)
+    record: dict = {}
+    chosen = resolve_backend("auto", bundle, batch=4, record=record)
+    assert record["batch"] == 4 and record["ort_ms"] > 0 and record["openvino_ms"] > 0
+    assert chosen == record["chosen"] == min(("ort", "openvino"), key=lambda b: record[f"{b}_ms"])
+    engines = bundle.engines(backend="auto", batch=2)
+    kind = {"ort": OrtEngine, "openvino": OpenVinoEngine}[engines.choice["chosen"]]
+    assert isinstance(engines.for_timestep(0), kind)
     monkeypatch.setitem(sys.modules, "openvino", None)
-    assert resolve_backend("auto", bundle) == "ort"
+    assert resolve_backend("auto", bundle) == "ort" and bundle.engines(backend="auto").choice is None
     with pytest.raises(BundleError, match="--backend 'onnx'.*ort .*openvino"):
         resolve_backend("onnx", bundle)
 
@@ -120,6 +125,10 @@ def test_a_sampling_run_records_its_backend(tiny_bundle, tmp_path, capsys):
 
     meta = json.loads(str(np.load(out)["meta"]))
     assert meta["engine"]["backend"] == "openvino" and meta["engine"]["precision_hint"] == "f32"
+    assert "auto" not in meta["engine"]  # chosen by the flag, not timed
+    assert main(["sample", str(tiny_bundle), "-n", "3", "-o", str(out), "-q"]) == 0
+    auto = json.loads(str(np.load(out)["meta"]))["engine"]
+    assert auto["auto"]["batch"] == 3 and auto["backend"] == auto["auto"]["chosen"]
     assert main(["sample", str(tiny_bundle), "-n", "2", "--backend", "ort", "-o", str(out), "-q"]) == 0
     assert json.loads(str(np.load(out)["meta"]))["engine"]["backend"] == "ort"
 

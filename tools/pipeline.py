@@ -92,9 +92,9 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu", route=None,
-                 backend: str = "auto", hint: str | None = None):  # fmt: skip
-    """(EngineSet, schedule, null_class, sampler defaults) for a bundle (on `backend`, see Bundle.engines;
-    `route` from Bundle.route) or a model directory (FP torch)."""
+                 backend: str = "auto", hint: str | None = None, batch: int = 1):  # fmt: skip
+    """(EngineSet, schedule, null_class, sampler defaults) for a bundle (on `backend`, see Bundle.engines: auto
+    times the CPU backends at `batch` rows per call; `route` from Bundle.route) or a model directory (FP torch)."""
     from tools.reference import resolve_model
 
     path = resolve_model(path)
@@ -102,7 +102,7 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
         bundle = load_bundle(path)
         cal = bundle.manifest.get("calibration", {})
         defaults = {k: cal[k] for k in ("sampler", "steps", "eta", "guidance") if k in cal}
-        engines = bundle.engines(route=route, backend=backend, hint=hint)
+        engines = bundle.engines(route=route, backend=backend, hint=hint, batch=batch)
         return engines, bundle.schedule, bundle.null_class, defaults
     from calibration.model_io import load_model
     from runtime.engine import TorchEngine
@@ -229,8 +229,15 @@ def sample_to_file(
     if bundle is None and (precision or switch_t is not None):
         raise ConfigError("--precision / --switch-t choose between a bundle's precisions; the source is a model")
     route = None if bundle is None else bundle.route(precision, switch_t)
+    rows = min(batch_size, n)  # rows per engine call: twice that with classifier-free guidance
+    if bundle is not None and bundle.spec.num_class_embeds is not None:
+        rows *= (
+            1
+            if (bundle.manifest.get("calibration", {}).get("guidance", 1.0) if guidance is None else guidance) == 1
+            else 2
+        )
     engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler, route=route, backend=backend,
-                                                           hint=hint)  # fmt: skip
+                                                           hint=hint, batch=rows)  # fmt: skip
     cfg = SamplerConfig(
         defaults.get("sampler", "ddim") if sampler is None else sampler,
         defaults.get("steps", 100) if steps is None else steps,
@@ -281,15 +288,16 @@ def engine_report(engines) -> dict:
     from runtime.openvino import OpenVinoEngine
 
     engine = (engines.resident or [engines.for_timestep(0)])[-1]
+    chosen = {} if engines.choice is None else {"auto": engines.choice}
     if isinstance(engine, OpenVinoEngine):
         from runtime.openvino import openvino_version
 
         return {"backend": "openvino", "version": openvino_version(), "precision_hint": engine.execution_precision,
-                "requested_hint": engine.config["INFERENCE_PRECISION_HINT"]}  # fmt: skip
+                "requested_hint": engine.config.get("INFERENCE_PRECISION_HINT"), **chosen}  # fmt: skip
     if isinstance(engine, OrtEngine):
         import onnxruntime
 
-        return {"backend": "ort", "version": onnxruntime.__version__}
+        return {"backend": "ort", "version": onnxruntime.__version__, **chosen}
     if isinstance(engine, TorchEngine):
         import torch
 
