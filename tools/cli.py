@@ -342,6 +342,7 @@ def _bench(a: argparse.Namespace) -> None:
             regather_samples=a.regather_samples,
             batch_size=a.sample_batch,
             calibration=_calibration_overrides(a),
+            backend=a.backend,
             progress=not a.quiet,
         )
         return
@@ -377,6 +378,7 @@ def _bench(a: argparse.Namespace) -> None:
             groups=_csv(a.groups),
             timesteps=_csv(a.timesteps),
             calib_sizes=[int(v) for v in _csv(a.calib_sizes) or []] or None,
+            backend=a.backend,
             progress=not a.quiet,
         )
         return
@@ -703,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output directory (--methods: one sub-directory per cell, default method_table; "
                    "--ptqd-ablation: default ptqd_ablation; speed: where bench.json and bench.md go)")  # fmt: skip
     q.add_argument("-n", type=int, default=500, help="samples per cell (default 500)")
+    q.add_argument("--backend", default="ort", choices=["ort", "openvino"], help="what every cell's samples run "
+                   "on (default ort; one backend for all cells, so that they compare calibrations only)")  # fmt: skip
     q.add_argument("--steps", type=int, default=100, help="DDIM steps, calibration and sampling (default 100)")
     q.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     q.add_argument("--seed", type=int, default=0, help="sampling and calibration seed (default 0)")

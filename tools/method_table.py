@@ -76,6 +76,7 @@ def run_method_table(
     groups: list[str] | None = None,
     timesteps: list[str] | None = None,
     calib_sizes: list[int] | None = None,
+    backend: str = "ort",
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
@@ -95,12 +96,14 @@ def run_method_table(
     calibration = {k: v for k, v in (calibration or {}).items() if v is not None}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sample_args = dict(n=n, steps=steps, eta=eta, seed=seed, guidance=guidance, batch_size=batch_size)
+    # every cell samples on one backend (ONNX Runtime unless asked), so the cells compare calibrations only
+    sample_args = dict(n=n, steps=steps, eta=eta, seed=seed, guidance=guidance, batch_size=batch_size, backend=backend)
 
     def sample_and_eval(cell: Path, engine_source: Path, reference: Path | None) -> dict:
         samples = cell / "samples.npz"
         if not _samples_match(samples, n, seed, steps, eta, guidance):
-            pipeline.sample_to_file(engine_source, samples, progress=progress, **sample_args)
+            on = sample_args if pipeline.is_bundle(engine_source) else sample_args | {"backend": "auto"}  # FP: torch
+            pipeline.sample_to_file(engine_source, samples, progress=progress, **on)
         report = evaluate(samples, reference=reference)
         pipeline.write_json(cell / "eval.json", report)
         return report

@@ -77,6 +77,7 @@ def run_ptqd_ablation(
     regather_samples: int | None = None,
     batch_size: int = 250,
     calibration: dict | None = None,
+    backend: str = "ort",
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
@@ -105,7 +106,8 @@ def run_ptqd_ablation(
     def sampled(path: Path, src: Path, spec: SamplerSpec, reference: Path | None, **kw) -> dict:
         if not _samples_match(path, n, seed, steps, spec.eta, guidance):
             args = dict(n=n, steps=steps, sampler=spec.name, eta=spec.eta, seed=seed, guidance=guidance)
-            run = pipeline.sample_to_file(src, path, batch_size=batch_size, progress=progress, **args, **kw)
+            on = backend if pipeline.is_bundle(src) else "auto"  # the FP model runs on torch
+            run = pipeline.sample_to_file(src, path, batch_size=batch_size, progress=progress, backend=on, **args, **kw)
             timing = {"ptqd_share": run.ptqd_seconds / max(run.engine_seconds, 1e-12), "notes": run.ptqd_notes}
             pipeline.write_json(path.with_suffix(".timing.json"), timing)
         report = evaluate(path, reference=reference)
