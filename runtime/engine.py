@@ -78,6 +78,15 @@ def check_inputs(spec: InputSpec, sample: Any, timestep: Any, class_labels: Any 
     return np.ascontiguousarray(sample), timestep.astype(np.int64), labels.astype(np.int64)
 
 
+def input_feeds(spec: InputSpec, sample: Any, timestep: Any, class_labels: Any = None) -> dict[str, np.ndarray]:
+    """One engine call's checked inputs by graph input name (class_labels only for class-conditional models)."""
+    sample, timestep, class_labels = check_inputs(spec, sample, timestep, class_labels)
+    feeds = {"sample": sample, "timestep": timestep}
+    if class_labels is not None:
+        feeds["class_labels"] = class_labels
+    return feeds
+
+
 class Engine(Protocol):
     spec: InputSpec
 
@@ -172,10 +181,7 @@ class OrtEngine:
         return self._session
 
     def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
-        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
-        feeds = {"sample": sample, "timestep": timestep}
-        if class_labels is not None:
-            feeds["class_labels"] = class_labels
+        feeds = input_feeds(self.spec, sample, timestep, class_labels)
         session = self.activate()
         try:
             return session.run(["eps"], feeds)[0]

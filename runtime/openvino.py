@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.engine import EngineSet, InputSpec, check_inputs
+from runtime.engine import EngineSet, InputSpec, input_feeds
 from runtime.errors import EngineError
 
 MISSING_OPENVINO = (
@@ -109,7 +109,6 @@ class OpenVinoEngine:
             self._compiled = core().compile_model(model, "CPU", self.config)
         except Exception as e:
             raise EngineError(f"{self.name}: OpenVINO {ov.get_version()} cannot compile it ({_describe(e)})") from None
-        self._inputs = set(names)
         self._request = self._compiled.create_infer_request()
         return self._request
 
@@ -129,10 +128,7 @@ class OpenVinoEngine:
         model = core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
         compiled = core().compile_model(model, "CPU", self.config | {"PERF_COUNT": True})
         request = compiled.create_infer_request()
-        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
-        feeds = {"sample": sample, "timestep": timestep}
-        if class_labels is not None and "class_labels" in self._inputs:
-            feeds["class_labels"] = class_labels
+        feeds = input_feeds(self.spec, sample, timestep, class_labels)
         request.infer(feeds)  # warm-up
         per, count, total = collections.Counter(), collections.Counter(), 0.0
         for _ in range(runs):
@@ -158,13 +154,10 @@ class OpenVinoEngine:
         return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
     def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
-        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
-        feeds = {"sample": sample, "timestep": timestep}
-        if class_labels is not None:
-            feeds["class_labels"] = class_labels
+        feeds = input_feeds(self.spec, sample, timestep, class_labels)
         request = self.activate()
         try:
-            request.infer({name: value for name, value in feeds.items() if name in self._inputs})
+            request.infer(feeds)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
         except Exception as e:
             raise EngineError(f"{self.name}: OpenVINO failed to run it ({_describe(e)})") from None
