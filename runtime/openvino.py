@@ -89,12 +89,15 @@ class OpenVinoEngine:
         self.spec, self.config = spec, compile_config(hint, threads)
         self._compiled = self._request = None
 
+    def _read(self):
+        return core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
+
     def activate(self):
         if self._request is not None:
             return self._request
         ov = import_openvino()
         try:
-            model = core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
+            model = self._read()
         except Exception as e:
             raise EngineError(f"{self.name}: OpenVINO cannot read it ({_describe(e)})") from None
         names = {n: i.get_partial_shape() for i in model.inputs for n in i.get_names()}
@@ -126,9 +129,8 @@ class OpenVinoEngine:
         "brgconv_avx512_amx_I8"): which kernels run int8 and on which instructions."""
         import collections
 
-        self.activate()
-        model = core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
-        compiled = core().compile_model(model, "CPU", self.config | {"PERF_COUNT": True})
+        self.activate()  # the graph's checks, and its errors, first
+        compiled = core().compile_model(self._read(), "CPU", self.config | {"PERF_COUNT": True})
         request = compiled.create_infer_request()
         feeds = input_feeds(self.spec, sample, timestep, class_labels)
         request.infer(feeds)  # warm-up
