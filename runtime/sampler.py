@@ -95,7 +95,7 @@ class SampleRun:
     ptqd_seconds: float = 0.0  # host time spent on them
     ptqd_notes: list[str] = field(default_factory=list)
     step_precisions: list[str] = field(default_factory=list)  # the precision serving each step (bundles)
-    engine: dict = field(default_factory=dict)  # what ran it: backend, version, precision (tools.pipeline)
+    engine: dict = field(default_factory=dict)  # what ran it: backend, version, precision (tools.deploy.pipeline)
 
     @property
     def seconds_per_step(self) -> float:

@@ -1,5 +1,5 @@
 """TensorRT backend, runtime side: `TrtEngine`, the Engine contract on one plan, and `trt_engine_set` over a
-bundle's plans; plus what runtime.trt_build (which builds the plans, driven by tools/build.py) shares with it:
+bundle's plans; plus what runtime.trt_build (which builds the plans, driven by tools/deploy/build.py) shares with it:
 BuildError, the lazy TensorRT import, the per-process logger and runtime, ENGINE_DIR and DEFAULT_BATCH_SIZES (the
 batch profile is described there).
 

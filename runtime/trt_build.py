@@ -1,4 +1,4 @@
-"""Building TensorRT plans for `dqc build` (driven by tools/build.py): `BuildConfig`, `PlanBuilder` (one plan per
+"""Building TensorRT plans for `dqc build` (driven by tools/deploy/build.py): `BuildConfig`, `PlanBuilder` (one plan per
 group graph), the INT8 check of a built plan (`int8_fallbacks`), `inspect_plan` and `gpu_info`. The pieces the
 runtime side shares (BuildError, the lazy TensorRT import, the per-process logger) live in runtime.tensorrt.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.synthetic import build_unet, save_pipeline
+from tools.bench.synthetic import build_unet, save_pipeline
 
 
 def tiny_unet(num_class_embeds: int | None = 11, seed: int = 0):

@@ -246,7 +246,7 @@ def test_per_step_groups_and_active_timesteps_from_the_cli(tiny_dir, tmp_path):
 def test_group_bench_reports_disk_memory_and_switching(group_bundle, tiny_bundle, tmp_path):
     """The measurement, not its numbers: overlays add only scale tables to the disk, every memory
     configuration loads what it says (all groups, or one), and each latency variant ran."""
-    from tools.group_bench import run_group_bench
+    from tools.bench.group_bench import run_group_bench
 
     report = run_group_bench(str(group_bundle), str(tiny_bundle), batch=2, reps=1, json_out=str(tmp_path / "r.json"),
                              progress=False)  # fmt: skip

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from tools.bench.ptqd_ablation import ABLATION_ROWS
 from tools.cli import main
-from tools.ptqd_ablation import ABLATION_ROWS
 
 
 def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_lint_and_build_from_the_command_line(tiny_bundle, capsys):
 
 @pytest.mark.parametrize("text", ["ddpm", "ddim-eta1", "ddim-eta0.5"])
 def test_sampler_names(text):
-    from tools.ptqd_ablation import SamplerSpec
+    from tools.bench.ptqd_ablation import SamplerSpec
 
     spec = SamplerSpec.parse(text)
     assert spec.label == text and SamplerSpec.parse(spec.label) == spec

@@ -29,7 +29,7 @@ def _trt(tiny_model, tiny_result, tiny_bundle, tmp_path_factory):
     import dataclasses
 
     from exporter.bundle_writer import write_bundle
-    from tools.build import run_build
+    from tools.deploy.build import run_build
 
     result = dataclasses.replace(tiny_result, config=dataclasses.replace(tiny_result.config, target="trt-fp32"))
     bundle = write_bundle(tiny_model, result, tmp_path_factory.mktemp("trt") / "bundle", progress=False)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tools.cli import main
-from tools.digits import load_digits_split
-from tools.metrics import classify, evaluate, frechet_distance, load_classifier, psnr_mse, psnr_report
-from tools.pipeline import save_npz
+from tools.deploy.pipeline import save_npz
+from tools.reference.digits import load_digits_split
+from tools.reference.metrics import classify, evaluate, frechet_distance, load_classifier, psnr_mse, psnr_report
 
 
 def _fd_scipy(a, b):

@@ -206,7 +206,7 @@ def test_gather_on_a_shipped_bundle_finds_the_engines_error(tiny_model, tiny_bun
     assert len(tables.timesteps) == 5 and tables.bias.shape == (5, tiny_model.spec.sample_shape[0])
     assert (tables.sigma_q > 0).all() and (tables.sigma_q < 0.5).all() and tables.sampler == "ddim"
     # a bundle without statistics samples uncorrected, whatever --ptqd asks for
-    from tools.pipeline import sample_to_file
+    from tools.deploy.pipeline import sample_to_file
 
     run = sample_to_file(tiny_bundle, tiny_bundle.parent / "s.npz", n=1, steps=3, progress=False)
     assert load_bundle(tiny_bundle).ptqd() is None and run.ptqd == [] and run.ptqd_notes == []
@@ -261,7 +261,7 @@ def test_switch_is_the_first_step_where_the_cheap_precision_loses_to_the_diffusi
 
 def test_mixed_precision_routes_each_step_to_its_precision_and_statistics(mixed_bundle, tmp_path):
     from runtime.bundle import load_bundle
-    from tools.pipeline import sample_to_file
+    from tools.deploy.pipeline import sample_to_file
 
     bundle = load_bundle(mixed_bundle)
     plan = bundle.manifest["precision_plan"]
@@ -303,7 +303,7 @@ def test_mixed_precision_refuses_bad_requests(mixed_bundle, tiny_dir, tiny_model
     from runtime.errors import CalibrationError, ExportError
     from tests.conftest import CALIB
     from tools.cli import main
-    from tools.pipeline import sample_to_file
+    from tools.deploy.pipeline import sample_to_file
 
     with pytest.raises(BundleError, match="holds"):
         sample_to_file(mixed_bundle, tmp_path / "x.npz", n=1, precision="W4A4", progress=False)

@@ -114,7 +114,7 @@ def test_bundle_directories_follow_the_umask(tmp_path):
 def test_compile_refuses_an_existing_output_before_calibrating(tiny_dir, tmp_path, monkeypatch):
     import calibration.calibrate
     from calibration.config import CalibrationConfig
-    from tools.pipeline import compile_model
+    from tools.deploy.pipeline import compile_model
 
     def never(*a, **k):
         raise AssertionError("calibration ran")
@@ -127,7 +127,7 @@ def test_compile_refuses_an_existing_output_before_calibrating(tiny_dir, tmp_pat
 
 def test_compile_interrupted_while_gathering_ptqd_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
     from calibration.config import CalibrationConfig
-    from tools import pipeline
+    from tools.deploy import pipeline
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -140,7 +140,7 @@ def test_compile_interrupted_while_gathering_ptqd_leaves_nothing(tiny_dir, tmp_p
 
 
 def test_sample_and_eval_refuse_directory_outputs_before_work(tiny_dir, tmp_path, monkeypatch):
-    import tools.pipeline as pipeline
+    import tools.deploy.pipeline as pipeline
     from tools.cli import main
 
     (tmp_path / "d").mkdir()

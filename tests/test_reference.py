@@ -11,8 +11,8 @@ import pytest
 
 from runtime.errors import ConfigError
 from tools.cli import main
-from tools.reference import REFERENCE_DIR, REFERENCE_GUIDANCE, reference_dir
-from tools.train_reference import REFERENCE_SCHEDULER, REFERENCE_UNET, DiffusionTrainConfig, train_diffusion
+from tools.reference.model import REFERENCE_DIR, REFERENCE_GUIDANCE, reference_dir
+from tools.reference.train import REFERENCE_SCHEDULER, REFERENCE_UNET, DiffusionTrainConfig, train_diffusion
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_samples_are_the_requested_digits(tmp_path):
                  "-o", str(out), "-q"]) == 0  # fmt: skip
     f = np.load(out)
     assert list(f["labels"]) == [i % 10 for i in range(40)]
-    from tools.metrics import evaluate
+    from tools.reference.metrics import evaluate
 
     r = evaluate(out)
     assert r["accuracy"] >= 0.9, r

@@ -157,7 +157,7 @@ def test_a_truncated_graph_with_its_hash_recomputed_is_named(tiny_bundle, tmp_pa
 
 
 def test_eval_names_the_bad_flag_or_file(tmp_path, capsys):
-    from tools.pipeline import save_npz
+    from tools.deploy.pipeline import save_npz
 
     x = np.zeros((4, 1, 8, 8), np.float32)
     save_npz(tmp_path / "s.npz", samples=x, labels=np.array(["a", "b", "c", "d"]))

@@ -10,14 +10,14 @@ import shutil
 import numpy as np
 import pytest
 
-import tools.build as build
+import tools.deploy.build as build
 from runtime.bundle import Bundle, load_bundle, sha256_file
 from runtime.engine import InputSpec
 from runtime.errors import ConfigError, EngineInputError
 from runtime.sampler import sample
 from runtime.tensorrt import DEFAULT_BATCH_SIZES, MISSING_TRT, BuildError, TrtEngine, plan_paths, trt_engine_set
 from runtime.trt_build import BuildConfig, int8_fallbacks, profile_shapes
-from tools.build import run_build
+from tools.deploy.build import run_build
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

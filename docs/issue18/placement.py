@@ -10,8 +10,8 @@ import numpy as np
 from calibration.config import CalibrationConfig
 from calibration.model_io import load_model
 from runtime.bundle import load_bundle
-from tools import pipeline
-from tools.synthetic import build_unet, save_pipeline
+from tools.bench.synthetic import build_unet, save_pipeline
+from tools.deploy import pipeline
 
 root = Path(tempfile.mkdtemp())
 model = load_model(save_pipeline(build_unet("cifar10"), root / "m"))

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 from calibration.config import CalibrationConfig
-from tools import pipeline
-from tools.metrics import evaluate
-from tools.reference import resolve_model  # noqa
+from tools.deploy import pipeline
+from tools.reference.metrics import evaluate
+from tools.reference.model import resolve_model  # noqa
 
 out, seed = Path(sys.argv[1]), int(sys.argv[2])
 extra = {k: (type(getattr(CalibrationConfig, k))(v)) for k, v in (a.split("=") for a in sys.argv[3:])}

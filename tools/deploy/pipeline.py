@@ -39,7 +39,7 @@ def compile_model(
     from calibration.config import parse_bits
     from calibration.model_io import LoadedModel, load_model
     from exporter.bundle_writer import write_bundle
-    from tools.reference import resolve_model
+    from tools.reference.model import resolve_model
 
     if mixed_bits is not None:
         high, low = parse_bits(cfg.bits), parse_bits(mixed_bits)
@@ -95,7 +95,7 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
                  backend: str = "auto", hint: str | None = None, batch: int = 1):  # fmt: skip
     """(EngineSet, schedule, null_class, sampler defaults) for a bundle (on `backend`, see Bundle.engines: auto
     times the CPU backends at `batch` rows per call; `route` from Bundle.route) or a model directory (FP torch)."""
-    from tools.reference import resolve_model
+    from tools.reference.model import resolve_model
 
     path = resolve_model(path)
     if is_bundle(path):

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from runtime.errors import ConfigError
 from runtime.sampler import SamplerConfig
-from tools import pipeline
-from tools.method_table import _bundle_matches, _samples_match
+from tools.bench.method_table import _bundle_matches, _samples_match
+from tools.deploy import pipeline
 
 # (row name, PTQD components): each adds one correction to the row before (supplement Table B's order)
 # PTQD supplement Table B's rows (CNC with our guard), then CNC as the paper applies it (no guard) and the
@@ -81,8 +81,8 @@ def run_ptqd_ablation(
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
-    from tools.metrics import evaluate, psnr_cells
-    from tools.reference import REFERENCE_GUIDANCE, resolve_model
+    from tools.reference.metrics import evaluate, psnr_cells
+    from tools.reference.model import REFERENCE_GUIDANCE, resolve_model
 
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: use one of {sorted(METHODS)}")
@@ -217,7 +217,7 @@ def _regather(src: Path, dst: Path, source: Path, spec: SamplerSpec, fields: dic
 
 
 def markdown_table(rows: list[dict]) -> str:
-    from tools.metrics import format_psnr
+    from tools.reference.metrics import format_psnr
 
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)

@@ -57,7 +57,7 @@ def load_classifier(path: str | Path | None = None):
     """The shipped classifier (or one at `path`), in eval mode on the CPU."""
     from safetensors.torch import load_file
 
-    from tools.reference import classifier_path
+    from tools.reference.model import classifier_path
 
     path = Path(path) if path is not None else classifier_path()
     if not path.is_file():
@@ -104,7 +104,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def fd_floor(classifier: str | Path | None = None) -> float:
     """FD of the held-out test split against the training split: the best a generator of the training
     distribution can expect at this N (360 against 1437 images)."""
-    from tools.digits import load_digits_split
+    from tools.reference.digits import load_digits_split
 
     net = load_classifier(classifier)
     train, test = load_digits_split()
@@ -217,8 +217,8 @@ def evaluate(
     inception_weights: str | Path | None = None,
 ) -> dict:
     """`dqc eval`: fd, accuracy, psnr/mse vs reference, n, seeds — one dict, JSON-ready."""
-    from tools.digits import NUM_CLASSES, load_digits_split
-    from tools.pipeline import parse_labels
+    from tools.deploy.pipeline import parse_labels
+    from tools.reference.digits import NUM_CLASSES, load_digits_split
 
     x, data = read_samples(samples_path)
     n = len(x)

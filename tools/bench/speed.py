@@ -33,8 +33,8 @@ import numpy as np
 
 from runtime import openvino
 from runtime.errors import ConfigError
-from tools import pipeline
-from tools.group_bench import rss_mb
+from tools.bench.group_bench import rss_mb
+from tools.deploy import pipeline
 
 # engine: (backend, the graph or bundle it runs); backend "openvino-default" is OpenVINO with its own precision hint
 ENGINES = {
@@ -133,9 +133,9 @@ def _memory_child() -> None:
 
 
 def measure_memory(backend: str, path: str, spec, batch: int) -> dict:
-    code = "from tools.bench import _memory_child; _memory_child()"
+    code = "from tools.bench.speed import _memory_child; _memory_child()"
     args = json.dumps({"backend": backend, "path": str(path), "spec": spec.to_dict(), "batch": batch})
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the repository root
     done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, cwd=root)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement of {path} failed: {done.stderr.strip()[-2000:]}")
@@ -207,8 +207,8 @@ def sampling_loop(engines: dict, schedule, spec, null_class, steps: int, guidanc
 def _load(name: str, root: Path):
     """(LoadedModel, guidance) of a bench model: the shipped reference model, or a synthetic shape."""
     from calibration.model_io import load_model
-    from tools.reference import REFERENCE_GUIDANCE, resolve_model
-    from tools.synthetic import build_unet, save_pipeline
+    from tools.bench.synthetic import build_unet, save_pipeline
+    from tools.reference.model import REFERENCE_GUIDANCE, resolve_model
 
     if name == "reference":
         return load_model(resolve_model("reference")), REFERENCE_GUIDANCE
@@ -226,7 +226,7 @@ def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress:
     from calibration.collect import record_trajectories
     from calibration.config import CalibrationConfig
     from exporter.onnx_export import export_float
-    from tools.peer import nncf_peer, quantize_static_peer
+    from tools.bench.peer import nncf_peer, quantize_static_peer
 
     trained = model.source is not None and "reference_model" in str(model.source)
     common = dict(bits="W8A8", steps=plan.loop_steps, guidance=guidance, batch_size=16,
@@ -296,8 +296,8 @@ def op_counts(paths: dict, root: Path) -> dict:
 def quality(engines: dict, model, guidance: float, n: int, root: Path, progress: bool) -> dict:
     """FD, accuracy and PSNR vs the FP32 engine's samples, same seeds, DDIM 100, every engine."""
     from runtime.sampler import SamplerConfig, sample
-    from tools.metrics import evaluate
-    from tools.peer import labels_for
+    from tools.bench.peer import labels_for
+    from tools.reference.metrics import evaluate
 
     labels = labels_for(model.spec, n)
     files, out = {}, {}

@@ -27,8 +27,8 @@ def run_ptqd_checks(
     from calibration.model_io import load_model
     from calibration.ptqd import residual_checks
     from runtime.sampler import SamplerConfig
-    from tools.pipeline import write_json
-    from tools.reference import resolve_model
+    from tools.deploy.pipeline import write_json
+    from tools.reference.model import resolve_model
 
     bundle = load_bundle(bundle_dir)
     routed = bundle.ptqd()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from runtime.errors import ConfigError
-from tools import pipeline
+from tools.deploy import pipeline
 
 # overrides that only apply to methods that learn by reconstruction
 _RECONSTRUCTION_KEYS = ("adaround_iters", "act_iters", "recon_batch")
@@ -80,9 +80,9 @@ def run_method_table(
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
-    from tools.metrics import evaluate, psnr_cells
     from tools.plots import line_chart_png
-    from tools.reference import REFERENCE_GUIDANCE, resolve_model
+    from tools.reference.metrics import evaluate, psnr_cells
+    from tools.reference.model import REFERENCE_GUIDANCE, resolve_model
 
     for m in methods:
         if m not in METHODS:
@@ -207,7 +207,7 @@ def cell_name(method: str, groups, strategy, size, bits: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    from tools.metrics import format_psnr
+    from tools.reference.metrics import format_psnr
 
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)

@@ -90,7 +90,7 @@ def train_diffusion(
     from diffusers import DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
 
-    from tools.digits import load_digits_split
+    from tools.reference.digits import load_digits_split
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,8 +252,8 @@ def train_classifier(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from tools.digits import load_digits_split
-    from tools.metrics import DigitClassifier, classify
+    from tools.reference.digits import load_digits_split
+    from tools.reference.metrics import DigitClassifier, classify
 
     torch.manual_seed(cfg.seed)
     dev = torch.device(cfg.device)

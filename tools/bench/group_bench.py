@@ -80,8 +80,8 @@ def _child() -> None:
 
 
 def _measure_in_subprocess(**args) -> dict:
-    code = "from tools.group_bench import _child; _child()"
-    root = str(Path(__file__).resolve().parent.parent)
+    code = "from tools.bench.group_bench import _child; _child()"
+    root = str(Path(__file__).resolve().parents[2])  # the repository root
     done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, cwd=root)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement failed: {done.stderr.strip()[-2000:]}")
@@ -164,7 +164,7 @@ def run_group_bench(
     }
     print(format_report(report), end="")
     if json_out:
-        from tools.pipeline import write_json
+        from tools.deploy.pipeline import write_json
 
         write_json(json_out, report)
         print(f"wrote {json_out}")

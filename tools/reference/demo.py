@@ -14,7 +14,7 @@ from runtime.bundle import load_bundle
 from runtime.engine import EngineSet
 from runtime.errors import ConfigError
 from runtime.sampler import SamplerConfig, sample
-from tools import pipeline
+from tools.deploy import pipeline
 
 
 def _comparison_png(path: Path, fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
@@ -47,8 +47,8 @@ def run_demo(
 ) -> dict:
     from calibration.config import CalibrationConfig
     from calibration.model_io import load_model
-    from tools.metrics import evaluate, fd_floor
-    from tools.reference import REFERENCE_GUIDANCE, reference_dir
+    from tools.reference.metrics import evaluate, fd_floor
+    from tools.reference.model import REFERENCE_GUIDANCE, reference_dir
 
     out = Path(out)
     guidance = REFERENCE_GUIDANCE if guidance is None else guidance

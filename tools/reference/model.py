@@ -1,4 +1,4 @@
-"""The reference model shipped inside the package (tools/reference_model/): a class-conditional DDPM
+"""The reference model shipped inside the package (tools/reference/reference_model/): a class-conditional DDPM
 trained on the scikit-learn digits, and the classifier `dqc eval` uses. Wherever a command takes a model
 directory, the word `reference` names it (write ./reference for a local directory of that name)."""
 
