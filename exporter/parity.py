@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 
-def _probe_model(graph: Path | onnx.ModelProto, layers: list[str]) -> tuple[onnx.ModelProto, dict]:
+def probe_model(graph: Path | onnx.ModelProto, layers: list[str]) -> tuple[onnx.ModelProto, dict]:
     if isinstance(graph, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(graph)
@@ -54,7 +54,7 @@ def _quantized_layers(reference, scope: str) -> dict:
     return out
 
 
-def _run_probes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], backend: str) -> dict[str, np.ndarray]:
+def run_probes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], backend: str) -> dict[str, np.ndarray]:
     """Every output of `model` (weights inside) on `backend`: ort or openvino."""
     if backend == "ort":
         import onnxruntime as ort
@@ -83,8 +83,8 @@ def layer_parity(
 
     modules = _quantized_layers(reference, scope)
     names = list(modules)
-    model, probes = _probe_model(graph if isinstance(graph, onnx.ModelProto) else Path(graph), names)
-    values = _run_probes(model, feeds, backend)
+    model, probes = probe_model(graph if isinstance(graph, onnx.ModelProto) else Path(graph), names)
+    values = run_probes(model, feeds, backend)
     report = {}
     for name, (pre, post) in probes.items():
         module = modules[name]

@@ -10,7 +10,7 @@ import sys
 from runtime.errors import DqcError
 
 # the verbs in the order `dqc --help` lists them
-VERB_MODULES = ("tools.deploy.cli", "tools.reference.cli", "tools.bench.cli")
+VERB_MODULES = ("tools.deploy.cli", "tools.reference.cli", "tools.bench.cli", "tools.regress.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

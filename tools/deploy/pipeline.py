@@ -172,6 +172,11 @@ def _replace_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_text(path: str | Path, text: str | bytes) -> None:
+    """Atomic text (or bytes) write."""
+    _replace_atomically(Path(path), lambda tmp: tmp.write_bytes(text if isinstance(text, bytes) else text.encode()))
+
+
 def write_json(path: str | Path, obj) -> None:
     """Atomic JSON write."""
     _replace_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
