@@ -54,6 +54,7 @@ __all__ = [
     "index_graph",
     "lint_bundle",
     "lint_model",
+    "lint_single_engine",
     "rule_conv_output",
     "rule_opset",
     "rule_per_channel",
@@ -71,6 +72,8 @@ _FLOAT_TYPE = {"float32": FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": Ten
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _QUANT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _TYPED_OPS = (*_QUANT_OPS, "InstanceNormalization", "Softmax")
+# the explicit integer kernels of the single engine (runtime.single_engine): their quantized-input parameters
+_FUSED_INPUT = {"QLinearConv": (1, 2), "QGemm": (1, 2), "MatMulIntegerToFloat": (2, 4)}
 _FLOAT32_PARAMS = {("Resize", 1), ("Resize", 2)}  # roi / scales: ONNX wants float32 there in any graph
 
 
@@ -168,14 +171,19 @@ def rule_qdq_pair(ix: GraphIndex) -> list[Violation]:
     for q in _ops(ix, "QuantizeLinear"):
         if q.output[0] in ix.outputs:
             out.append(_at("qdq-pair", q, f"its output {q.output[0]} is a graph output; add the matching DQ"))
-        for c, _ in ix.consumers.get(q.output[0], []):
-            if c.op_type != "DequantizeLinear":
+        for c, slot in ix.consumers.get(q.output[0], []):
+            if c.op_type in _FUSED_INPUT and slot == 0:  # an explicit integer kernel reads the quantized input
+                if [c.input[i] for i in _FUSED_INPUT[c.op_type]] != list(q.input[1:3]):
+                    out.append(_at("qdq-pair", c, f"reads {_label(q)}'s output with other scale/zero point "
+                                   "inputs than the Q's; use the Q's"))  # fmt: skip
+            elif c.op_type != "DequantizeLinear":
                 out.append(_at("qdq-pair", q, f"feeds {c.op_type} {_label(c)}; a Q may feed only DequantizeLinear"))
             elif not _same_params(ix, q, c):
                 out.append(_at("qdq-pair", c, f"uses other scale/zero point/axis than its Q {_label(q)}; use the Q's"))
     for dq in _ops(ix, "DequantizeLinear"):
         x = dq.input[0]
-        if x not in ix.constants and _produced_by(ix, x, "QuantizeLinear") is None:
+        quantized = _produced_by(ix, x, "QuantizeLinear") or _produced_by(ix, x, "QLinearConv")
+        if x not in ix.constants and quantized is None:
             out.append(_at("qdq-pair", dq, f"dequantizes {_source(ix, x)}, not a Q's output; pair it with a Q"))
     return out
 
@@ -356,6 +364,41 @@ def lint_model(model: onnx.ModelProto, target: str) -> list[Violation]:
     return [v for rule in RULES for v in rule(ix)]
 
 
+_FUSED = {"QLinearConv": (1, 2, 4, 5, 6, 7, 8), "QGemm": (1, 2, 4, 5, 6, 7, 8), "MatMulIntegerToFloat": (2, 3, 4, 5, 6)}
+
+
+def lint_single_engine(model: onnx.ModelProto, tables: dict[str, np.ndarray], target: str = "ort-cpu") -> dict:
+    """The single engine's graph (runtime.single_engine): every per-group input only ever sets a quantization
+    parameter (a Q/DQ scale or zero point, a b-bit Clip's bounds, a fused kernel's scale, zero point or bias),
+    every float Conv/Gemm/MatMul with a quantized weight was fused, and each group's instance (its table rows
+    substituted as constants) passes `target`'s rules. Returns {"graph": [...], group index: [...]} of
+    violations as dicts."""
+    from onnx import numpy_helper
+
+    ix = index_graph(model, get_profile(target))
+    graph = []
+    for name in tables:
+        for node, slot in ix.consumers.get(name, []):
+            ok = slot in (1, 2) if node.op_type in (*_QDQ, "Clip") else slot in _FUSED.get(node.op_type, ())
+            if not ok:
+                msg = f"per-group input {name} feeds input {slot} of {node.op_type}, not a quantization parameter"
+                graph.append(_at("single-engine", node, msg + "; only scales, zero points and biases may vary"))
+    for n in _ops(ix, *_QUANT_OPS):
+        w = n.input[1] if len(n.input) > 1 else ""
+        if _produced_by(ix, w, "DequantizeLinear") is not None:
+            graph.append(_at("single-engine", n, "a quantized layer left unfused; it would run in float with "
+                             "per-group scales: fuse it (runtime.single_engine.fuse_integer_layers)"))  # fmt: skip
+    out: dict = {"graph": [dataclasses.asdict(v) for v in graph]}
+    for g in range(len(next(iter(tables.values()))) if tables else 0):
+        instance = onnx.ModelProto()
+        instance.CopyFrom(model)
+        del instance.graph.input[:]
+        instance.graph.input.extend(i for i in model.graph.input if i.name not in tables)
+        instance.graph.initializer.extend(numpy_helper.from_array(t[g], k) for k, t in tables.items())
+        out[g] = [dataclasses.asdict(v) for v in lint_model(instance, target)]
+    return out
+
+
 def _load_qdq_params(model: onnx.ModelProto, root: Path) -> None:
     """Read just the Q/DQ scales and zero points that live in external data (a few bytes each)."""
     names = {x for n in model.graph.node if n.op_type in _QDQ for x in n.input[1:3]}
@@ -378,4 +421,14 @@ def lint_bundle(bundle_dir: str | Path, target: str | None = None) -> dict:
         _load_qdq_params(model, bundle.root)
         groups[entry["id"]] = [dataclasses.asdict(v) for v in lint_model(model, target)]
     total = sum(len(v) for v in groups.values())
-    return {"bundle": str(bundle.root), "target": target, "groups": groups, "violations": total}
+    report = {"bundle": str(bundle.root), "target": target, "groups": groups, "violations": total}
+    shared = bundle._single_groups(None) if target == "ort-cpu" else {}
+    for ids in {tuple(v) for v in shared.values()}:
+        from runtime.single_engine import single_graph
+
+        graph, tables = single_graph(bundle, list(ids))
+        _load_qdq_params(graph, bundle.root)
+        found = lint_single_engine(graph, tables, target)
+        report.setdefault("single_engines", {})[",".join(map(str, ids))] = found
+        report["violations"] += sum(len(v) for v in found.values())
+    return report

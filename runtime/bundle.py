@@ -205,7 +205,7 @@ class Bundle:
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
         prepack: bool = True, route: np.ndarray | None = None, backend: str = "ort", spin: bool | None = None,
-        hint: str | None = None, batch: int = 1,
+        hint: str | None = None, batch: int = 1, single: bool | None = None,
     ) -> EngineSet:  # fmt: skip
         """Engines, one per group, created on first use: ONNX Runtime sessions (`backend="ort"`), OpenVINO
         compiled models on the CPU (`"openvino"`, float parts in `hint` precision), the TensorRT plans
@@ -219,7 +219,10 @@ class Bundle:
         `prepack=False` stops each session from keeping its own pre-packed copy of the weights. With several
         groups the sessions' worker threads do not spin-wait between calls (idle sessions would compete
         with the running one); `spin` overrides that (False: never spin, e.g. when other sessions run in
-        between)."""
+        between).
+        `single` (ONNX Runtime, ort-cpu bundles): one session serves all groups of a precision, its weights
+        packed once and each group's quantization parameters bound per group switch (runtime.single_engine);
+        None (default): wherever a precision has several groups; False: one session per group."""
         if backend == "auto":
             choice: dict = {}
             chosen = resolve_backend(backend, self, batch=batch, record=choice)
@@ -238,19 +241,43 @@ class Bundle:
             return openvino_engine_set(self, route, hint=hint or DEFAULT_HINT, threads=threads,
                                        max_resident=max_resident)  # fmt: skip
         spec, state = self.spec, {}
-        single = len(self.manifest["groups"]) == 1 if spin is None else spin  # several sessions: no spin-waiting
+        shared = self._single_groups(single)
+        sessions = len(self.manifest["groups"]) - sum(len(gs) - 1 for gs in shared.values())
+        single_session = sessions == 1 if spin is None else spin  # several sessions: no spin-waiting
 
         def make(group: int) -> OrtEngine:
             if "weights" not in state:
                 state["weights"] = SharedInitializers.from_bundle(self)
+            if group in shared:
+                key = tuple(shared[group])
+                if key not in state:
+                    from runtime.single_engine import single_engine
+
+                    state[key] = single_engine(self, list(key), state["weights"], providers=providers, threads=threads,
+                                               prepack=prepack, spin=single_session)  # fmt: skip
+                return state[key].for_group(group)
             graph = self.group_model(group).SerializeToString()
             return OrtEngine(graph, spec, providers=providers, threads=threads, external_dir=self.root,
-                             initializers=state["weights"], prepack=prepack, spin=single,
+                             initializers=state["weights"], prepack=prepack, spin=single_session,
                              name=f"{self.graph_path(group)} (group {group})")  # fmt: skip
 
         factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in self.manifest["groups"]}
         route = self.group_of_t if route is None else route
         return EngineSet(factories, route, spec, max_resident=max_resident)
+
+    def _single_groups(self, single: bool | None) -> dict[int, list[int]]:
+        """{group: the groups its single engine serves} for every group that shares one (see `engines`)."""
+        if single is False:
+            return {}
+        if self.manifest["target"] != "ort-cpu":
+            if single:
+                raise BundleError(f"{self.root}: one engine for all groups needs an ort-cpu bundle (this one is "
+                                  f"{self.manifest['target']}); use the per-group engines")  # fmt: skip
+            return {}
+        by_bits: dict[str, list[int]] = {}
+        for g in self.manifest["groups"]:
+            by_bits.setdefault(g.get("bits", self.manifest["bits"]), []).append(g["id"])
+        return {g: sorted(ids) for ids in by_bits.values() if len(ids) > 1 for g in ids}
 
 
 class SharedInitializers:
@@ -259,6 +286,10 @@ class SharedInitializers:
 
     def __init__(self, values: dict, buffers: list) -> None:
         self.values, self._buffers = values, buffers  # the buffers back the values: keep them alive
+
+    def subset(self, names) -> SharedInitializers:
+        """The same buffers, only the values a graph uses."""
+        return SharedInitializers({k: v for k, v in self.values.items() if k in names}, self._buffers)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> SharedInitializers:

@@ -13,7 +13,8 @@ def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
     assert main(["bench", "--quick", "-q", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     m = report["models"]["tiny"]
-    engines = {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8", "ov-fp32", "ov-nncf", "dqc-G1-ov", "dqc-G8-ov"}
+    engines = {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8", "dqc-G8-split", "ov-fp32", "ov-nncf",
+               "dqc-G1-ov", "dqc-G8-ov"}  # fmt: skip
     assert set(m["latency"]["1"]) == engines and not m["skipped"]
     assert all(v["median_ms"] > 0 for v in m["latency"]["1"].values())
     assert {m["engines"][k]["backend"] for k in ("dqc-G1-ov", "dqc-G8-ov")} == {"openvino"}
@@ -26,6 +27,7 @@ def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
     assert {"openvino", "nncf", "onnxruntime"} <= set(report["machine"]["versions"])
     assert all(m["threads"][k] >= 1 for k in ("dqc-G1-ov", "ov-nncf"))
     assert m["memory_mb"]["1"]["dqc-G8"] > 0 and m["loop"]["dqc-G8"]["seconds"] > 0
+    assert m["memory_mb"]["1"]["dqc-G8-split"] > 0  # the per-group sessions beside the one engine
     # every quantized engine runs integer kernels: no float Conv left in ORT's optimized graph
     assert all(m["ops"][k]["float_conv"] == 0 and m["ops"][k]["integer"] > 0 for k in ("ort-static", "dqc-G1"))
     assert "speed-up vs ov-nncf" in (tmp_path / "bench.md").read_text()
@@ -38,7 +40,7 @@ def test_speed_bench_without_openvino_measures_the_rest_and_says_why(tmp_path, m
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert main(["bench", "--quick", "-q", "--no-memory", "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "bench.json").read_text())["models"]["tiny"]
-    assert set(m["latency"]["1"]) == {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8"}
+    assert set(m["latency"]["1"]) == {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8", "dqc-G8-split"}
     assert "pip install openvino" in m["skipped"]["openvino"]
     assert "not measured: openvino" in (tmp_path / "bench.md").read_text()
 

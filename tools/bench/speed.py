@@ -36,13 +36,15 @@ from runtime.errors import ConfigError
 from tools.bench.group_bench import rss_mb
 from tools.deploy import pipeline
 
-# engine: (backend, the graph or bundle it runs); backend "openvino-default" is OpenVINO with its own precision hint
+# engine: (backend, the graph or bundle it runs); backend "openvino-default" is OpenVINO with its own precision hint,
+# "ort-pergroup" ONNX Runtime with one session per group (dqc-G8 runs one session for all groups)
 ENGINES = {
     "fp32": ("ort", "fp32"),
     "fp32-folded": ("ort", "fp32-folded"),
     "ort-static": ("ort", "ort-static"),
     "dqc-G1": ("ort", "dqc-G1"),
     "dqc-G8": ("ort", "dqc-G8"),
+    "dqc-G8-split": ("ort-pergroup", "dqc-G8"),
     "ov-fp32": ("openvino-default", "fp32"),
     "ov-nncf": ("openvino-default", "ov-nncf"),
     "dqc-G1-ov": ("openvino", "dqc-G1"),
@@ -99,7 +101,9 @@ def open_engine(backend: str, path: str, spec=None):
 
     if Path(path).is_dir():
         if backend == "openvino-default":
-            raise ConfigError("bench: a bundle runs on ort or openvino")
+            raise ConfigError("bench: a bundle runs on ort, ort-pergroup or openvino")
+        if backend == "ort-pergroup":
+            return load_bundle(path).engines(spin=False, backend="ort", single=False)
         return load_bundle(path).engines(spin=False, backend=backend)
     if backend == "ort":
         return EngineSet.single(OrtEngine(Path(path), spec, spin=False))
@@ -447,7 +451,18 @@ def format_model(m: dict) -> str:
         lines.append(f"\nnot measured: {k} ({why})")
     if "memory_mb" in m:
         for b, mem in m["memory_mb"].items():
-            lines.append(f"\nresident memory at batch {b}: G = 8 / G = 1 = {mem['dqc-G8'] / mem['dqc-G1']:.2f}×")
+            split = (
+                f"; one session per group: {mem['dqc-G8-split'] / mem['dqc-G1']:.2f}×" if "dqc-G8-split" in mem else ""
+            )
+            lines.append(f"\nresident memory at batch {b}: G = 8 / G = 1 = {mem['dqc-G8'] / mem['dqc-G1']:.2f}× (one "
+                         f"session for all groups){split}")  # fmt: skip
+    for b, lat in m["latency"].items():
+        words = [f"{k} {lat[k]['median_ms'] / lat['dqc-G1']['median_ms']:.3f}×" for k in ("dqc-G8", "dqc-G8-split")
+                 if k in lat]  # fmt: skip
+        if "dqc-G8-ov" in lat and "dqc-G1-ov" in lat:
+            words.append(f"dqc-G8-ov {lat['dqc-G8-ov']['median_ms'] / lat['dqc-G1-ov']['median_ms']:.3f}× (vs G1-ov)")
+        if words and "dqc-G1" in lat:
+            lines.append(f"\nper-step latency at batch {b} against G = 1: " + ", ".join(words))
     for k, v in m["loop"].items():
         lines.append(f"\nsampling loop, {k}: {v['seconds']:.3f} s for the whole loop (batch 1); the host loop adds "
                      f"{v['loop_overhead']:+.1%} over the bare engine calls ({v['host_share']:.2%} of the run spent "

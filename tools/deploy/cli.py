@@ -194,6 +194,13 @@ def _lint(a: argparse.Namespace) -> int:
         for g, violations in groups.items():
             for v in violations:
                 print(f"  group {g}  [{v['rule']}] {v['node']}: {v['message']}")
+        for ids, found in report.get("single_engines", {}).items():
+            n = sum(len(v) for v in found.values())
+            print(f"one engine for groups {ids}: {'no violations' if not n else f'{n} violations'}")
+            for where, violations in found.items():
+                for v in violations:
+                    print(f"  {'graph' if where == 'graph' else f'as group {where}'}  [{v['rule']}] {v['node']}: "
+                          f"{v['message']}")  # fmt: skip
         print(f"{report['violations']} violations" if report["violations"] else "no violations")
     return 1 if report["violations"] else 0
 
