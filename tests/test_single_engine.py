@@ -155,3 +155,17 @@ def test_single_is_refused_on_a_trt_bundle(tiny_model, tiny_result, tmp_path):
     with pytest.raises(BundleError, match="needs an ort-cpu bundle"):
         bundle.engines(single=True)
     assert bundle.engines().for_timestep(0).__class__.__name__ == "OrtEngine"  # the default: per-group sessions
+
+
+def test_dqc_sample_gives_the_same_samples_on_either_engine_form(grouped, tmp_path):
+    from tools.cli import main
+
+    outs = []
+    for form in ("one", "per-group"):
+        out = tmp_path / f"{form}.npz"
+        argv = ["sample", str(grouped[0]), "-n", "4", "--backend", "ort", "--ort-engines", form, "-o", str(out), "-q"]
+        assert main(argv) == 0
+        outs.append(np.load(out)["samples"])
+    np.testing.assert_array_equal(*outs)
+    with pytest.raises(SystemExit):  # argparse names the allowed forms
+        main(["sample", str(grouped[0]), "-n", "2", "--ort-engines", "two", "-o", str(tmp_path / "x.npz")])

@@ -117,6 +117,7 @@ def _sample(a: argparse.Namespace) -> None:
         switch_t=a.switch_t,
         backend=a.backend,
         hint=a.precision_hint,
+        ort_engines=a.ort_engines,
         progress=not a.quiet,
     )
     print(
@@ -366,6 +367,10 @@ def register(sub) -> None:
     )  # fmt: skip
     s.add_argument("--precision-hint", choices=PRECISION_HINTS, help="openvino: the precision of the graph's float "
                    f"parts (default {DEFAULT_HINT}; bf16 needs a CPU with AVX-512 BF16 or AMX)")  # fmt: skip
+    s.add_argument("--ort-engines", default="one", choices=["one", "per-group"],
+                   help="ONNX Runtime, bundles with several groups: one session for all groups of a precision "
+                   "(the weights packed once; default) or one session per group (each with its own packed weights: "
+                   "more memory, and on the models measured in docs/RESULTS.md faster per step)")  # fmt: skip
     s.add_argument("--scheduler", help="scheduler for a bare model directory")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_sample)

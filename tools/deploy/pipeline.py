@@ -92,9 +92,13 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu", route=None,
-                 backend: str = "auto", hint: str | None = None, batch: int = 1):  # fmt: skip
+                 backend: str = "auto", hint: str | None = None, batch: int = 1, ort_engines: str = "one"):  # fmt: skip
     """(EngineSet, schedule, null_class, sampler defaults) for a bundle (on `backend`, see Bundle.engines: auto
-    times the CPU backends at `batch` rows per call; `route` from Bundle.route) or a model directory (FP torch)."""
+    times the CPU backends at `batch` rows per call; `route` from Bundle.route; `ort_engines` one: one ONNX
+    Runtime session for all groups of a precision, per-group: a session per group) or a model directory (FP
+    torch)."""
+    if ort_engines not in ("one", "per-group"):
+        raise ConfigError(f"--ort-engines {ort_engines!r}: use one or per-group")
     from tools.reference.model import resolve_model
 
     path = resolve_model(path)
@@ -102,7 +106,8 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
         bundle = load_bundle(path)
         cal = bundle.manifest.get("calibration", {})
         defaults = {k: cal[k] for k in ("sampler", "steps", "eta", "guidance") if k in cal}
-        engines = bundle.engines(route=route, backend=backend, hint=hint, batch=batch)
+        engines = bundle.engines(route=route, backend=backend, hint=hint, batch=batch,
+                                 single=None if ort_engines == "one" else False)  # fmt: skip
         return engines, bundle.schedule, bundle.null_class, defaults
     from calibration.model_io import load_model
     from runtime.engine import TorchEngine
@@ -219,6 +224,7 @@ def sample_to_file(
     switch_t: int | None = None,
     backend: str = "auto",
     hint: str | None = None,
+    ort_engines: str = "one",
     progress: bool = True,
 ) -> SampleRun:
     """`dqc sample`: draw n samples from a bundle or a model directory into an .npz (and a PNG grid).
@@ -242,7 +248,7 @@ def sample_to_file(
             else 2
         )
     engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler, route=route, backend=backend,
-                                                           hint=hint, batch=rows)  # fmt: skip
+                                                           hint=hint, batch=rows, ort_engines=ort_engines)  # fmt: skip
     cfg = SamplerConfig(
         defaults.get("sampler", "ddim") if sampler is None else sampler,
         defaults.get("steps", 100) if steps is None else steps,
@@ -291,6 +297,7 @@ def engine_report(engines) -> dict:
     """What ran a sampling run: the backend, its version and, for OpenVINO, the float parts' precision."""
     from runtime.engine import OrtEngine, TorchEngine
     from runtime.openvino import OpenVinoEngine
+    from runtime.single_engine import GroupEngine
 
     engine = (engines.resident or [engines.for_timestep(0)])[-1]
     chosen = {} if engines.choice is None else {"auto": engines.choice}
@@ -299,10 +306,11 @@ def engine_report(engines) -> dict:
 
         return {"backend": "openvino", "version": openvino_version(), "precision_hint": engine.execution_precision,
                 "requested_hint": engine.config.get("INFERENCE_PRECISION_HINT"), **chosen}  # fmt: skip
-    if isinstance(engine, OrtEngine):
+    if isinstance(engine, OrtEngine | GroupEngine):
         import onnxruntime
 
-        return {"backend": "ort", "version": onnxruntime.__version__, **chosen}
+        sessions = "one for all groups" if isinstance(engine, GroupEngine) else "one per group"
+        return {"backend": "ort", "version": onnxruntime.__version__, "sessions": sessions, **chosen}
     if isinstance(engine, TorchEngine):
         import torch
 
