@@ -4,6 +4,7 @@ to group 0 (batch 2, 30 runs). Usage: PYTHONPATH=<checkout> python docs/issue23/
 import collections
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -26,9 +27,11 @@ def kernel_ms(model_bytes: bytes, extra: dict) -> collections.Counter:
     for _ in range(RUNS):
         session.run(["eps"], feeds | extra)
     per_op = collections.Counter()
-    for e in json.loads(open(session.end_profiling()).read()):
+    trace = Path(session.end_profiling())
+    for e in json.loads(trace.read_text()):
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / RUNS
+    trace.unlink()
     return per_op
 
 
