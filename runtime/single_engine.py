@@ -100,7 +100,7 @@ def fuse_integer_layers(model) -> dict[str, int]:
     return counts
 
 
-def _values(model, root) -> dict[str, tuple]:
+def _values(model) -> dict[str, tuple]:
     """{name: (array or None, external key)}: inline initializers as arrays; external ones by their location."""
     from onnx import TensorProto, numpy_helper
 
@@ -125,7 +125,7 @@ def single_graph(bundle, groups: list[int] | None = None):
                           f"{bundle.manifest['target']})")  # fmt: skip
     groups = sorted(g["id"] for g in bundle.manifest["groups"]) if groups is None else groups
     models = [bundle.group_model(g) for g in groups]
-    values = [_values(m, bundle.root) for m in models]
+    values = [_values(m) for m in models]
     base = models[0]
     for g, m, v in zip(groups[1:], models[1:], values[1:], strict=True):
         if set(v) != set(values[0]) or [n.op_type for n in m.graph.node] != [n.op_type for n in base.graph.node]:
