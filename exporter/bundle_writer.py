@@ -385,8 +385,9 @@ def ort_optimized_op_counts(graph_path: str | Path, optimized_path: str | Path) 
     """Load a graph in ONNX Runtime (CPU, all optimizations), save the optimized model, count its ops."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from runtime.engine import session_options
+
+    opts = session_options(ort)
     opts.optimized_model_filepath = str(optimized_path)
     opts.log_severity_level = 3  # the "hardware specific optimizations" notice is expected here
     ort.InferenceSession(str(graph_path), opts, providers=["CPUExecutionProvider"])

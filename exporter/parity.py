@@ -59,13 +59,17 @@ def run_probes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], backend: st
     if backend == "ort":
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        from runtime.engine import session_options
+
+        opts = session_options(ort)
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
     if backend == "openvino":
-        from runtime.openvino import compile_config, core
+        from runtime.cpu import int8_saturates
+        from runtime.openvino import compile_config, core, dequantize_weights
 
+        if int8_saturates():  # as the engine set runs it there: float layers on the bundle's weights
+            dequantize_weights(model)
         compiled = core().compile_model(core().read_model(model.SerializeToString()), "CPU", compile_config())
         result = compiled(feeds)
         return {name: result[o] for o in compiled.outputs for name in o.get_names()}  # a tensor may have several

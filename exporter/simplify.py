@@ -43,8 +43,9 @@ def _run(model: onnx.ModelProto, names: list[str], batch: int) -> list[np.ndarra
     probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
+    from runtime.engine import session_options
+
+    opts = session_options(ort, optimize=False)  # keep every tensor as named
     opts.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(batch)

@@ -105,6 +105,21 @@ def default_providers() -> list[str]:
 _ENV_ARENA: list[bool] = []
 
 
+def session_options(ort, optimize: bool = True):
+    """ONNX Runtime session options as dqc runs every graph: all graph optimizations (or none, where tensors
+    must keep their names), and exact integer kernels on every x86 CPU. Without VNNI (AVX2, AVX-512 before
+    Cascade Lake), ORT's U8S8 GEMM adds u8·s8 products pairwise in saturating 16-bit arithmetic
+    (255·127·2 > 2¹⁵), and a W8A8 graph's outputs move by tens of quantization steps; the
+    `session.x64quantprecision` entry makes ORT rewrite s8 weights to u8 (+128, exact) and run U8U8 kernels
+    there. ORT applies it only on CPUs that saturate: with VNNI it changes nothing."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.add_session_config_entry("session.x64quantprecision", "1")
+    return opts
+
+
 def _shared_arena(ort) -> None:
     """Register one process-wide CPU arena (once) that sessions opting in allocate from, so G group
     sessions do not each keep an arena as large as the biggest batch they ran."""
@@ -148,8 +163,7 @@ class OrtEngine:
         if self._session is None:
             import onnxruntime as ort
 
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts = session_options(ort)
             opts.intra_op_num_threads = self.threads
             if self.optimized_model_path is not None:
                 opts.optimized_model_filepath = str(self.optimized_model_path)

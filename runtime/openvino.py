@@ -7,6 +7,11 @@ Runtime's QLinearConv), and it runs everything else (GroupNorm, SiLU, softmax, t
 precision `INFERENCE_PRECISION_HINT` asks for: f32, or bf16 on CPUs with AVX-512 BF16 / AMX. `PRECISION_HINTS`
 lists both; `DEFAULT_HINT` is the one docs/RESULTS.md measured best on quality and speed together.
 
+On x86 CPUs without VNNI the plugin's int8 kernels saturate (`runtime.cpu`), so there the engine set hands
+OpenVINO each graph with its weights dequantized to float (`dequantize_weights`): the activations keep their
+Q/DQ, the convolutions and matmuls run in float on exactly the bundle's weights, and `OpenVinoEngine.weights`
+says so (the run report records it).
+
 `openvino` is imported inside functions, so a bundle run on ONNX Runtime needs none of it and a missing
 install says so in one line. As in Polygraphy's runners, constructors only store arguments; the model is
 read and compiled on the first `infer`.
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.cpu import int8_saturates
 from runtime.engine import EngineSet, InputSpec, input_feeds
 from runtime.errors import EngineError
 
@@ -87,6 +93,7 @@ class OpenVinoEngine:
         self.graph = graph if isinstance(graph, bytes) else Path(graph)
         self.name = name or (str(graph) if not isinstance(graph, bytes) else "ONNX graph")
         self.spec, self.config = spec, compile_config(hint, threads)
+        self.weights = "int8"  # or "float": the graph's weights were dequantized for a CPU whose int8 saturates
         self._compiled = self._request = None
 
     def _read(self):
@@ -184,15 +191,56 @@ def openvino_engine_set(
     compile_config(hint, threads)
     spec = bundle.spec
 
+    float_weights = int8_saturates()
+
     def make(group: int) -> OpenVinoEngine:
         entry = next(g for g in bundle.manifest["groups"] if g["id"] == group)
         name = f"{bundle.graph_path(group)} (group {group})"
-        if "base" in entry:
-            graph = bundle.group_model(group, load_weights=True).SerializeToString()
+        if "base" in entry or float_weights:
+            model = bundle.group_model(group, load_weights=True)
+            if float_weights:
+                dequantize_weights(model)
+            graph = model.SerializeToString()
         else:
             bundle.group_model(group)  # the checks; OpenVINO reads the file and its weights itself
             graph = bundle.graph_path(group)
-        return OpenVinoEngine(graph, spec, hint=hint, threads=threads, name=name)
+        engine = OpenVinoEngine(graph, spec, hint=hint, threads=threads, name=name)
+        engine.weights = "float" if float_weights else "int8"
+        return engine
 
     factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in bundle.manifest["groups"]}
     return EngineSet(factories, bundle.group_of_t if route is None else route, spec, max_resident=max_resident)
+
+
+def dequantize_weights(model, unless_read_by: tuple[str, ...] = ()) -> int:
+    """Replace, in place, every DequantizeLinear of a constant integer tensor by the float tensor it computes,
+    (w − zero point) · scale per channel (as the ONNX operator defines it), and return how many; a DQ read by
+    an op in `unless_read_by` stays. The activations' Q/DQ stay: OpenVINO then runs each layer in float on
+    the weights the bundle ships."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    done, keep = 0, []
+    for node in graph.node:
+        if (
+            node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(readers[node.input[0]]) != 1
+            or set(readers.get(node.output[0], ())) & set(unless_read_by)
+        ):  # fmt: skip
+            keep.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]])
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zero = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(w.ndim, 1)
+        shape = [-1 if d == axis else 1 for d in range(w.ndim)] if np.ndim(scale) else []
+        value = (w.astype(np.float32) - np.reshape(zero, shape).astype(np.float32)) * np.reshape(scale, shape)
+        inits[node.input[0]].CopyFrom(numpy_helper.from_array(value.astype(scale.dtype), node.output[0]))
+        done += 1
+    del graph.node[:]
+    graph.node.extend(keep)
+    return done

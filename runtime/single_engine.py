@@ -225,5 +225,10 @@ class GroupEngine:
     def name(self) -> str:
         return f"{self.single.engine.name} (group {self.group})"
 
+    @property
+    def spin(self) -> bool:
+        """Whether the shared session's worker threads spin-wait between calls."""
+        return self.single.engine.spin
+
     def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
         return self.single.infer(self.group, sample, timestep, class_labels)

@@ -9,6 +9,7 @@ import pytest
 
 from exporter.parity import noised_inputs
 from runtime.bundle import load_bundle, resolve_backend
+from runtime.cpu import int8_saturates
 from runtime.engine import OrtEngine, TorchEngine
 from runtime.errors import BundleError, EngineError
 from runtime.openvino import MISSING_OPENVINO, OpenVinoEngine
@@ -125,6 +126,7 @@ def test_a_sampling_run_records_its_backend(tiny_bundle, tmp_path, capsys):
 
     meta = json.loads(str(np.load(out)["meta"]))
     assert meta["engine"]["backend"] == "openvino" and meta["engine"]["precision_hint"] == "f32"
+    assert meta["engine"]["weights"] == ("float" if int8_saturates() else "int8")
     assert "auto" not in meta["engine"]  # chosen by the flag, not timed
     assert main(["sample", str(tiny_bundle), "-n", "3", "-o", str(out), "-q"]) == 0
     auto = json.loads(str(np.load(out)["meta"]))["engine"]
@@ -143,3 +145,30 @@ def test_a_graph_openvino_cannot_read_is_named(tiny_model, tmp_path):
 def _one(model):
     feeds = noised_inputs(model.spec, model.schedule, 100, n=1, seed=0)
     return feeds["sample"], feeds["timestep"], feeds["class_labels"]
+
+
+def test_where_int8_saturates_openvino_runs_the_bundles_weights_in_float(tiny_model, tiny_bundle, monkeypatch):
+    """On an x86 CPU without VNNI, OpenVINO's u8·s8 kernels saturate (runtime.cpu): the engine set hands it the
+    graphs with float weights, the layers' exact values, and says so. Forced here on any CPU."""
+    from onnx import numpy_helper
+
+    import runtime.openvino
+    from runtime.openvino import dequantize_weights
+
+    bundle = load_bundle(tiny_bundle)
+    model = bundle.group_model(0, load_weights=True)
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("/weight/int")]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    name = dq[0].input[0].removesuffix("/weight/int")
+    w, s = inits[f"{name}/weight/int"], inits[f"{name}/weight/scale"]
+    assert dequantize_weights(model) >= len(dq) > 0
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0].endswith("/weight/int") for n in model.graph.node)
+    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(floats[dq[0].output[0]], w.astype(np.float32) * s.reshape(-1, *[1] * (w.ndim - 1)))
+    monkeypatch.setattr(runtime.openvino, "int8_saturates", lambda: True)
+    engine = bundle.engines(backend="openvino").for_timestep(0)
+    assert engine.weights == "float"
+    feeds = noised_inputs(tiny_model.spec, tiny_model.schedule, 400, n=4, seed=0)
+    args = (feeds["sample"], feeds["timestep"], feeds["class_labels"])
+    ort = bundle.engines(backend="ort").for_timestep(0).infer(*args)
+    assert np.linalg.norm(engine.infer(*args) - ort) / np.linalg.norm(ort) < 0.05

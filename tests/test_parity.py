@@ -4,18 +4,23 @@ import pytest
 
 from exporter.parity import end_to_end_parity, layer_parity, noised_inputs
 from runtime.bundle import load_bundle
+from runtime.cpu import int8_saturates
 
 
 @pytest.mark.parametrize("backend", ["ort", "openvino"])
 def test_every_layer_matches_its_reference_on_integer_kernels(backend, tiny_model, tiny_result, tiny_bundle):
+    # integer kernels and the float reference round identically but for accumulation-order ties; where the
+    # CPU's int8 saturates, OpenVINO runs float layers on the bundle's weights (runtime.openvino), and its
+    # FakeQuantize and float accumulation put more values across a rounding boundary (0.34 % at most measured)
+    floats = backend == "openvino" and int8_saturates()
+    share = 1e-2 if floats else 2e-3
     reference = tiny_result.reference_model(tiny_model.wrapper())
     for t in (5, 400, 950):
         feeds = noised_inputs(tiny_model.spec, tiny_model.schedule, t, n=4, seed=0)
         report = layer_parity(tiny_bundle / "group_0.onnx", reference, feeds, backend=backend)
         assert len(report) == len(tiny_result.weights)
         for name, r in report.items():
-            # integer kernels and the float reference round identically but for accumulation-order ties
-            assert r["flipped"] <= 2e-3, (t, name, r)
+            assert r["flipped"] <= share, (t, name, r)
             assert r["max_steps"] is None or r["max_steps"] <= 1.0 + 1e-3, (t, name, r)
             assert r["rel_err"] <= 2e-2, (t, name, r)
 
@@ -73,3 +78,41 @@ def test_low_bit_layers_match_their_reference_on_integer_kernels(low_bit, tiny_m
     for p in reference.modules():
         if hasattr(p, "act_in"):
             assert p.act_in.qmax == 2**a_bits - 1
+
+
+def test_integer_convolutions_are_exact_where_u8s8_pairs_saturate():
+    """The worst case of x86's 16-bit pair sums: u8 activations at 255 against s8 weights at 127 (255·127·2 >
+    2¹⁵). With dqc's session options ONNX Runtime computes it exactly on every CPU (runtime.engine)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.engine import session_options
+
+    w = np.full((8, 16, 3, 3), 127, np.int8)
+    w[::2] = -127
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("w", w), ("ws", np.full(8, 1e-3, np.float32)), ("wz", np.zeros(8, np.int8)),
+        ("xs", np.array(0.01, np.float32)), ("xz", np.array(0, np.uint8)),
+        ("ys", np.array(0.5, np.float32)), ("yz", np.array(128, np.uint8)))]  # fmt: skip
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"]),
+    ]
+    graph = helper.make_graph(nodes, "worst", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    x = np.full((1, 16, 6, 6), 2.55, np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), session_options(ort), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    # exact: 255 · ±127 · 1e-3 · 0.01 summed over the 16 channels of each tap, requantized by 0.5 around 128
+    taps = np.array([[4, 6, 6, 6, 6, 4], [6, 9, 9, 9, 9, 6]])  # 3×3 window overlap with the image, by position
+    full = np.concatenate([taps[:1], np.repeat(taps[1:], 4, axis=0), taps[:1]])
+    y = 255 * 127 * 1e-3 * 0.01 * 16 * full
+    want = np.stack([-y if c % 2 == 0 else y for c in range(8)])[None]
+    want = (np.clip(np.round(want / 0.5) + 128, 0, 255) - 128) * 0.5
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 
 class _Feeds:
@@ -64,6 +65,15 @@ def quantize_static_peer(fp32_path: str | Path, out_path: str | Path, data, *, b
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
     )
+    # The quantizer also quantizes constants no integer kernel reads (GroupNorm's InstanceNormalization scale,
+    # one DQ read by every norm). With exact integer kernels (runtime.engine.session_options) ORT 1.31 then
+    # fails to load the graph ("Attempt to replace the existing tensor" in QDQS8ToU8Transformer); their DQs
+    # become the float constants they compute, and every Conv/Gemm/MatMul keeps its int8 weights.
+    from runtime.openvino import dequantize_weights
+
+    model = onnx.load(str(out_path))
+    if dequantize_weights(model, unless_read_by=("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")):
+        onnx.save(model, str(out_path))
     return out_path
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import openvino
+from runtime.engine import session_options
 from runtime.errors import ConfigError
 from tools.bench.group_bench import rss_mb
 from tools.deploy import pipeline
@@ -386,13 +387,12 @@ def machine_report() -> dict:
 
     import onnxruntime as ort
 
-    flags, model = set(), platform.processor()
+    from runtime.cpu import cpu_flags, int8_saturates
+
+    flags, model = cpu_flags(), platform.processor()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)  # fmt: skip
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "amx_tile")
@@ -410,6 +410,7 @@ def machine_report() -> dict:
     versions["torch"] = torch.__version__
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OV_CPU_THREADS_NUM", "MKL_NUM_THREADS") if k in os.environ}
     return {"cpus": os.cpu_count(), "cpu": model, "cpu_flags": [f for f in wanted if f in flags],
+            "int8_saturates": int8_saturates(),
             "versions": versions, "thread_env": env,
             "ort_session": "intra_op_num_threads 0 (one per core), spinning off"}  # fmt: skip
 
@@ -512,8 +513,7 @@ def op_profile(engines: dict, spec, batch: int, runs: int = 5) -> dict:
         if backend.startswith("openvino"):
             out[name] = open_engine(backend, str(p), spec).for_timestep(t).profile(x, feeds["timestep"], labels, runs)
             continue
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts = session_options(ort)
         opts.enable_profiling = True
         graph = Path(p) / "group_0.onnx" if Path(p).is_dir() else Path(p)
         session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])

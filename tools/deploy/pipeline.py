@@ -305,7 +305,8 @@ def engine_report(engines) -> dict:
         from runtime.openvino import openvino_version
 
         return {"backend": "openvino", "version": openvino_version(), "precision_hint": engine.execution_precision,
-                "requested_hint": engine.config.get("INFERENCE_PRECISION_HINT"), **chosen}  # fmt: skip
+                "requested_hint": engine.config.get("INFERENCE_PRECISION_HINT"), "weights": engine.weights,
+                **chosen}  # fmt: skip
     if isinstance(engine, OrtEngine | GroupEngine):
         import onnxruntime
 
