@@ -18,6 +18,7 @@ TIMESTEP_SELECTIONS = ("uniform", "random", "normal", "active")
 WEIGHT_RANGES = ("lp", "minmax")
 WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
 GROUP_SEARCHES = ("none", "sigma", "loss")
+SAMPLE_WEIGHTINGS = ("uniform", "gac")
 _RECONSTRUCTION = dict(weight_range="lp", weight_rounding="brecq", act_iters=5000)
 # Method presets: the fields each sets unless given explicitly.
 METHODS = {
@@ -28,6 +29,8 @@ METHODS = {
     "qdiffusion": dict(timestep_selection="uniform", shortcut_split=True, **_RECONSTRUCTION),
     # PTQ4DM: normally distributed timesteps, the same reconstruction
     "ptq4dm": dict(timestep_selection="normal", **_RECONSTRUCTION),
+    # GAC: Q-Diffusion's reconstruction with per-input weights learned by gradient alignment
+    "gac": dict(timestep_selection="uniform", shortcut_split=True, sample_weighting="gac", **_RECONSTRUCTION),
     # APQ-DM: G = 8 timestep groups from the differentiable search, on 16 actively chosen batches of 64
     "apqdm": dict(groups=8, timestep_selection="active", calib_timesteps=16),
 }
@@ -105,6 +108,16 @@ class CalibrationConfig:
     # (docs/RESULTS.md, issue 16: +1.3 dB over eps on LSQ-trained shared scales at W8A8)
     loss_weighting: str = "xprev"
     activation_error: bool = False  # also measure C-Error / G-Error (APQ-DM Table 1) into the stats
+    # uniform | gac: each reconstruction input's loss weighted by ω = softmax(s/τ), learned per block by GAC's
+    # bi-level step (calibration.gac; algorithms.md, "Gradient-aligned calibration")
+    sample_weighting: str = "uniform"
+    gac_tau: float = 1.0  # τ of ω = softmax(s/τ) (the paper's best: 1)
+    gac_val_share: float = 0.05  # the timestep-balanced validation split, held out of reconstruction (paper: 5 %)
+    gac_groups: int = 5  # K timestep groups of the gradient-matching term (paper: 5)
+    gac_meta_steps: int = 20  # outer updates of s per block; 0: no meta step, the method is its base
+    gac_inner_lr: float = 0.05  # η of the inner step, in the AdaRound variables' units (RMS-normalised step)
+    gac_outer_lr: float = 0.1  # Adam rate of s
+    gac_gm_weight: float = 1.0  # λ of the gradient-matching term L_GM in the outer loss
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -195,10 +208,45 @@ class CalibrationConfig:
                     f"(min of adaround_samples={self.adaround_samples} and calib_samples×calib_timesteps="
                     f"{recorded}); lower --recon-batch or record more with --calib-samples"
                 )
+        if self.sample_weighting not in SAMPLE_WEIGHTINGS:
+            raise ConfigError(f"sample_weighting={self.sample_weighting!r}: use one of {SAMPLE_WEIGHTINGS}")
+        if self.sample_weighting == "gac":
+            self._check_gac()
         if self.weight_lp <= 0:
             raise ConfigError(f"weight_lp={self.weight_lp}: must be > 0")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
+
+    def _check_gac(self) -> None:
+        if self.weight_rounding != "brecq":
+            raise ConfigError(
+                f"--method gac learns its sample weights on the blocks' AdaRound variables: it needs "
+                f"--weight-rounding brecq, not {self.weight_rounding}"
+            )
+        if not self.gac_tau > 0:
+            raise ConfigError(f"--gac-tau {self.gac_tau}: the softmax temperature τ must be > 0")
+        if not 0 < self.gac_val_share <= 0.5:
+            raise ConfigError(f"--gac-val-share {self.gac_val_share}: the validation share must lie in (0, 0.5]")
+        if not 2 <= self.gac_groups <= self.calib_timesteps:
+            raise ConfigError(
+                f"--gac-groups {self.gac_groups}: the gradient-matching term needs 2 to calib_timesteps="
+                f"{self.calib_timesteps} timestep groups"
+            )
+        if self.gac_meta_steps < 0:
+            raise ConfigError(f"--gac-meta-steps {self.gac_meta_steps}: must be 0 (off) or more")
+        if not (self.gac_inner_lr > 0 and self.gac_outer_lr > 0 and self.gac_gm_weight >= 0):
+            raise ConfigError(
+                f"--gac-inner-lr {self.gac_inner_lr} and --gac-outer-lr {self.gac_outer_lr} must be > 0, "
+                f"--gac-gm-weight {self.gac_gm_weight} ≥ 0"
+            )
+        rows = min(self.adaround_samples, self.calib_samples * self.calib_timesteps)
+        per_group = max(2, round(self.gac_val_share * rows / self.gac_groups))
+        if rows - per_group * self.gac_groups < self.recon_batch:
+            raise ConfigError(
+                f"--gac-val-share {self.gac_val_share}: the validation split ({per_group} inputs in each of "
+                f"{self.gac_groups} groups) leaves fewer than recon_batch={self.recon_batch} of the {rows} "
+                "reconstruction inputs; record more with --calib-samples"
+            )
 
     @classmethod
     def for_method(cls, method: str = "lp", **fields) -> CalibrationConfig:

@@ -146,15 +146,42 @@ def _capture(forward: nn.Module, unit: str, data: CalibrationData, cfg: Calibrat
     return torch.cat(calls).clone()
 
 
+def _per_row(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """block_loss per input: channels summed, positions averaged."""
+    return (out - target).pow(2).sum(1 if out.ndim == 4 else -1).reshape(len(out), -1).mean(1)
+
+
 def _loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, idx,
           row_weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     a, k = _index(args, kwargs, idx)
     out = q_forward.get_submodule(unit)(*a, **k)
     if row_weight is None:
         return block_loss(out, target[idx])
-    # block_loss per input (channels summed, positions averaged), weighted by the input's timestep
-    per_row = (out - target[idx]).pow(2).sum(1 if out.ndim == 4 else -1).reshape(len(out), -1).mean(1)
-    return (per_row * row_weight[idx]).mean()
+    return (_per_row(out, target[idx]) * row_weight[idx]).mean()  # weighted by the input's timestep or ω
+
+
+def _sample_weights(q_forward: nn.Module, unit: str, members: list, args: list, kwargs: dict,
+                    target: torch.Tensor, split, cfg: CalibrationConfig, generator: torch.Generator):  # fmt: skip
+    """GAC's ω over the training rows for this unit (calibration.gac), learned on its soft AdaRound
+    variables; returns (per-row weights n·ω on training rows and 0 on validation rows, ω's record)."""
+    from calibration.gac import learn_sample_weights
+
+    module = q_forward.get_submodule(unit)
+    ours = {id(m.rounding.v) for m in members}
+    params = {n: p for n, p in module.named_parameters() if id(p) in ours}
+
+    def row_loss(theta: dict, rows: torch.Tensor) -> torch.Tensor:
+        a, k = _index(args, kwargs, rows)
+        out = torch.func.functional_call(module, theta, tuple(a), k, strict=False)
+        return _per_row(out, target[rows])
+
+    omega, record = learn_sample_weights(
+        params, row_loss, split, tau=cfg.gac_tau, steps=cfg.gac_meta_steps, batch=cfg.recon_batch,
+        inner_lr=cfg.gac_inner_lr, outer_lr=cfg.gac_outer_lr, gm_weight=cfg.gac_gm_weight, generator=generator,
+    )  # fmt: skip
+    weights = torch.zeros(len(target), device=target.device)
+    weights[split.train] = (omega * len(omega)).to(weights)
+    return weights, omega, record
 
 
 def _fit_loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: torch.Tensor, chunk: int,
@@ -182,12 +209,24 @@ def reconstruct(
 
     `weights` gives each layer's range-searched per-channel scales (kept), `acts` the observed activation
     quantizers that initialise the LSQ step sizes, `weight_of_t` (T,) the LSQ pass's per-timestep loss
-    weights (None: uniform). Returns (weights, acts, stats)."""
+    weights (None: uniform). With cfg.sample_weighting "gac" (and meta steps), each unit's loss in both
+    passes is weighted per input by the ω GAC learns before its weights pass, on the rows outside GAC's
+    validation split (calibration.gac). Returns (weights, acts, stats)."""
     bits = cfg.parsed_bits.weight
     data = data.subset(cfg.adaround_samples, cfg.seed)
     rows = len(data)
-    row_t = torch.from_numpy(np.concatenate(data.timesteps)).to(cfg.device)
+    row_t_np = np.concatenate(data.timesteps)
+    row_t = torch.from_numpy(row_t_np).to(cfg.device)
     act_weight = None if weight_of_t is None else weight_of_t.to(cfg.device)[row_t]
+    split = None
+    if cfg.sample_weighting == "gac" and cfg.gac_meta_steps > 0:
+        from calibration.gac import split_rows, weight_record
+
+        split = split_rows(row_t_np, cfg.gac_val_share, cfg.gac_groups, cfg.seed)
+        split.train, split.val = split.train.to(cfg.device), split.val.to(cfg.device)
+        split.val_group = split.val_group.to(cfg.device)
+    unit_weight: dict[str, torch.Tensor] = {}  # GAC: n·ω per row, learned before the unit's weights pass
+    meta_gen = torch.Generator().manual_seed(cfg.seed + 6029)
     recon: dict[str, ReconLayer] = {}
 
     def build(name: str, layer: nn.Module) -> nn.Module:
@@ -212,6 +251,8 @@ def reconstruct(
     units = reconstruction_units(fp_forward, layers, (x0, t0, c0))
     gen = torch.Generator().manual_seed(cfg.seed)
     stats: dict = {"units": len(units), "rows": rows, "weight_loss": {}, "act_loss": {}}
+    if split is not None:
+        stats["gac"] = {}
 
     def run(phase: str, iters: int) -> None:
         bar = tqdm(total=len(units) * iters, desc=f"reconstruct {phase}", disable=not progress, leave=False)
@@ -222,10 +263,19 @@ def reconstruct(
                 continue
             args, kwargs = _capture(q_forward, unit.name, data, cfg, "inputs")
             target = _capture(fp_forward, unit.name, data, cfg, "output")
-            row_weight = act_weight if phase == "activations" else None
             if phase == "weights":
                 for m in members:
                     m.weights = "soft"
+                if split is not None:
+                    unit_weight[unit.name], omega, record = _sample_weights(
+                        q_forward, unit.name, members, args, kwargs, target, split, cfg, meta_gen
+                    )
+                    stats["gac"][unit.name.removeprefix("unet.")] = weight_record(omega, row_t_np, split) | record
+            row_weight = act_weight if phase == "activations" else None
+            if unit.name in unit_weight:
+                gac = unit_weight[unit.name]
+                row_weight = gac if row_weight is None else row_weight * gac
+            if phase == "weights":
                 params = [m.rounding.v for m in members]
                 opt = torch.optim.Adam(params, lr=cfg.adaround_lr)
                 sched = None
@@ -246,7 +296,11 @@ def reconstruct(
             window = min(_REPORT_EVERY, iters)
             tail, shown = [], 0
             for i in range(iters):
-                idx = torch.randint(0, rows, (cfg.recon_batch,), generator=gen).to(target.device)
+                if split is None:
+                    idx = torch.randint(0, rows, (cfg.recon_batch,), generator=gen).to(target.device)
+                else:  # the validation rows stay out of reconstruction
+                    pick = torch.randint(0, len(split.train), (cfg.recon_batch,), generator=gen)
+                    idx = split.train[pick.to(split.train.device)]
                 rec = _loss(q_forward, unit.name, args, kwargs, target, idx, row_weight)
                 loss = rec
                 if phase == "weights" and (beta := annealed_beta(i, iters)) is not None:

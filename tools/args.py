@@ -36,7 +36,9 @@ def calibration_overrides(a: argparse.Namespace) -> dict:
     return {k: getattr(a, k) for k in keys}
 
 
-OBJECTIVE_KEYS = ("group_search", "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting")
+OBJECTIVE_KEYS = ("group_search", "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting",
+                  "gac_tau", "gac_val_share", "gac_groups", "gac_meta_steps", "gac_inner_lr", "gac_outer_lr",
+                  "gac_gm_weight")  # fmt: skip
 
 
 def objective_flags(p) -> None:
@@ -58,3 +60,14 @@ def objective_flags(p) -> None:
                    help="weight each calibration input's error (group search, LSQ pass) by what an eps error at "
                    "its timestep costs: eps (none), x0 ((1-abar)/abar), xprev (the sampler update's eps "
                    "coefficient squared; default), final (xprev carried to the sample)")  # fmt: skip
+    g = p.add_argument_group("gradient-aligned calibration (--method gac)")
+    g.add_argument("--gac-tau", type=float, help="temperature of the sample weights softmax(s/tau) (default 1)")
+    g.add_argument("--gac-val-share", type=float, help="share of the reconstruction inputs held out as the "
+                   "timestep-balanced validation split, in (0, 0.5] (default 0.05)")  # fmt: skip
+    g.add_argument("--gac-groups", type=int, help="timestep groups of the gradient-matching term, 2 to "
+                   "--calib-timesteps (default 5)")  # fmt: skip
+    g.add_argument("--gac-meta-steps", type=int, help="outer updates of the sample weights per block (0: none, "
+                   "the method is qdiffusion; default 20)")  # fmt: skip
+    g.add_argument("--gac-inner-lr", type=float, help="the inner step, in AdaRound-variable units (default 0.05)")
+    g.add_argument("--gac-outer-lr", type=float, help="Adam rate of the sample-weight logits (default 0.1)")
+    g.add_argument("--gac-gm-weight", type=float, help="weight of the gradient-matching term (default 1)")

@@ -255,11 +255,13 @@ def register(sub) -> None:
     c.add_argument(
         "--method",
         default="lp",
-        choices=["lp", "naive", "qdiffusion", "ptq4dm", "apqdm"],
+        choices=["lp", "naive", "qdiffusion", "ptq4dm", "gac", "apqdm"],
         help="calibration preset (explicit flags override it): lp (default: per-channel L_p weight-range "
         "search, min-max activations, round-to-nearest); naive (min-max ranges, round-to-nearest: what ONNX "
         "Runtime's static quantizer does); qdiffusion (uniform timesteps, BRECQ block reconstruction with "
         "AdaRound, LSQ activation steps, shortcut split); ptq4dm (normal timesteps, the same reconstruction); "
+        "gac (qdiffusion with each input's loss weighted by sample weights learned per block to align the "
+        "timestep groups' gradients: gradient-aligned calibration, --gac-* flags); "
         "apqdm (8 timestep groups from APQ-DM's differentiable search, one graph per group)",
     )
     c.add_argument("--activation-range", choices=["minmax", "percentile"], help="default: the method's (minmax)")

@@ -423,9 +423,27 @@ def precision_plot(path: str | Path, plan: dict) -> None:
                    f"(switch t = {plan['switch_t']})")  # fmt: skip
 
 
+def gac_plot(path: str | Path, record: dict) -> None:
+    """GAC's learned sample weights against the timestep: per calibrated timestep, the ω mass there over its
+    share of rows (1: uniform), the mean over the reconstructed blocks and the lowest and highest block."""
+    from tools.plots import line_chart_png
+
+    steps = sorted({t for unit in record.values() for t in unit["timesteps"]})
+    ratio: dict[int, list[float]] = {t: [] for t in steps}
+    for unit in record.values():
+        for t, m, u in zip(unit["timesteps"], unit["mass"], unit["uniform_mass"], strict=True):
+            ratio[t].append(m / u if u > 0 else 0.0)
+    series = {"mean over blocks": [float(np.mean(ratio[t])) for t in steps],
+              "lowest block": [float(np.min(ratio[t])) for t in steps],
+              "highest block": [float(np.max(ratio[t])) for t in steps]}  # fmt: skip
+    line_chart_png(path, [str(t) for t in steps], series, hline=("uniform", 1.0), y_label="omega mass / uniform",
+                   x_label="calibrated timestep t", title=f"GAC sample weights ({len(record)} blocks)")  # fmt: skip
+
+
 def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
     """`dqc info --plots`: the timestep→group map over the calibrated sampler's steps and, for a searched
-    bundle, the evolution of σ during the search."""
+    bundle, the evolution of σ during the search; PTQD's statistics, the precision plan and GAC's sample
+    weights where the bundle has them."""
     from tools.plots import group_map_png, sigma_evolution_png
 
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -453,6 +471,10 @@ def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
         assignment = {int(t): g for t, g in search["assignment"].items()}
         sigma_evolution_png(written[-1], search["history"], assignment, search["sigma_rows"],
                             title="group search: importance weights sigma (APQ-DM Eq. 6)")  # fmt: skip
+    gac = cal.get("stats", {}).get("reconstruction", {}).get("gac")
+    if gac:
+        written.append(out / "gac_weights.png")
+        gac_plot(written[-1], gac)
     return written
 
 
