@@ -163,7 +163,7 @@ def _loss(q_forward: nn.Module, unit: str, args: list, kwargs: dict, target: tor
 def _sample_weights(q_forward: nn.Module, unit: str, members: list, args: list, kwargs: dict,
                     target: torch.Tensor, split, cfg: CalibrationConfig, generator: torch.Generator):  # fmt: skip
     """GAC's ω over the training rows for this unit (calibration.gac), learned on its soft AdaRound
-    variables; returns (per-row weights n·ω on training rows and 0 on validation rows, ω's record)."""
+    variables; returns (per-row weights: n·ω on training rows, 0 on validation rows; ω; the meta steps' record)."""
     from calibration.gac import learn_sample_weights
 
     module = q_forward.get_submodule(unit)
