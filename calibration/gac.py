@@ -43,7 +43,7 @@ class Split:
     groups: int
 
 
-def split_rows(row_t: np.ndarray, share: float, groups: int, seed: int) -> Split:
+def split_rows(row_t: np.ndarray, share: float, groups: int, seed: int, device: str = "cpu") -> Split:
     """A timestep-balanced validation split: the calibrated timesteps cut into `groups` contiguous groups,
     round(share · rows) validation rows (at least 2 per group) drawn evenly from the groups, the rest training."""
     steps = np.unique(row_t)
@@ -63,8 +63,7 @@ def split_rows(row_t: np.ndarray, share: float, groups: int, seed: int) -> Split
         val_group.append(np.full(per_group, g))
     val_rows = np.concatenate(val)
     train = np.setdiff1d(np.arange(len(row_t)), val_rows)
-    return Split(torch.from_numpy(train), torch.from_numpy(val_rows), torch.from_numpy(np.concatenate(val_group)),
-                 groups)  # fmt: skip
+    return Split(*(torch.from_numpy(a).to(device) for a in (train, val_rows, np.concatenate(val_group))), groups)
 
 
 def outer_loss(

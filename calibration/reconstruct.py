@@ -222,9 +222,7 @@ def reconstruct(
     if cfg.sample_weighting == "gac" and cfg.gac_meta_steps > 0:
         from calibration.gac import split_rows, weight_record
 
-        split = split_rows(row_t_np, cfg.gac_val_share, cfg.gac_groups, cfg.seed)
-        split.train, split.val = split.train.to(cfg.device), split.val.to(cfg.device)
-        split.val_group = split.val_group.to(cfg.device)
+        split = split_rows(row_t_np, cfg.gac_val_share, cfg.gac_groups, cfg.seed, cfg.device)
     unit_weight: dict[str, torch.Tensor] = {}  # GAC: n·ω per row, learned before the unit's weights pass
     meta_gen = torch.Generator().manual_seed(cfg.seed + 6029)
     recon: dict[str, ReconLayer] = {}

@@ -88,12 +88,12 @@ class OpenVinoEngine:
 
     def __init__(
         self, graph: str | Path | bytes, spec: InputSpec, *, hint: str | None = DEFAULT_HINT, threads: int = 0,
-        name: str | None = None,
+        name: str | None = None, weights: str = "int8",
     ) -> None:  # fmt: skip
         self.graph = graph if isinstance(graph, bytes) else Path(graph)
         self.name = name or (str(graph) if not isinstance(graph, bytes) else "ONNX graph")
         self.spec, self.config = spec, compile_config(hint, threads)
-        self.weights = "int8"  # or "float": the graph's weights were dequantized for a CPU whose int8 saturates
+        self.weights = weights  # or "float": the graph's weights were dequantized for a CPU whose int8 saturates
         self._compiled = self._request = None
 
     def _read(self):
@@ -204,9 +204,8 @@ def openvino_engine_set(
         else:
             bundle.group_model(group)  # the checks; OpenVINO reads the file and its weights itself
             graph = bundle.graph_path(group)
-        engine = OpenVinoEngine(graph, spec, hint=hint, threads=threads, name=name)
-        engine.weights = "float" if float_weights else "int8"
-        return engine
+        return OpenVinoEngine(graph, spec, hint=hint, threads=threads, name=name,
+                              weights="float" if float_weights else "int8")  # fmt: skip
 
     factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in bundle.manifest["groups"]}
     return EngineSet(factories, bundle.group_of_t if route is None else route, spec, max_resident=max_resident)
