@@ -19,6 +19,7 @@ WEIGHT_RANGES = ("lp", "minmax")
 WEIGHT_ROUNDINGS = ("nearest", "adaround", "brecq")
 GROUP_SEARCHES = ("none", "sigma", "loss")
 SAMPLE_WEIGHTINGS = ("uniform", "gac")
+GAC_MATCHES = ("cosine", "dot")
 _RECONSTRUCTION = dict(weight_range="lp", weight_rounding="brecq", act_iters=5000)
 # Method presets: the fields each sets unless given explicitly.
 METHODS = {
@@ -117,7 +118,8 @@ class CalibrationConfig:
     gac_meta_steps: int = 20  # outer updates of s per block; 0: no meta step, the method is its base
     gac_inner_lr: float = 0.05  # η of the inner step, in the AdaRound variables' units (RMS-normalised step)
     gac_outer_lr: float = 0.1  # Adam rate of s
-    gac_gm_weight: float = 1.0  # λ of the gradient-matching term L_GM in the outer loss
+    gac_gm_weight: float = 1.0  # λ₀: L_GM's size against the validation loss at uniform ω (calibration.gac)
+    gac_match: str = "cosine"  # cosine | dot: how L_GM compares two groups' surrogate gradients
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -232,6 +234,8 @@ class CalibrationConfig:
                 f"--gac-groups {self.gac_groups}: the gradient-matching term needs 2 to calib_timesteps="
                 f"{self.calib_timesteps} timestep groups"
             )
+        if self.gac_match not in GAC_MATCHES:
+            raise ConfigError(f"--gac-match {self.gac_match!r}: use one of {', '.join(GAC_MATCHES)}")
         if self.gac_meta_steps < 0:
             raise ConfigError(f"--gac-meta-steps {self.gac_meta_steps}: must be 0 (off) or more")
         if not (self.gac_inner_lr > 0 and self.gac_outer_lr > 0 and self.gac_gm_weight >= 0):

@@ -13,7 +13,15 @@ reconstructed, learns s by a bi-level step (Algorithm 2):
   L_VAL(ω) = L(θ'(ω); X^V) + λ L_GM,  L_GM = −2 / (K(K−1)) Σ_{g<h} G_g · G_h,
   with the paper's surrogate G_g = ∂L(θ'(ω); X^V_g) / ∂ω_b — the group's gradient with respect to the batch's
   sample weights rather than to θ', whose ω-derivative would need third-order derivatives of the block.
-  s takes an Adam step on ∂L_VAL/∂s (autograd through the surrogate: `outer_loss`).
+  s takes an Adam step on ∂L_VAL/∂s (autograd through the surrogate: `outer_terms`).
+  Two choices the paper leaves open, made here and selectable:
+  · the comparison of G_g and G_h. As written (cfg.gac_match "dot"), G_g·G_h grows with the gradients'
+    size, so maximising it also rewards a θ' far from the validation optimum (a problem whose inputs pull
+    against the validation data shows it: ω moves onto them). The default "cosine" compares directions only.
+  · λ. L_GM as written is a product of two ω-gradients, orders of magnitude below L(θ'; X^V) and varying by
+    block; a cosine lies in [−1, 1] while L(θ'; X^V) varies by block too. λ = λ₀ |L(θ'; X^V)| at uniform ω on
+    the block's first meta step (for "dot": λ₀ |L(θ'; X^V)| / |L_GM|), so λ₀ (cfg.gac_gm_weight) sets the GM
+    term against the validation loss whatever the block's scale.
 
 The block is then reconstructed on the training rows with each input's loss weighted by n ω_i
 (calibration.reconstruct). `torch.func.functional_call` runs the block on substituted parameters.
@@ -66,30 +74,42 @@ def split_rows(row_t: np.ndarray, share: float, groups: int, seed: int, device: 
     return Split(*(torch.from_numpy(a).to(device) for a in (train, val_rows, np.concatenate(val_group))), groups)
 
 
-def outer_loss(
+def outer_terms(
     logits: torch.Tensor, tau: float, batch: torch.Tensor, params: dict[str, torch.Tensor], row_loss: RowLoss,
-    train: torch.Tensor, split: Split, inner_lr: float, gm_weight: float,
-) -> tuple[torch.Tensor, dict]:  # fmt: skip
-    """L_VAL(ω) of one meta step, differentiable in `logits` (s): the inner step on training rows
-    train[batch], then the validation loss and the gradient-matching term. Returns (loss, its parts)."""
+    train: torch.Tensor, split: Split, inner_lr: float, match: str = "cosine",
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The two terms of L_VAL(ω) for one meta step, differentiable in `logits` (s): the inner step on the
+    training rows train[batch], then the validation loss L(θ'(ω); X^V) and L_GM over the pairs of surrogate
+    gradients, compared by `match` ("dot": G_g·G_h as written; "cosine": G_g·G_h / (|G_g| |G_h|)).
+    Returns (val, gm)."""
     omega = torch.softmax(logits / tau, 0)
-    w_batch = omega[batch] * (len(omega) / len(batch))
+    w_batch = omega[batch] * len(omega)  # n ω_i: 1 at uniform ω, so the inner loss is the batch mean
     theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     inner = (row_loss(theta, train[batch]) * w_batch).mean()
     grads = torch.autograd.grad(inner, list(theta.values()), create_graph=True)
     moved = {k: v - inner_lr * g for (k, v), g in zip(theta.items(), grads, strict=True)}
     val_losses = row_loss(moved, split.val)
     per_group = [val_losses[split.val_group == g].mean() for g in range(split.groups)]
-    val = val_losses.mean()
     surrogate = [torch.autograd.grad(lg, w_batch, create_graph=True)[0] for lg in per_group]
+    if match == "cosine":
+        surrogate = [g / g.norm().clamp_min(1e-30) for g in surrogate]
     k = split.groups
     gm = -2.0 / (k * (k - 1)) * sum(surrogate[g] @ surrogate[h] for g in range(k) for h in range(g + 1, k))
+    return val_losses.mean(), gm
+
+
+def outer_loss(
+    logits: torch.Tensor, tau: float, batch: torch.Tensor, params: dict[str, torch.Tensor], row_loss: RowLoss,
+    train: torch.Tensor, split: Split, inner_lr: float, gm_weight: float, match: str = "cosine",
+) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """L_VAL(ω) = L(θ'(ω); X^V) + λ L_GM with an absolute λ (`gm_weight`), and its parts."""
+    val, gm = outer_terms(logits, tau, batch, params, row_loss, train, split, inner_lr, match)
     return val + gm_weight * gm, {"val": float(val.detach()), "gm": float(gm.detach())}
 
 
 def learn_sample_weights(
     params: dict[str, torch.Tensor], row_loss: RowLoss, split: Split, *, tau: float, steps: int, batch: int,
-    inner_lr: float, outer_lr: float, gm_weight: float, generator: torch.Generator,
+    inner_lr: float, outer_lr: float, gm_weight: float, generator: torch.Generator, match: str = "cosine",
 ) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """ω over the training rows (softmax(s/τ), uniform start) after `steps` meta steps, and their record."""
     train = split.train
@@ -97,23 +117,28 @@ def learn_sample_weights(
                          device=train.device, requires_grad=True)  # fmt: skip
     opt = torch.optim.Adam([logits], lr=outer_lr)
     first = last = None
-    eta = None
+    eta = lam = None
     for _ in range(steps):
         b = torch.randint(0, len(train), (min(batch, len(train)),), generator=generator).to(train.device)
         if eta is None:  # η = η₀ / rms of the uniform-ω gradient: a step of η₀ in θ's units
             theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
             grads = torch.autograd.grad(row_loss(theta, train[b]).mean(), list(theta.values()))
             rms = float(torch.sqrt(sum(g.pow(2).sum() for g in grads) / sum(g.numel() for g in grads)))
-            eta = inner_lr / max(rms, 1e-12)
+            eta = inner_lr / rms if rms > 0 else inner_lr  # a stationary start: θ's units are unknown
         # attention's fused CPU/GPU kernels have no derivative of their backward: the math kernel has all orders
         with sdpa_kernel(SDPBackend.MATH):
-            loss, parts = outer_loss(logits, tau, b, params, row_loss, train, split, eta, gm_weight)
+            val, gm = outer_terms(logits, tau, b, params, row_loss, train, split, eta, match)
+            if lam is None:  # λ from the first step's |L(θ'; X^V)|: λ₀ times it for a cosine in [−1, 1] ...
+                v, g = abs(float(val.detach())), abs(float(gm.detach()))
+                scale = 1.0 if match == "cosine" else g  # ... or, as written, so that λ|L_GM| = λ₀|L(θ'; X^V)|
+                lam = gm_weight * v / scale if scale > 0 else 0.0
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (val + lam * gm).backward()
         opt.step()
+        parts = {"val": float(val.detach()), "gm": float(gm.detach())}
         first, last = first or parts, parts
     omega = torch.softmax(logits.detach() / tau, 0)
-    return omega, {"meta_steps": steps, "inner_step": eta, "first": first, "last": last}
+    return omega, {"meta_steps": steps, "inner_step": eta, "gm_scale": lam, "first": first, "last": last}
 
 
 def weight_record(omega: torch.Tensor, row_t: np.ndarray, split: Split) -> dict:

@@ -178,6 +178,7 @@ def _sample_weights(q_forward: nn.Module, unit: str, members: list, args: list, 
     omega, record = learn_sample_weights(
         params, row_loss, split, tau=cfg.gac_tau, steps=cfg.gac_meta_steps, batch=cfg.recon_batch,
         inner_lr=cfg.gac_inner_lr, outer_lr=cfg.gac_outer_lr, gm_weight=cfg.gac_gm_weight, generator=generator,
+        match=cfg.gac_match,
     )  # fmt: skip
     weights = torch.zeros(len(target), device=target.device)
     weights[split.train] = (omega * len(omega)).to(weights)

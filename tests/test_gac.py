@@ -32,6 +32,28 @@ def test_the_weights_move_toward_the_inputs_whose_gradients_the_validation_group
     assert record["last"]["val"] < record["first"]["val"]
 
 
+def test_the_weights_do_not_depend_on_the_scale_of_the_block_loss():
+    # η, λ and the cosine comparison are relative: a block whose errors are 1000× larger learns the same ω
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(40, generator=gen, dtype=torch.float64)
+    split = split_rows(np.repeat(np.arange(5), 8), 0.25, 5, 0)
+    params = {"w": torch.randn(3, generator=gen, dtype=torch.float64), "a": torch.tensor(0.7, dtype=torch.float64)}
+
+    def learn(scale):
+        def row_loss(theta: dict, rows: torch.Tensor) -> torch.Tensor:
+            return scale * (torch.tanh(x[rows] @ theta["w"]) * theta["a"] - y[rows]) ** 2
+
+        gen = torch.Generator().manual_seed(1)
+        return learn_sample_weights(params, row_loss, split, tau=1.0, steps=10, batch=8, inner_lr=0.1,
+                                    outer_lr=0.1, gm_weight=1.0, generator=gen)  # fmt: skip
+
+    (w1, r1), (w2, r2) = learn(1.0), learn(1000.0)
+    assert r1["gm_scale"] > 0 and r2["gm_scale"] == pytest.approx(1000 * r1["gm_scale"], rel=1e-9)
+    assert not torch.allclose(w1, torch.full_like(w1, 1 / len(w1)), atol=1e-4)  # ω did move
+    assert torch.allclose(w1, w2, rtol=1e-4, atol=0), (w1 / w2 - 1).abs().max()  # up to Adam's ε
+
+
 def test_the_outer_gradient_matches_finite_differences_in_float64():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(24, 3, generator=gen, dtype=torch.float64)
@@ -108,6 +130,7 @@ def test_gac_on_the_tiny_model_records_its_weights_and_reproduces_from_the_seed(
     (dict(gac_groups=6), "--gac-groups"),  # more than the 5 calibrated timesteps
     (dict(weight_rounding="nearest"), "--weight-rounding brecq"),
     (dict(gac_meta_steps=-1), "--gac-meta-steps"),
+    (dict(gac_match="l2"), "--gac-match"),
 ])  # fmt: skip
 def test_bad_gac_settings_are_refused_naming_the_flag(fields, flag):
     with pytest.raises(ConfigError, match=flag):

@@ -38,7 +38,7 @@ def calibration_overrides(a: argparse.Namespace) -> dict:
 
 OBJECTIVE_KEYS = ("group_search", "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting",
                   "gac_tau", "gac_val_share", "gac_groups", "gac_meta_steps", "gac_inner_lr", "gac_outer_lr",
-                  "gac_gm_weight")  # fmt: skip
+                  "gac_gm_weight", "gac_match")  # fmt: skip
 
 
 def objective_flags(p) -> None:
@@ -70,4 +70,8 @@ def objective_flags(p) -> None:
                    "the method is qdiffusion; default 20)")  # fmt: skip
     g.add_argument("--gac-inner-lr", type=float, help="the inner step, in AdaRound-variable units (default 0.05)")
     g.add_argument("--gac-outer-lr", type=float, help="Adam rate of the sample-weight logits (default 0.1)")
-    g.add_argument("--gac-gm-weight", type=float, help="weight of the gradient-matching term (default 1)")
+    g.add_argument("--gac-gm-weight", type=float, help="weight of the gradient-matching term, relative: its "
+                   "size against the validation loss at the block's uniform start (default 1)")  # fmt: skip
+    g.add_argument("--gac-match", choices=("cosine", "dot"), help="how the gradient-matching term compares two "
+                   "timestep groups' gradients: cosine (directions only; default) or dot (the paper's product, "
+                   "which also rewards larger gradients)")  # fmt: skip

@@ -24,7 +24,8 @@ _RECONSTRUCTION_KEYS = ("adaround_iters", "act_iters", "recon_batch")
 _CELL_KEYS = (
     "steps", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters", "act_iters", "recon_batch",
     "groups", "group_epochs", "timestep_selection", "fresh_trajectories", "activation_error", "group_search",
-    "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting",
+    "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting", "gac_tau", "gac_val_share",
+    "gac_groups", "gac_meta_steps", "gac_inner_lr", "gac_outer_lr", "gac_gm_weight", "gac_match",
 )  # fmt: skip
 
 
