@@ -12,7 +12,7 @@ def activation_error(model, layers, data, cfg, acts: dict[str, list[ActParams]],
     """Quantization error of the activations (APQ-DM Table 1's C-Error on calibration inputs, G-Error on
     generation inputs): 100 · mean over quantization points of Σ (Q_g(t)(a) − a)² / Σ a², with a the
     full-precision network's activation and g(t) the group serving the input's timestep."""
-    from exporter.profiles import get_profile
+    from calibration.profiles import get_profile
 
     profile = get_profile(cfg.target)
     err: dict[str, list[float]] = {}

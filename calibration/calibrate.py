@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from calibration.collect import CalibrationData, record_trajectories
 from calibration.config import CalibrationConfig
 from calibration.model_io import LoadedModel, load_model
+from calibration.profiles import get_profile
 from calibration.qmodules import QuantLayer, float_modules, observe_residual, quantizable_layers, residual_points
 from calibration.quantizers import (
     ActParams,
@@ -25,8 +26,7 @@ from calibration.quantizers import (
     search_weight_scale,
 )
 from calibration.result import CalibrationResult
-from calibration.shortcut import apply_splits, find_shortcut_splits
-from exporter.profiles import get_profile
+from calibration.shortcut import apply_splits
 from runtime.errors import CalibrationError
 
 
@@ -135,7 +135,7 @@ def calibrate(
     if not isinstance(model, LoadedModel):
         model = load_model(model, scheduler, device=cfg.device)
     torch.manual_seed(cfg.seed)
-    splits = find_shortcut_splits(model.unet) if cfg.shortcut_split else {}
+    splits = model.family.shortcut_splits(model.unet) if cfg.shortcut_split else {}
     model = dataclasses.replace(model, unet=apply_splits(model.unet, splits))
     layers = quantizable_layers(model.unet)
     start = time.perf_counter()
@@ -163,7 +163,8 @@ def calibrate(
             from calibration.reconstruct import reconstruct
 
             weights, acts, recon_stats = reconstruct(model.wrapper(), layers, weights, acts, data, cfg, progress,
-                                                     weight_of_t=loss_weights(model, cfg, data))  # fmt: skip
+                                                     weight_of_t=loss_weights(model, cfg, data),
+                                                     block_types=model.family.block_types)  # fmt: skip
         activations = {p: [a] for p, a in acts.items()}
     group_of_t = np.zeros(model.spec.num_train_timesteps, np.int64)
     group_stats = None

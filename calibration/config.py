@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from calibration.objective import LOSS_WEIGHTINGS
-from exporter.profiles import get_profile
+from calibration.profiles import get_profile
 from runtime.errors import ConfigError, SamplerError
 from runtime.sampler import SamplerConfig, check_seed
 

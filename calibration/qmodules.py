@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibration.profiles import TargetProfile
 from calibration.quantizers import ActParams, quantize_bias
-from exporter.profiles import TargetProfile
 
 
 @dataclass(frozen=True)

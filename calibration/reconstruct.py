@@ -33,7 +33,6 @@ from calibration.config import CalibrationConfig
 from calibration.qmodules import ActQuant, QuantLayer, replace_layers, wrap_residuals
 from calibration.quantizers import ActParams, LsqQuantizer
 
-BLOCK_TYPES = ("ResnetBlock2D", "Attention")
 _REPORT_EVERY = 25
 
 
@@ -63,10 +62,12 @@ class Unit:
     layers: list[str]  # its quantizable layers, as in the QuantLayer table
 
 
-def reconstruction_units(forward: nn.Module, layers: list[QuantLayer], example: tuple) -> list[Unit]:
-    """Blocks and stand-alone layers in the order the forward pass first reaches them."""
+def reconstruction_units(forward: nn.Module, layers: list[QuantLayer], example: tuple,
+                         block_types: tuple[str, ...]) -> list[Unit]:  # fmt: skip
+    """Blocks (modules of the family's `block_types`) and stand-alone layers in the order the forward pass
+    first reaches them."""
     names = {f"unet.{layer.name}" for layer in layers}
-    blocks = [n for n, m in forward.named_modules() if type(m).__name__ in BLOCK_TYPES]
+    blocks = [n for n, m in forward.named_modules() if type(m).__name__ in block_types]
     blocks = [b for b in blocks if not any(b.startswith(f"{o}.") for o in blocks)]  # outermost only
     inside = {n for n in names if any(n.startswith(f"{b}.") for b in blocks)}
     candidates = [b for b in blocks if any(n.startswith(f"{b}.") for n in names)] + sorted(names - inside)
@@ -204,9 +205,12 @@ def reconstruct(
     data: CalibrationData,
     cfg: CalibrationConfig,
     progress: bool = True,
+    *,
+    block_types: tuple[str, ...],
     weight_of_t: torch.Tensor | None = None,
 ) -> tuple[dict, dict, dict]:
-    """Block-reconstructed integer weights and, when cfg.act_iters > 0, learned activation scales.
+    """Block-reconstructed integer weights and, when cfg.act_iters > 0, learned activation scales; the
+    reconstruction units are the modules of `block_types` (the model family's) and the layers outside them.
 
     `weights` gives each layer's range-searched per-channel scales (kept), `acts` the observed activation
     quantizers that initialise the LSQ step sizes, `weight_of_t` (T,) the LSQ pass's per-timestep loss
@@ -247,7 +251,7 @@ def reconstruct(
 
     q_forward = wrap_residuals(replace_layers(fp_forward, build), residual, prefix="unet.").eval()
     x0, t0, c0 = next(data.batches(1, cfg.device))
-    units = reconstruction_units(fp_forward, layers, (x0, t0, c0))
+    units = reconstruction_units(fp_forward, layers, (x0, t0, c0), block_types)
     gen = torch.Generator().manual_seed(cfg.seed)
     stats: dict = {"units": len(units), "rows": rows, "weight_loss": {}, "act_loss": {}}
     if split is not None:

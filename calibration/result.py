@@ -18,10 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from calibration.config import CalibrationConfig
+from calibration.profiles import get_profile
 from calibration.qmodules import ActQuant, QuantLayer, QuantLayerModule, replace_layers, wrap_residuals
 from calibration.quantizers import ActParams
 from calibration.shortcut import apply_splits
-from exporter.profiles import get_profile
 from runtime.errors import CalibrationError
 
 RESULT_FORMAT = "dqc-calibration"

@@ -22,12 +22,12 @@ from onnx import shape_inference, version_converter
 from tqdm.auto import tqdm
 
 from calibration.model_io import LoadedModel
+from calibration.profiles import get_profile
 from calibration.quantizers import quantize_bias
 from calibration.result import CalibrationResult
 from calibration.shortcut import apply_splits
 from exporter.onnx_export import export_float
 from exporter.precision import to_float_type
-from exporter.profiles import get_profile
 from exporter.publish import OWNER, check_output, publish, stage
 from exporter.qdq import LayerQuant, insert_qdq, insert_residual_qdq
 from exporter.simplify import fold_shapes

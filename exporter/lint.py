@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper
 
+from calibration.profiles import get_profile
 from exporter.lint_index import (
     FLOAT,
     INT8,
@@ -45,7 +46,6 @@ from exporter.lint_index import (
     _weight_of,
     index_graph,
 )
-from exporter.profiles import get_profile
 
 __all__ = [
     "RULES",

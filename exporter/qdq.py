@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from calibration.profiles import TargetProfile
 from calibration.quantizers import ActParams
-from exporter.profiles import TargetProfile
 from runtime.errors import ExportError
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul")

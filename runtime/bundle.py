@@ -382,9 +382,15 @@ MAX_SCALE = 1e6  # a quantization step beyond this is no calibration result
 
 
 def check_class_embeds(model, spec: InputSpec, where: Path) -> None:
-    """The manifest's class-conditioning must be the graph's: a class_labels input exactly when the spec has
-    class embeddings, and as many rows in the embedding table it gathers from."""
-    has_input = any(i.name == "class_labels" for i in model.graph.input)
+    """The manifest's named inputs must be the graph's (a class_labels input exactly when the spec has class
+    embeddings), and the embedding table the labels gather from must have as many rows."""
+    graph_inputs = [i.name for i in model.graph.input]
+    if set(graph_inputs) - {"class_labels"} != set(spec.names) - {"class_labels"}:  # class_labels: below
+        raise BundleError(
+            f"{where}: the graph's inputs are {graph_inputs}, the manifest's input_spec names {spec.names}; "
+            "recompile the bundle"
+        )
+    has_input = "class_labels" in graph_inputs
     if has_input != (spec.num_class_embeds is not None):
         raise BundleError(
             f"{where}: the graph {'has' if has_input else 'has no'} class_labels input, the manifest's input_spec "

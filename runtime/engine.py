@@ -24,11 +24,17 @@ class InputSpec:
     num_train_timesteps: int
     num_class_embeds: int | None = None
 
+    @property
+    def names(self) -> list[str]:
+        """The engine's named inputs, in the order of the exported graph's inputs."""
+        return ["sample", "timestep"] + ([] if self.num_class_embeds is None else ["class_labels"])
+
     def to_dict(self) -> dict:
         return {
             "sample_shape": list(self.sample_shape),
             "num_train_timesteps": self.num_train_timesteps,
             "num_class_embeds": self.num_class_embeds,
+            "inputs": self.names,
         }
 
     @classmethod

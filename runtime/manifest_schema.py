@@ -40,7 +40,12 @@ MANIFEST_V1 = Record(
         "format_version": INT,
         "model": Record({"weight_sha256?": STR}),
         "input_spec": Record(
-            {"sample_shape": ListOf(INT, 3), "num_train_timesteps": INT, "num_class_embeds?": (INT, None)}
+            {
+                "sample_shape": ListOf(INT, 3),
+                "num_train_timesteps": INT,
+                "num_class_embeds?": (INT, None),
+                "inputs?": ListOf(STR),
+            }
         ),
         "schedule": Record(
             {
@@ -155,6 +160,12 @@ def check(manifest, mpath: Path) -> None:
     spec = manifest["input_spec"]
     if any(n <= 0 for n in spec["sample_shape"]) or spec["num_train_timesteps"] < 2:
         raise BundleError(f"{mpath}: input_spec: sample_shape entries and num_train_timesteps must be positive")
+    names = ["sample", "timestep"] + ([] if spec.get("num_class_embeds") is None else ["class_labels"])
+    if spec.get("inputs", names) != names:
+        raise BundleError(
+            f"{mpath}: input_spec.inputs = {spec['inputs']} does not match num_class_embeds = "
+            f"{spec.get('num_class_embeds')} (engine inputs {names}); recompile the bundle"
+        )
     steps = manifest.get("calibration", {}).get("steps")
     if steps is not None and not 1 <= steps <= spec["num_train_timesteps"]:
         raise BundleError(

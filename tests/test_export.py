@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from calibration.profiles import get_profile
 from calibration.quantizers import activation_params
 from exporter.bundle_writer import WEIGHTS, integer_op_summary, ort_optimized_op_counts
-from exporter.profiles import get_profile
 from exporter.qdq import LayerQuant, insert_qdq
 
 

@@ -30,7 +30,7 @@ _SHOWN = 20  # fallback nodes listed in an error message
 
 def check_target(bundle: Bundle) -> None:
     """Refuse a bundle compiled for ONNX Runtime: its Q/DQ placement is not the one TensorRT fuses."""
-    from exporter.profiles import get_profile  # pure data
+    from calibration.profiles import get_profile  # pure data
 
     target = bundle.manifest["target"]
     try:

@@ -1,7 +1,9 @@
 """Export target profiles: where Q/DQ pairs go and in which integer and float types.
 
-Calibration imports this module to model exactly the quantization points the profile places, so the
-PyTorch fake-quant reference and the shipped graph compute the same function. Pure data, no heavy imports.
+The contract between calibration and export: calibration models exactly the quantization points the
+profile places, so the PyTorch fake-quant reference and the shipped graph compute the same function, and the
+exporter places them. It sits in calibration/ (which the exporter already reads) so that calibration never
+imports from the exporter. Pure data, no heavy imports.
 """
 
 from __future__ import annotations
