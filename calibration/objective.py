@@ -4,7 +4,7 @@ A per-step ε-MSE weighs every calibrated timestep alike, yet an error δ in ε 
 differently along the trajectory. The weights w(t) below scale each calibration input's squared error
 (in the group search's J, APQ-DM Eq. 7, and in the LSQ pass of block reconstruction):
 
-- ``eps``: w = 1, the papers' objective.
+- ``eps``: w = 1, the papers' objective (for a v-prediction model: the plain MSE of its output).
 - ``x0``: the x̂₀-space factor. x̂₀ = (x_t − √(1−ā_t) ε)/√ā_t, so δ moves x̂₀ by √(1−ā_t)/√ā_t · δ and
   w = (1 − ā_t)/ā_t.
 - ``xprev``: the deployment sampler's update. δ moves x_prev by λ_t δ, λ_t the coefficient of ε in the
@@ -15,7 +15,9 @@ differently along the trajectory. The weights w(t) below scale each calibration 
   w = λ_t² s² / (ā_prev s² + 1 − ā_prev). s is estimated from the calibration inputs of the least noisy
   calibrated step: Var(x_t) = ā_t s² + 1 − ā_t.
 
-Weights are normalised to mean 1 over the sampler's steps, so learning rates keep their meaning.
+For a v-prediction model an output error δv is δε = √ā_t δv (v = √ā ε − √(1−ā) x_0 at fixed x_t), so the
+weights other than ``eps`` carry a further factor ā_t. Weights are normalised to mean 1 over the sampler's
+steps, so learning rates keep their meaning.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def timestep_weights(schedule, sampler_cfg, how: str, std: float | None = None) 
                 if std is None:
                     raise ValueError("loss weighting 'final' needs the data std")
                 w[i] *= std**2 / (a_prev * std**2 + 1 - a_prev)
+        if how != "eps":  # an error in a v-prediction reaches ε scaled by √ā_t (schedule.epsilon_gain)
+            w[i] *= schedule.epsilon_gain(a_t) ** 2
     w = w / w.mean()
     grid = np.arange(schedule.num_train_timesteps)
     nearest = np.abs(grid[:, None] - np.asarray(ts)[None, :]).argmin(1)

@@ -145,14 +145,14 @@ def noise_sigma(name: str, eta: float, a_t: float, a_prev: float, prev: int) -> 
     return float(np.sqrt(max((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), 1e-20))) if prev >= 0 else 0.0
 
 
-def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, eps, t: int, prev: int, noise: _Noise,
+def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, pred, t: int, prev: int, noise: _Noise,
           sigma_q: float | None = None):  # fmt: skip
-    """One update x_t → x_prev; prev = −1 after the last step. `sigma_q` (PTQD VSC): the residual
-    quantization noise std in ε, absorbed by shrinking the sampler's own noise."""
+    """One update x_t → x_prev from the model's prediction (ε or v: schedule.prediction_type); prev = −1
+    after the last step. `sigma_q` (PTQD VSC): the residual quantization noise std in ε, absorbed by
+    shrinking the sampler's own noise."""
     a_t, a_prev = step_alphas(schedule, cfg.name, t, prev)
     sigma = noise_sigma(cfg.name, cfg.eta, a_t, a_prev, prev)
-    # x̂_0 = (x_t − √(1−ā_t) ε) / √ā_t
-    x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+    x0, eps = schedule.split(pred, x, a_t)  # x̂_0 and ε, whatever the model predicts
     if schedule.clip_sample:
         x0 = np.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
     if cfg.name == "ddim":
@@ -171,7 +171,7 @@ def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, eps, t: int, prev: int
     return out.astype(np.float32)
 
 
-def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun) -> tuple[str, ...]:
+def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun, prediction_type: str) -> tuple[str, ...]:
     """Which corrections run, with the reasons for any that cannot."""
     from runtime.ptqd import COMPONENTS
 
@@ -185,6 +185,11 @@ def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun) -> tuple[st
         raise SamplerError("--ptqd: gain replaces cnc (both rescale ε); pass one of them")
     if ptqd is None or not components:
         return ()
+    if prediction_type != "epsilon":
+        raise SamplerError(
+            f"--ptqd: PTQD's corrections are derived for ε-prediction; this model predicts {prediction_type} "
+            "(sample with --no-ptqd)"
+        )
     if ptqd.sampler != cfg.name:
         raise SamplerError(
             f"PTQD statistics were gathered for {ptqd.sampler}, not {cfg.name}; sample with --sampler "
@@ -248,7 +253,7 @@ def sample(
         run = SampleRun(np.empty((n, *spec.sample_shape), np.float32), labels, ts)
     except (MemoryError, ValueError):
         raise SamplerError(f"-n {n}: {n} samples of shape {spec.sample_shape} do not fit in memory") from None
-    use = _ptqd_plan(ptqd, ptqd_components, cfg, run)
+    use = _ptqd_plan(ptqd, ptqd_components, cfg, run, schedule.prediction_type)
     bar = tqdm(total=n * len(ts), desc="sampling", unit="step", disable=not progress, leave=False)
     for lo in range(0, n, batch_size):
         idx = range(lo, min(lo + batch_size, n))

@@ -14,6 +14,7 @@ from runtime.errors import ModelLoadError, SamplerError
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,16 @@ class NoiseSchedule:
     set_alpha_to_one: bool = True
     steps_offset: int = 0
     timestep_spacing: str = "leading"
+    prediction_type: str = "epsilon"  # what the model predicts: ε, or v = √ā ε − √(1−ā) x_0
+    rescale_betas_zero_snr: bool = False  # the betas were rescaled to zero terminal SNR (ā_T = 0, β_T = 1)
 
     def __post_init__(self) -> None:
         if len(self.betas) < 2:
             raise ModelLoadError("noise schedule: need at least 2 training timesteps (betas)")
-        bad = [i for i, b in enumerate(self.betas) if not 0.0 < b < 1.0]  # NaN fails both comparisons
+        last = len(self.betas) - 1
+        zero_snr = self.rescale_betas_zero_snr
+        # NaN fails both comparisons; a zero-SNR schedule ends on β_T = 1
+        bad = [i for i, b in enumerate(self.betas) if not (0.0 < b < 1.0 or (zero_snr and i == last and b == 1.0))]
         if bad:
             raise ModelLoadError(
                 f"noise schedule: betas must lie in (0, 1); betas[{bad[0]}] = {self.betas[bad[0]]}"
@@ -40,6 +46,16 @@ class NoiseSchedule:
         if self.timestep_spacing not in _SPACINGS:
             raise ModelLoadError(
                 f"scheduler config: timestep_spacing={self.timestep_spacing!r} is not supported; use one of {_SPACINGS}"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(
+                f"scheduler config: prediction_type={self.prediction_type!r} is not supported; use one of "
+                f"{PREDICTION_TYPES}"
+            )
+        if zero_snr and self.prediction_type == "epsilon":
+            raise ModelLoadError(
+                "scheduler config: rescale_betas_zero_snr needs prediction_type='v_prediction' (at zero SNR an "
+                "ε-prediction gives no x̂_0: it divides by √ā_T = 0)"
             )
 
     @property
@@ -54,12 +70,26 @@ class NoiseSchedule:
         ac.flags.writeable = False
         return ac
 
+    def split(self, pred: np.ndarray, x: np.ndarray, a_t: float) -> tuple[np.ndarray, np.ndarray]:
+        """(x̂_0, ε) from the model's prediction at x_t with ā_t: the one place the prediction type is read.
+        ε-prediction: x̂_0 = (x_t − √(1−ā) ε)/√ā. v-prediction (Salimans & Ho 2022, v = √ā ε − √(1−ā) x_0):
+        x̂_0 = √ā x_t − √(1−ā) v, ε = √ā v + √(1−ā) x_t, with no division, so ā_T = 0 works."""
+        if self.prediction_type == "v_prediction":
+            return np.sqrt(a_t) * x - np.sqrt(1 - a_t) * pred, np.sqrt(a_t) * pred + np.sqrt(1 - a_t) * x
+        return (x - np.sqrt(1 - a_t) * pred) / np.sqrt(a_t), pred
+
+    def epsilon_gain(self, a_t: float) -> float:
+        """∂ε/∂prediction at fixed x_t: what an error in the model's output becomes in ε (1, or √ā for v)."""
+        return float(np.sqrt(a_t)) if self.prediction_type == "v_prediction" else 1.0
+
     def final_alpha_cumprod(self) -> float:
         """ā of the step after the last one (DDIM convention: 1.0 when set_alpha_to_one)."""
         return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def timesteps(self, steps: int) -> np.ndarray:
-        """Training timesteps visited by a `steps`-step sampler, descending (diffusers conventions)."""
+        """Training timesteps visited by a `steps`-step sampler, descending (diffusers conventions). Each
+        update goes from one to the next: where they are not evenly spaced ("linspace", or "trailing" when
+        `steps` does not divide T), diffusers' DDIM instead steps from t to t − T // steps."""
         T = self.num_train_timesteps
         if not 1 <= steps <= T:
             raise SamplerError(f"--steps {steps}: must be between 1 and the {T} training timesteps")
@@ -123,9 +153,21 @@ def load_schedule(path: str | Path) -> NoiseSchedule:
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path}: expected a JSON object with the scheduler config")
     pred = cfg.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ModelLoadError(f"{path}: prediction_type={pred!r}; dqc supports epsilon-prediction models only")
+    if pred not in PREDICTION_TYPES:
+        raise ModelLoadError(f"{path}: prediction_type={pred!r} is not supported; dqc runs {PREDICTION_TYPES}")
+    if cfg.get("thresholding"):
+        raise ModelLoadError(f"{path}: thresholding=true (dynamic thresholding) is not supported; set it false")
     betas, kind = _betas(cfg, path)
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    if zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    try:
+        return _schedule(cfg, betas, kind, pred, zero_snr)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+
+
+def _schedule(cfg: dict, betas: np.ndarray, kind: str, pred: str, zero_snr: bool) -> NoiseSchedule:
     return NoiseSchedule(
         betas=tuple(float(b) for b in betas),
         beta_schedule=kind,
@@ -134,4 +176,17 @@ def load_schedule(path: str | Path) -> NoiseSchedule:
         set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)),
         steps_offset=int(cfg.get("steps_offset", 0)),
         timestep_spacing=str(cfg.get("timestep_spacing", "leading")),
+        prediction_type=pred,
+        rescale_betas_zero_snr=zero_snr,
     )
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"), Algorithm 1: shift
+    and scale √ā so that √ā_T = 0 and √ā_1 is kept, then recover the betas (β_T = 1)."""
+    sqrt_ac = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+    first, last = sqrt_ac[0], sqrt_ac[-1]
+    sqrt_ac = (sqrt_ac - last) * first / (first - last)
+    ac = sqrt_ac**2
+    alphas = np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+    return 1.0 - alphas

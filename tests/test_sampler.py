@@ -113,3 +113,79 @@ def test_zero_samples_rejected(tmp_path):
     _, schedule = _scheduler(tmp_path, "DDIMScheduler")
     with pytest.raises(SamplerError, match="-n 0"):
         sample(EngineSet.single(_Echo()), schedule, SamplerConfig(), n=0, progress=False)
+
+
+# Stable-Diffusion-style scheduler configs (issue 20): v-prediction, leading/trailing spacing with an
+# offset, ā_final = ā_0, and zero terminal SNR (which needs v-prediction)
+SD_CONFIGS = [
+    dict(prediction_type="epsilon", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+         timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False),
+    dict(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+         timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False),
+    dict(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
+]  # fmt: skip
+# not "linspace": its timesteps are not evenly spaced, and diffusers' DDIM then steps from t to t − T // steps
+# where dqc steps to the next timestep it visits (NoiseSchedule.timesteps)
+
+
+@pytest.mark.parametrize("config", SD_CONFIGS, ids=lambda c: f"{c['prediction_type']}-{c['timestep_spacing']}")
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_whole_ddim_run_matches_diffusers_step_for_step(tmp_path, config, eta):
+    import diffusers
+
+    diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False, **config).save_pretrained(tmp_path)
+    ref, schedule = diffusers.DDIMScheduler.from_pretrained(tmp_path), load_schedule(tmp_path)
+    assert schedule.prediction_type == config["prediction_type"]
+    ref.set_timesteps(25)
+    np.testing.assert_array_equal(schedule.timesteps(25), ref.timesteps.numpy())
+    # ā in float64 on both sides: diffusers keeps it in float32, whose error reaches 2e-4 at the noisy end
+    np.testing.assert_allclose(schedule.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=2e-4, atol=1e-7)
+    ref.alphas_cumprod = torch.tensor(schedule.alphas_cumprod)
+    ref.final_alpha_cumprod = torch.tensor(schedule.final_alpha_cumprod(), dtype=torch.float64)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 1, 4, 4)).astype(np.float32)
+
+    def model(x, t):  # a smooth stand-in for the network's prediction
+        return (0.5 * np.tanh(x) + 0.1 * np.sin(t / 97.0)).astype(np.float32)
+
+    ts = schedule.timesteps(25)
+    for i, t in enumerate(ts):  # each step from the same x_t and prediction on both sides, along our trajectory
+        z = rng.standard_normal(x.shape).astype(np.float32)
+        prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
+        pred = model(x, t)
+        ours = _step(schedule, SamplerConfig("ddim", 25, eta), x, pred, int(t), prev, _FixedNoise(z))
+        theirs = ref.step(torch.tensor(pred), int(t), torch.tensor(x), eta=eta, variance_noise=torch.tensor(z))
+        np.testing.assert_allclose(ours, theirs.prev_sample.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"step {i}, t {t}")
+        x = ours
+
+
+def test_v_prediction_splits_into_the_x0_and_eps_it_was_made_from(tmp_path):
+    import diffusers
+
+    diffusers.DDIMScheduler(prediction_type="v_prediction").save_pretrained(tmp_path)
+    schedule = load_schedule(tmp_path)
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((2, 3, 8))
+    for t in (0, 400, 999):
+        a = schedule.alphas_cumprod[t]
+        xt, v = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps, np.sqrt(a) * eps - np.sqrt(1 - a) * x0
+        got_x0, got_eps = schedule.split(v, xt, a)
+        np.testing.assert_allclose(got_x0, x0, atol=1e-12)
+        np.testing.assert_allclose(got_eps, eps, atol=1e-12)
+        assert schedule.epsilon_gain(a) == pytest.approx(np.sqrt(a))
+
+
+def test_unsupported_scheduler_settings_are_refused_by_name(tmp_path):
+    import diffusers
+
+    from runtime.errors import ModelLoadError
+
+    cases = [
+        (dict(prediction_type="sample"), "prediction_type='sample'"),
+        (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr needs prediction_type='v_prediction'"),
+        (dict(thresholding=True), "thresholding"),
+    ]
+    for i, (config, match) in enumerate(cases):
+        diffusers.DDIMScheduler(**config).save_pretrained(tmp_path / str(i))
+        with pytest.raises(ModelLoadError, match=match):
+            load_schedule(tmp_path / str(i))

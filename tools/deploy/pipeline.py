@@ -57,6 +57,9 @@ def compile_model(
         raise ConfigError(f"--save-calibration {calibration_out}: is a directory; give a file path")
     model_dir = resolve_model(model_dir)
     model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device)
+    if ptqd_samples and model.schedule.prediction_type != "epsilon":
+        raise ConfigError(f"--ptqd: PTQD's corrections are derived for ε-prediction; {model.source} predicts "
+                          f"{model.schedule.prediction_type}: compile without --ptqd")  # fmt: skip
     configs = [cfg] + ([dataclasses.replace(cfg, bits=mixed_bits)] if mixed_bits else [])
     results = [calibrate(model, cfg, progress=progress)]
     for c in configs[1:]:  # same weight bits: reuse the weights (unless BRECQ learns them with the activations)
