@@ -6,6 +6,7 @@ Nothing here imports torch at module level; an ONNX bundle runs with numpy and o
 from runtime.bundle import Bundle, load_bundle
 from runtime.engine import Engine, EngineSet, InputSpec, OrtEngine, TorchEngine
 from runtime.errors import DqcError
+from runtime.interop import as_diffusers_unet
 from runtime.sampler import SamplerConfig, SampleRun, sample
 from runtime.schedule import NoiseSchedule, load_schedule
 
@@ -20,6 +21,7 @@ __all__ = [
     "SampleRun",
     "SamplerConfig",
     "TorchEngine",
+    "as_diffusers_unet",
     "load_bundle",
     "load_schedule",
     "sample",
