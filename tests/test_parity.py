@@ -4,16 +4,16 @@ import pytest
 
 from exporter.parity import end_to_end_parity, layer_parity, noised_inputs
 from runtime.bundle import load_bundle
-from runtime.cpu import int8_saturates
 
 
 @pytest.mark.parametrize("backend", ["ort", "openvino"])
 def test_every_layer_matches_its_reference_on_integer_kernels(backend, tiny_model, tiny_result, tiny_bundle):
-    # integer kernels and the float reference round identically but for accumulation-order ties; where the
-    # CPU's int8 saturates, OpenVINO runs float layers on the bundle's weights (runtime.openvino), and its
-    # FakeQuantize and float accumulation put more values across a rounding boundary (0.34 % at most measured)
-    floats = backend == "openvino" and int8_saturates()
-    share = 1e-2 if floats else 2e-3
+    # integer kernels and the float reference round identically but for accumulation-order ties (ORT: 0.024 %
+    # of one layer's outputs at most, measured). OpenVINO requantizes through FakeQuantize with its own float
+    # arithmetic and puts more values across a rounding boundary, by one step: 0.51 % in one layer of 51 on an
+    # AMX Xeon (int8 kernels), 0.34 % where the CPU's int8 saturates and it runs float layers on the bundle's
+    # weights (runtime.openvino). A kernel that saturates moves outputs by tens of steps: max_steps catches it.
+    share = 1e-2 if backend == "openvino" else 2e-3
     reference = tiny_result.reference_model(tiny_model.wrapper())
     for t in (5, 400, 950):
         feeds = noised_inputs(tiny_model.spec, tiny_model.schedule, t, n=4, seed=0)
