@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.engine import InputSpec
 from runtime.errors import BundleError
 
 
@@ -160,7 +161,7 @@ def check(manifest, mpath: Path) -> None:
     spec = manifest["input_spec"]
     if any(n <= 0 for n in spec["sample_shape"]) or spec["num_train_timesteps"] < 2:
         raise BundleError(f"{mpath}: input_spec: sample_shape entries and num_train_timesteps must be positive")
-    names = ["sample", "timestep"] + ([] if spec.get("num_class_embeds") is None else ["class_labels"])
+    names = InputSpec.from_dict(spec).names
     if spec.get("inputs", names) != names:
         raise BundleError(
             f"{mpath}: input_spec.inputs = {spec['inputs']} does not match num_class_embeds = "
