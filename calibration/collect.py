@@ -68,15 +68,15 @@ class _Recorder:
     def __init__(self, engine: Engine, keep: set[int], data: CalibrationData, stop_after: int | None = None) -> None:
         self.engine, self.spec, self.keep, self.data, self.stop_after = engine, engine.spec, keep, data, stop_after
 
-    def infer(self, sample, timestep, class_labels=None):
+    def infer(self, sample, timestep, cond=None):
         t = int(timestep[0])
         if t in self.keep:
             self.data.samples.append(sample.copy())
             self.data.timesteps.append(np.asarray(timestep, np.int64).copy())
-            self.data.labels.append(None if class_labels is None else np.asarray(class_labels, np.int64).copy())
+            self.data.labels.append(None if cond is None else np.array(cond, copy=True))
         if t == self.stop_after:
             raise _Reached
-        return self.engine.infer(sample, timestep, class_labels)
+        return self.engine.infer(sample, timestep, cond)
 
 
 def uniform_timesteps(timesteps: np.ndarray, count: int) -> set[int]:
@@ -122,16 +122,23 @@ def default_labels(model: LoadedModel, n: int) -> np.ndarray | None:
     return None if k is None else np.arange(n, dtype=np.int64) % max(k - 1, 1)
 
 
+def calib_conds(model: LoadedModel, n: int) -> np.ndarray | None:
+    """The conditions of n calibration trajectories: the real classes cycled (class models), the calibration
+    prompts' embeddings cycled (text models), None (unconditional)."""
+    if model.spec.context_shape is not None:
+        return model.prompt_embeddings(n)
+    return default_labels(model, n)
+
+
 def record_at(model: LoadedModel, cfg: CalibrationConfig, t: int, n: int, draw: int) -> CalibrationData:
     """The inputs at sampling step t of n fresh full-precision trajectories (noise: cfg.seed's calibration
     stream for fresh draws, number `draw`); the trajectories stop there."""
     data = CalibrationData([], [], [])
     fp = TorchEngine(model.wrapper(), model.spec, device=cfg.device)
     recorder = _Recorder(fp, {t}, data, stop_after=t)
-    labels = default_labels(model, n)
     try:
-        sample(EngineSet.single(recorder), model.schedule, cfg.sampler_config, n=n, seed=cfg.seed, labels=labels,
-               null_class=model.null_class, batch_size=n, progress=False,
+        sample(EngineSet.single(recorder), model.schedule, cfg.sampler_config, n=n, seed=cfg.seed,
+               cond=calib_conds(model, n), null_cond=model.null_cond, batch_size=n, progress=False,
                stream=calibration_noise("active", draw))  # fmt: skip
     except _Reached:
         return data
@@ -169,8 +176,8 @@ def record_trajectories(model: LoadedModel, cfg: CalibrationConfig, progress: bo
         sampler,
         n=cfg.calib_samples,
         seed=cfg.seed,
-        labels=default_labels(model, cfg.calib_samples),
-        null_class=model.null_class,
+        cond=calib_conds(model, cfg.calib_samples),
+        null_cond=model.null_cond,
         batch_size=cfg.batch_size,
         progress=progress,
         stream=calibration_noise(purpose),

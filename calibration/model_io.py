@@ -24,12 +24,23 @@ class LoadedModel:
     source: str
     weight_sha256: str
     family: Family
+    text: object | None = None  # text families: the PromptEncoder (calibration.families.text)
+    vae: object | None = None  # latent pipelines: the AutoencoderKL whose decoder turns samples into images
 
     @property
     def null_class(self) -> int | None:
         """Class-conditional models reserve their last class embedding for the null class of guidance."""
         k = self.spec.num_class_embeds
         return None if k is None else k - 1
+
+    @property
+    def null_cond(self):
+        """The unconditional side of guidance: the null class, or the empty prompt's embedding (L, D)."""
+        return self.text.null_embedding if self.text is not None else self.null_class
+
+    def prompt_embeddings(self, n: int):
+        """(n, L, D): the calibration prompts' embeddings, cycled over n trajectories."""
+        return self.text.calibration_embeddings(n)
 
     @property
     def config(self) -> dict:
@@ -83,9 +94,11 @@ def _resolve(model_dir: Path, scheduler: str | Path | None) -> tuple[Path, Path]
     return unet_dir, sched
 
 
-def load_model(model_dir: str | Path, scheduler: str | Path | None = None, device: str = "cpu") -> LoadedModel:
+def load_model(model_dir: str | Path, scheduler: str | Path | None = None, device: str = "cpu",
+               prompts: tuple[str, ...] = ()) -> LoadedModel:  # fmt: skip
     """Load a denoiser of a supported family (safetensors only, never a pickle, never a hub) and its noise
-    schedule."""
+    schedule; for text families also the pipeline's tokenizer and text encoder, with the calibration
+    `prompts`."""
     model_dir = Path(model_dir)
     unet_dir, sched_path = _resolve(model_dir, scheduler)
     try:
@@ -98,6 +111,34 @@ def load_model(model_dir: str | Path, scheduler: str | Path | None = None, devic
             f"{unet_dir}: no .safetensors weights; re-save the model with save_pretrained(safe_serialization=True)"
         )
     schedule = load_schedule(sched_path)
+    if prompts and not family.text:
+        raise ModelLoadError(f"{model_dir}: --calib-prompts given, but its {family.classes[0]} takes no prompts")
+    text = family.load_text(model_dir, device, tuple(prompts))
     unet = family.load(unet_dir, device)
-    spec = family.input_spec(unet, schedule, unet_dir)
-    return LoadedModel(unet, schedule, spec, str(model_dir), state_dict_sha256(unet), family)
+    spec = family.input_spec(unet, schedule, unet_dir, text)
+    vae = load_vae(model_dir, spec) if unet_dir != model_dir else None
+    return LoadedModel(unet, schedule, spec, str(model_dir), state_dict_sha256(unet), family, text, vae)
+
+
+def load_vae(root: Path, spec: InputSpec):
+    """The pipeline's AutoencoderKL (vae/), or None where the directory has none; its latent channels must be
+    the denoiser's."""
+    import os
+
+    from calibration.families.text import check_component
+
+    if not (root / "vae").is_dir():
+        return None
+    folder = check_component(root, "vae", ("AutoencoderKL",))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True, local_files_only=True,
+                                            low_cpu_mem_usage=False)  # fmt: skip
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(f"{folder}: cannot load AutoencoderKL ({e})") from e
+    if vae.config.latent_channels != spec.sample_shape[0]:
+        raise ModelLoadError(f"{folder}: the VAE has {vae.config.latent_channels} latent channels, the denoiser "
+                             f"{spec.sample_shape[0]}; the components belong to different pipelines")  # fmt: skip
+    return vae.eval()

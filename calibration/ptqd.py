@@ -61,21 +61,21 @@ def _paired(model, sets: dict, sampler_cfg, *, n: int, seed: int, batch_size: in
     """FP trajectories with the deployment sampler, from seed's calibration noise stream for `purpose`; at
     every step each engine set in `sets` predicts on the same x_t as the FP model (guided outputs, as the
     sampler sees them): consume(key, step, ε̂, ε_FP). Returns the sampled timesteps."""
-    from calibration.collect import default_labels
+    from calibration.collect import calib_conds
     from runtime.engine import EngineSet, TorchEngine
     from runtime.sampler import _guided_eps, calibration_noise, sample
 
     if n < 2:
         raise ValueError(f"PTQD statistics: n={n}; need at least 2 samples")
 
-    def observe(i: int, t: int, x: np.ndarray, eps_fp: np.ndarray, labels) -> None:
+    def observe(i: int, t: int, x: np.ndarray, eps_fp: np.ndarray, cond) -> None:
         for key, es in sets.items():
-            consume(key, i, _guided_eps(es.for_timestep(t), x, t, labels, model.null_class, sampler_cfg.guidance),
+            consume(key, i, _guided_eps(es.for_timestep(t), x, t, cond, model.null_cond, sampler_cfg.guidance),
                     eps_fp)  # fmt: skip
 
     fp = EngineSet.single(TorchEngine(model.wrapper(), model.spec))
-    run = sample(fp, model.schedule, sampler_cfg, n=n, seed=seed, labels=default_labels(model, n),
-                 null_class=model.null_class, batch_size=batch_size, progress=progress, observe=observe,
+    run = sample(fp, model.schedule, sampler_cfg, n=n, seed=seed, cond=calib_conds(model, n),
+                 null_cond=model.null_cond, batch_size=batch_size, progress=progress, observe=observe,
                  stream=calibration_noise(purpose))  # fmt: skip
     return run.timesteps
 

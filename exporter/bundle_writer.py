@@ -26,6 +26,7 @@ from calibration.profiles import get_profile
 from calibration.quantizers import quantize_bias
 from calibration.result import CalibrationResult
 from calibration.shortcut import apply_splits
+from exporter.components import write_components
 from exporter.onnx_export import export_float
 from exporter.precision import to_float_type
 from exporter.publish import OWNER, check_output, publish, stage
@@ -201,7 +202,7 @@ def quantized_macs(model: LoadedModel, result: CalibrationResult) -> int:
     import numpy as np
     import torch
 
-    from runtime.engine import TorchEngine
+    from runtime.engine import TorchEngine, example_cond
 
     total = [0]
 
@@ -214,9 +215,8 @@ def quantized_macs(model: LoadedModel, result: CalibrationResult) -> int:
     hooks = [model.unet.get_submodule(name).register_forward_hook(count) for name in result.weights]
     try:
         spec = model.spec
-        labels = None if spec.num_class_embeds is None else np.zeros(1, np.int64)
-        TorchEngine(model.wrapper(), spec).infer(np.zeros((1, *spec.sample_shape), np.float32),
-                                                 np.array([spec.num_train_timesteps // 2]), labels)  # fmt: skip
+        x, t = np.zeros((1, *spec.sample_shape), np.float32), np.array([spec.num_train_timesteps // 2])
+        TorchEngine(model.wrapper(), spec).infer(x, t, example_cond(spec, 1))
     finally:
         for h in hooks:
             h.remove()
@@ -282,8 +282,12 @@ def write_bundle(
                 entry |= {"file": f"group_{g}.overlay.onnx", "base": "group_0.onnx"}
             onnx.save(graph if delta is None else delta, str(tmp / entry["file"]))
         (tmp / WEIGHTS).write_bytes(bytes(shared.blob))
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != OWNER}
+        components = write_components(model, tmp)
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                 if p.is_file() and p.name != OWNER}  # fmt: skip
         manifest = _manifest(model, results, groups, report, files, quantized_macs(model, results[0]))
+        if components:
+            manifest["components"] = components
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if before_publish is not None:
             before_publish(tmp)

@@ -15,14 +15,16 @@ OPSET = 17
 
 
 def export_float(model: LoadedModel) -> onnx.ModelProto:
-    """The float graph: inputs sample, timestep (int64), [class_labels (int64)]; output eps."""
+    """The float graph: inputs sample, timestep (int64), and the condition the spec names: class_labels
+    (int64) or encoder_hidden_states (float, (B, L, D)); output eps (the prediction, whatever its type)."""
     c, h, w = model.spec.sample_shape
     forward = model.wrapper().cpu().eval()  # moves the model to the CPU: export traces there
     args = [torch.zeros(2, c, h, w), torch.tensor([1, 2], dtype=torch.int64)]
-    names = ["sample", "timestep"]
-    if model.spec.num_class_embeds is not None:
+    names = model.spec.names
+    if model.spec.condition == "class_labels":
         args.append(torch.tensor([0, 1], dtype=torch.int64))
-        names.append("class_labels")
+    elif model.spec.condition == "encoder_hidden_states":
+        args.append(torch.zeros(2, *model.spec.context_shape))
     dynamic = {n: {0: "batch"} for n in [*names, "eps"]}
     buf = io.BytesIO()
     try:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from runtime.engine import example_cond
+
 
 def probe_model(graph: Path | onnx.ModelProto, layers: list[str]) -> tuple[onnx.ModelProto, dict]:
     if isinstance(graph, onnx.ModelProto):
@@ -114,8 +116,8 @@ def noised_inputs(spec, schedule, t: int, n: int, seed: int) -> dict[str, np.nda
         "sample": (np.sqrt(a) * x0 + np.sqrt(1 - a) * rng.standard_normal(x0.shape)).astype(np.float32),
         "timestep": np.full(n, t, np.int64),
     }
-    if spec.num_class_embeds is not None:
-        feeds["class_labels"] = np.arange(n, dtype=np.int64) % spec.num_class_embeds
+    if spec.condition is not None:
+        feeds[spec.condition] = example_cond(spec, n, rng)
     return feeds
 
 
@@ -130,11 +132,11 @@ def end_to_end_parity(
     for t in timesteps:
         feeds = noised_inputs(spec, schedule, t, n, seed)
         args = [torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"])]
-        labels = feeds.get("class_labels")
-        args.append(None if labels is None else torch.from_numpy(labels))
+        cond = feeds.get(spec.condition)
+        args.append(None if cond is None else torch.from_numpy(cond))
         with torch.no_grad():
             e_q, e_fp = reference(*args).numpy(), fp(*args).numpy()
-        e_engine = engine.infer(feeds["sample"], feeds["timestep"], labels)
+        e_engine = engine.infer(feeds["sample"], feeds["timestep"], cond)
         parity += float(np.sum((e_engine - e_q) ** 2))
         engine_err += float(np.sum((e_engine - e_fp) ** 2))
         ref_err += float(np.sum((e_q - e_fp) ** 2))

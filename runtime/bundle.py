@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import manifest_schema
-from runtime.engine import EngineSet, InputSpec, OrtEngine
+from runtime.engine import EngineSet, InputSpec, OrtEngine, example_cond
 from runtime.errors import BundleError, DqcError
 from runtime.schedule import NoiseSchedule
 
@@ -366,12 +366,12 @@ def time_cpu_backends(bundle: Bundle, batch: int, calls: int = 5) -> dict:
     spec = bundle.spec
     x = np.random.default_rng(0).standard_normal((batch, *spec.sample_shape)).astype(np.float32)
     t = np.full(batch, spec.num_train_timesteps // 2, np.int64)
-    labels = None if spec.num_class_embeds is None else np.zeros(batch, np.int64)
+    cond = example_cond(spec, batch)
     times: dict[str, list[float]] = {name: [] for name in engines}
     for i in range(calls + 1):
         for name, engine in engines.items():
             start = time.perf_counter()
-            engine.infer(x, t, labels)
+            engine.infer(x, t, cond)
             if i:
                 times[name].append(time.perf_counter() - start)
     ms = {name: round(1e3 * float(np.median(v)), 3) for name, v in times.items()}
@@ -396,6 +396,14 @@ def check_class_embeds(model, spec: InputSpec, where: Path) -> None:
             f"{where}: the graph {'has' if has_input else 'has no'} class_labels input, the manifest's input_spec "
             f"says num_class_embeds = {spec.num_class_embeds}; recompile the bundle"
         )
+    if spec.context_shape is not None:
+        value = next(i for i in model.graph.input if i.name == "encoder_hidden_states")
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if shape[1:] != list(spec.context_shape):
+            raise BundleError(
+                f"{where}: the graph's encoder_hidden_states is (B, {', '.join(map(str, shape[1:]))}), the "
+                f"manifest's input_spec says (B, {', '.join(map(str, spec.context_shape))}); recompile the bundle"
+            )
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Gather" and list(node.input[1:2]) == ["class_labels"] and node.input[0] in dims:

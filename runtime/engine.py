@@ -17,33 +17,93 @@ from runtime.errors import EngineError, EngineInputError
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What every engine of a model accepts: sample (B, C, H, W) float32, timestep (B,) int64 in
-    [0, T), and class_labels (B,) int64 in [0, num_class_embeds) for class-conditional models."""
+    """What every engine of a model accepts: sample (B, C, H, W) float32, timestep (B,) int64 in [0, T),
+    and its condition, if any: class_labels (B,) int64 in [0, num_class_embeds) for class-conditional
+    models, encoder_hidden_states (B, L, D) float32 for text-conditional ones (context_shape = (L, D))."""
 
     sample_shape: tuple[int, int, int]
     num_train_timesteps: int
     num_class_embeds: int | None = None
+    context_shape: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_class_embeds is not None and self.context_shape is not None:
+            raise EngineInputError("an input spec takes class labels or encoder hidden states, not both")
+
+    @property
+    def condition(self) -> str | None:
+        """The name of the conditioning input: class_labels, encoder_hidden_states, or None."""
+        if self.num_class_embeds is not None:
+            return "class_labels"
+        return None if self.context_shape is None else "encoder_hidden_states"
 
     @property
     def names(self) -> list[str]:
         """The engine's named inputs, in the order of the exported graph's inputs."""
-        return ["sample", "timestep"] + ([] if self.num_class_embeds is None else ["class_labels"])
+        return ["sample", "timestep"] + ([] if self.condition is None else [self.condition])
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "sample_shape": list(self.sample_shape),
             "num_train_timesteps": self.num_train_timesteps,
             "num_class_embeds": self.num_class_embeds,
             "inputs": self.names,
         }
+        if self.context_shape is not None:
+            d["context_shape"] = list(self.context_shape)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
-        return cls(tuple(d["sample_shape"]), int(d["num_train_timesteps"]), d.get("num_class_embeds"))
+        context = d.get("context_shape")
+        return cls(tuple(d["sample_shape"]), int(d["num_train_timesteps"]), d.get("num_class_embeds"),
+                   None if context is None else tuple(int(v) for v in context))  # fmt: skip
 
 
-def check_inputs(spec: InputSpec, sample: Any, timestep: Any, class_labels: Any = None):
-    """Validate one engine call; returns contiguous (sample, timestep, class_labels) arrays."""
+def _check_cond(spec: InputSpec, cond: Any, batch: int) -> np.ndarray | None:
+    """The condition of one engine call, checked against the spec: None, int64 labels or float32 context."""
+    name = spec.condition
+    if name is None:
+        if cond is not None:
+            raise EngineInputError("input 'class_labels': the model is unconditional; pass no condition")
+        return None
+    if cond is None:
+        what = "class-conditional; pass one label per sample" if name == "class_labels" else (
+            "text-conditional; pass the prompts' embeddings")
+        raise EngineInputError(f"input {name!r}: the model is {what}")
+    if name == "encoder_hidden_states":
+        length, width = spec.context_shape
+        if not isinstance(cond, np.ndarray) or cond.dtype != np.float32:
+            got = getattr(cond, "dtype", type(cond).__name__)
+            raise EngineInputError(f"input {name!r}: expected a float32 numpy array, got {got}")
+        if cond.shape != (batch, length, width):
+            raise EngineInputError(f"input {name!r}: expected shape ({batch}, {length}, {width}), got {cond.shape}")
+        return np.ascontiguousarray(cond)
+    labels = np.asarray(cond)
+    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
+        raise EngineInputError(f"input 'class_labels': expected {batch} integer labels, got shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= spec.num_class_embeds:
+        raise EngineInputError(
+            f"input 'class_labels': values must lie in [0, {spec.num_class_embeds}), "
+            f"got [{labels.min()}, {labels.max()}]"
+        )
+    return labels.astype(np.int64)
+
+
+def example_cond(spec: InputSpec, batch: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
+    """A valid condition for `batch` rows (smoke calls, parity inputs): the classes cycled, or context rows drawn
+    from N(0, 1) with `rng` (zeros without one); None for unconditional models."""
+    if spec.condition == "class_labels":
+        return np.arange(batch, dtype=np.int64) % spec.num_class_embeds
+    if spec.condition == "encoder_hidden_states":
+        shape = (batch, *spec.context_shape)
+        return np.zeros(shape, np.float32) if rng is None else rng.standard_normal(shape, dtype=np.float32)
+    return None
+
+
+def check_inputs(spec: InputSpec, sample: Any, timestep: Any, cond: Any = None):
+    """Validate one engine call; returns contiguous (sample, timestep, cond) arrays (cond: the class labels or
+    encoder hidden states the spec names, None for unconditional models)."""
     if not isinstance(sample, np.ndarray) or sample.dtype != np.float32:
         got = getattr(sample, "dtype", type(sample).__name__)
         raise EngineInputError(
@@ -67,37 +127,24 @@ def check_inputs(spec: InputSpec, sample: Any, timestep: Any, class_labels: Any 
         raise EngineInputError(
             f"input 'timestep': values must lie in [0, {T}), got [{timestep.min()}, {timestep.max()}]"
         )
-    if spec.num_class_embeds is None:
-        if class_labels is not None:
-            raise EngineInputError("input 'class_labels': the model is unconditional; pass no class labels")
-        return np.ascontiguousarray(sample), timestep.astype(np.int64), None
-    if class_labels is None:
-        raise EngineInputError("input 'class_labels': the model is class-conditional; pass one label per sample")
-    labels = np.asarray(class_labels)
-    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
-        raise EngineInputError(f"input 'class_labels': expected {batch} integer labels, got shape {labels.shape}")
-    if labels.min() < 0 or labels.max() >= spec.num_class_embeds:
-        raise EngineInputError(
-            f"input 'class_labels': values must lie in [0, {spec.num_class_embeds}), "
-            f"got [{labels.min()}, {labels.max()}]"
-        )
-    return np.ascontiguousarray(sample), timestep.astype(np.int64), labels.astype(np.int64)
+    return np.ascontiguousarray(sample), timestep.astype(np.int64), _check_cond(spec, cond, batch)
 
 
-def input_feeds(spec: InputSpec, sample: Any, timestep: Any, class_labels: Any = None) -> dict[str, np.ndarray]:
-    """One engine call's checked inputs by graph input name (class_labels only for class-conditional models)."""
-    sample, timestep, class_labels = check_inputs(spec, sample, timestep, class_labels)
+def input_feeds(spec: InputSpec, sample: Any, timestep: Any, cond: Any = None) -> dict[str, np.ndarray]:
+    """One engine call's checked inputs by graph input name (the condition under the name the spec gives it)."""
+    sample, timestep, cond = check_inputs(spec, sample, timestep, cond)
     feeds = {"sample": sample, "timestep": timestep}
-    if class_labels is not None:
-        feeds["class_labels"] = class_labels
+    if cond is not None:
+        feeds[spec.condition] = cond
     return feeds
 
 
 class Engine(Protocol):
     spec: InputSpec
 
-    def infer(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray | None = None) -> np.ndarray:
-        """ε̂ for a batch; inputs are checked against `spec` first."""
+    def infer(self, sample: np.ndarray, timestep: np.ndarray, cond: np.ndarray | None = None) -> np.ndarray:
+        """The prediction for a batch; inputs (cond: class labels or encoder hidden states, as `spec` says) are
+        checked against `spec` first."""
         ...
 
 
@@ -200,8 +247,8 @@ class OrtEngine:
                 )
         return self._session
 
-    def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
-        feeds = input_feeds(self.spec, sample, timestep, class_labels)
+    def infer(self, sample, timestep, cond=None) -> np.ndarray:
+        feeds = input_feeds(self.spec, sample, timestep, cond)
         session = self.activate()
         try:
             return session.run(["eps"], feeds)[0]
@@ -218,7 +265,7 @@ def _describe(e: Exception) -> str:
 
 
 class TorchEngine:
-    """A torch module `f(sample, timestep, class_labels) -> eps` (the FP model or the fake-quant reference).
+    """A torch module `f(sample, timestep, cond) -> eps` (the FP model or the fake-quant reference).
 
     `dtype="float64"` runs a copy of the module in double precision: the parity reference. In float32 the
     CPU's convolution kernels are chosen per batch size and sum in different orders, so a quantizer input
@@ -235,15 +282,18 @@ class TorchEngine:
             module = copy.deepcopy(module).double()
         self.module, self.spec, self.device, self.dtype = module, spec, device, dtype
 
-    def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
+    def infer(self, sample, timestep, cond=None) -> np.ndarray:
         import torch
 
-        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
-        x = torch.from_numpy(sample).to(self.device, getattr(torch, self.dtype))
+        sample, timestep, cond = check_inputs(self.spec, sample, timestep, cond)
+        dtype = getattr(torch, self.dtype)
+        x = torch.from_numpy(sample).to(self.device, dtype)
         t = torch.from_numpy(timestep).to(self.device)
-        labels = None if class_labels is None else torch.from_numpy(class_labels).to(self.device)
+        c = None if cond is None else torch.from_numpy(cond).to(self.device)
+        if c is not None and c.is_floating_point():
+            c = c.to(dtype)
         with torch.inference_mode():
-            return self.module(x, t, labels).float().cpu().numpy()
+            return self.module(x, t, c).float().cpu().numpy()
 
 
 class EngineSet:

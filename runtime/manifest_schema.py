@@ -46,6 +46,7 @@ MANIFEST_V1 = Record(
                 "num_train_timesteps": INT,
                 "num_class_embeds?": (INT, None),
                 "inputs?": ListOf(STR),
+                "context_shape?": (ListOf(INT, 2), None),
             }
         ),
         "schedule": Record(
@@ -71,6 +72,14 @@ MANIFEST_V1 = Record(
         "ptqd?": (DictOf(_PTQD), None),
         "quantized_nodes?": ListOf(Record({"node": STR, "op": STR})),
         "float_nodes?": ListOf(Record({"node": STR, "op": STR, "reason": STR})),
+        "components?": Record(
+            {
+                "text_encoder?": Record({"file": STR, "context_shape": ListOf(INT, 2)}),
+                "tokenizer?": Record({"folder": STR, "max_length": INT}),
+                "vae_decoder?": Record({"file": STR, "scaling_factor": NUM, "image_shape": ListOf(INT, 3)}),
+                "calibration_prompts?": ListOf(STR),
+            }
+        ),
     }
 )
 

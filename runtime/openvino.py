@@ -130,7 +130,7 @@ class OpenVinoEngine:
         self.activate()
         return int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
 
-    def profile(self, sample, timestep, class_labels=None, runs: int = 5) -> dict:
+    def profile(self, sample, timestep, cond=None, runs: int = 5) -> dict:
         """Where the time goes: OpenVINO's per-node counters over `runs` calls (a separately compiled model with
         PERF_COUNT on), milliseconds per call summed by (node type, kernel), e.g. ("Convolution",
         "brgconv_avx512_amx_I8"): which kernels run int8 and on which instructions."""
@@ -139,7 +139,7 @@ class OpenVinoEngine:
         self.activate()  # the graph's checks, and its errors, first
         compiled = core().compile_model(self._read(), "CPU", self.config | {"PERF_COUNT": True})
         request = compiled.create_infer_request()
-        feeds = input_feeds(self.spec, sample, timestep, class_labels)
+        feeds = input_feeds(self.spec, sample, timestep, cond)
         request.infer(feeds)  # warm-up
         per, count, total = collections.Counter(), collections.Counter(), 0.0
         for _ in range(runs):
@@ -164,8 +164,8 @@ class OpenVinoEngine:
         value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
-    def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
-        feeds = input_feeds(self.spec, sample, timestep, class_labels)
+    def infer(self, sample, timestep, cond=None) -> np.ndarray:
+        feeds = input_feeds(self.spec, sample, timestep, cond)
         request = self.activate()
         try:
             request.infer(feeds)

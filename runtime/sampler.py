@@ -96,6 +96,7 @@ class SampleRun:
     ptqd_notes: list[str] = field(default_factory=list)
     step_precisions: list[str] = field(default_factory=list)  # the precision serving each step (bundles)
     engine: dict = field(default_factory=dict)  # what ran it: backend, version, precision (tools.deploy.pipeline)
+    truncated: list[str] = field(default_factory=list)  # text bundles: prompts cut at the tokenizer's limit
 
     @property
     def seconds_per_step(self) -> float:
@@ -113,20 +114,26 @@ class _Noise:
         return np.stack([r.standard_normal(self._shape, dtype=np.float32) for r in self._rngs])
 
 
-def _guided_eps(engine, x: np.ndarray, t: int, labels, null_class, guidance: float, both_labels=None) -> np.ndarray:
+def null_batch(cond: np.ndarray, null_cond) -> np.ndarray:
+    """The unconditional counterpart of a batch of conditions: the null class label, or the null (empty or
+    negative) prompt's embedding, once per row."""
+    return np.broadcast_to(np.asarray(null_cond, dtype=cond.dtype), cond.shape)
+
+
+def _guided_eps(engine, x: np.ndarray, t: int, cond, null_cond, guidance: float, both=None) -> np.ndarray:
     """The prediction the update uses; with guidance, cond and uncond batched in one engine call:
-    ε = ε(x, ∅) + w · (ε(x, c) − ε(x, ∅)). `both_labels` (labels then null, as one array) may be passed in
-    by a caller that reuses it across steps."""
+    ε = ε(x, ∅) + w · (ε(x, c) − ε(x, ∅)). `both` (the conditions then their null counterparts, as one array)
+    may be passed in by a caller that reuses it across steps."""
     n = x.shape[0]
-    if labels is None:
+    if cond is None:
         return engine.infer(x, np.full(n, t, dtype=np.int64))
     if guidance == 1.0:
-        return engine.infer(x, np.full(n, t, dtype=np.int64), labels)
-    if both_labels is None:
-        both_labels = np.concatenate([labels, np.full_like(labels, null_class)])
-    both = engine.infer(np.concatenate([x, x]), np.full(2 * n, t, dtype=np.int64), both_labels)
-    cond, uncond = both[:n], both[n:]
-    return uncond + guidance * (cond - uncond)
+        return engine.infer(x, np.full(n, t, dtype=np.int64), cond)
+    if both is None:
+        both = np.concatenate([cond, null_batch(cond, null_cond)])
+    pred = engine.infer(np.concatenate([x, x]), np.full(2 * n, t, dtype=np.int64), both)
+    on, off = pred[:n], pred[n:]
+    return off + guidance * (on - off)
 
 
 def step_alphas(schedule: NoiseSchedule, name: str, t: int, prev: int) -> tuple[float, float]:
@@ -148,8 +155,8 @@ def noise_sigma(name: str, eta: float, a_t: float, a_prev: float, prev: int) -> 
 def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, pred, t: int, prev: int, noise: _Noise,
           sigma_q: float | None = None):  # fmt: skip
     """One update x_t → x_prev from the model's prediction (ε or v: schedule.prediction_type); prev = −1
-    after the last step. `sigma_q` (PTQD VSC): the residual quantization noise std in ε, absorbed by
-    shrinking the sampler's own noise."""
+    after the last step. `sigma_q` (PTQD VSC): the residual quantization noise std of the prediction, absorbed
+    by shrinking the sampler's own noise; in ε it is epsilon_gain(ā_t)·σ_q (docs/ptqd_v_prediction.md)."""
     a_t, a_prev = step_alphas(schedule, cfg.name, t, prev)
     sigma = noise_sigma(cfg.name, cfg.eta, a_t, a_prev, prev)
     x0, eps = schedule.split(pred, x, a_t)  # x̂_0 and ε, whatever the model predicts
@@ -166,7 +173,8 @@ def _step(schedule: NoiseSchedule, cfg: SamplerConfig, x, pred, t: int, prev: in
         if sigma_q is not None:
             from runtime.ptqd import calibrated_sigma, eps_coefficient
 
-            sigma = calibrated_sigma(sigma, eps_coefficient(cfg.name, a_t, a_prev, sigma), sigma_q)
+            lam = eps_coefficient(cfg.name, a_t, a_prev, sigma)
+            sigma = calibrated_sigma(sigma, lam, sigma_q * schedule.epsilon_gain(a_t))
         out = out + sigma * z
     return out.astype(np.float32)
 
@@ -185,11 +193,9 @@ def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun, prediction_
         raise SamplerError("--ptqd: gain replaces cnc (both rescale ε); pass one of them")
     if ptqd is None or not components:
         return ()
-    if prediction_type != "epsilon":
-        raise SamplerError(
-            f"--ptqd: PTQD's corrections are derived for ε-prediction; this model predicts {prediction_type} "
-            "(sample with --no-ptqd)"
-        )
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise SamplerError(f"--ptqd: PTQD's corrections are derived for ε and v prediction, not {prediction_type} "
+                           "(sample with --no-ptqd)")  # fmt: skip
     if ptqd.sampler != cfg.name:
         raise SamplerError(
             f"PTQD statistics were gathered for {ptqd.sampler}, not {cfg.name}; sample with --sampler "
@@ -220,8 +226,8 @@ def sample(
     *,
     n: int,
     seed: int = 0,
-    labels: np.ndarray | None = None,
-    null_class: int | None = None,
+    cond: np.ndarray | None = None,
+    null_cond=None,
     batch_size: int = 16,
     progress: bool = True,
     ptqd=None,
@@ -229,10 +235,12 @@ def sample(
     observe: Callable | None = None,
     stream: tuple[int, ...] = EVALUATION_NOISE,
 ) -> SampleRun:
-    """Draw `n` samples; class-conditional engines need `labels` (and `null_class` for guidance ≠ 1).
+    """Draw `n` samples; conditional engines need `cond`, one condition per sample (class labels, or the
+    prompts' embeddings for text models), and for guidance ≠ 1 `null_cond` (the null class, or the embedding
+    of the empty or negative prompt).
     `ptqd` (PtqdTables, or RoutedPtqd for a mixed-precision route) applies the chosen PTQD corrections to
     each step's (guided) prediction.
-    `observe(i, t, x, eps, labels)` sees every step's input and the prediction the update will use.
+    `observe(i, t, x, eps, cond)` sees every step's input and the prediction the update will use.
     `stream`: the noise stream (EVALUATION_NOISE, or calibration_noise(...) for calibration data)."""
     seed = check_seed(seed)
     if n < 1:
@@ -241,16 +249,23 @@ def sample(
         raise SamplerError(f"--batch-size {batch_size}: must be between 1 and 2**31 - 1")
     spec = engines.spec
     if spec.num_class_embeds is not None:
-        if labels is None or len(labels) != n:
+        if cond is None or len(cond) != n:
             raise SamplerError(f"class-conditional model: pass {n} class labels (--class-label)")
-        labels = np.asarray(labels, dtype=np.int64)
-        if cfg.guidance != 1.0 and null_class is None:
+        cond = np.asarray(cond, dtype=np.int64)
+        if cfg.guidance != 1.0 and null_cond is None:
             raise SamplerError("--guidance ≠ 1 needs the model's null class (no null class is recorded)")
-    elif labels is not None:
+    elif spec.context_shape is not None:
+        if cond is None or len(cond) != n:
+            raise SamplerError(f"text-conditional model: pass {n} prompt embeddings (--prompt)")
+        cond = np.asarray(cond, dtype=np.float32)
+        if cfg.guidance != 1.0 and null_cond is None:
+            raise SamplerError("--guidance ≠ 1 needs the embedding of the empty (or negative) prompt")
+    elif cond is not None:
         raise SamplerError("--class-label given, but the model is unconditional; drop it")
     ts = schedule.timesteps(cfg.steps)
     try:
-        run = SampleRun(np.empty((n, *spec.sample_shape), np.float32), labels, ts)
+        run = SampleRun(np.empty((n, *spec.sample_shape), np.float32),
+                        cond if spec.num_class_embeds is not None else None, ts)  # fmt: skip
     except (MemoryError, ValueError):
         raise SamplerError(f"-n {n}: {n} samples of shape {spec.sample_shape} do not fit in memory") from None
     use = _ptqd_plan(ptqd, ptqd_components, cfg, run, schedule.prediction_type)
@@ -259,13 +274,12 @@ def sample(
         idx = range(lo, min(lo + batch_size, n))
         noise = _Noise(seed, idx, spec.sample_shape, stream)
         x = noise.draw()
-        lab = None if labels is None else labels[lo : idx.stop]
-        guided = lab is not None and cfg.guidance != 1.0
-        both = np.concatenate([lab, np.full_like(lab, null_class)]) if guided else None
+        c = None if cond is None else cond[lo : idx.stop]
+        both = np.concatenate([c, null_batch(c, null_cond)]) if c is not None and cfg.guidance != 1.0 else None
         for i, t in enumerate(ts):
             engine = engines.for_timestep(int(t))
             start = time.perf_counter()
-            eps = _guided_eps(engine, x, int(t), lab, null_class, cfg.guidance, both)
+            eps = _guided_eps(engine, x, int(t), c, null_cond, cfg.guidance, both)
             run.engine_seconds += time.perf_counter() - start
             run.engine_calls += 1
             if lo == 0:
@@ -281,7 +295,7 @@ def sample(
                     sigma_q = sq * gain if gain is not None else (sq / (1.0 + k) if "cnc" in use else sq)
                 run.ptqd_seconds += time.perf_counter() - start
             if observe is not None:
-                observe(i, int(t), x, eps, lab)
+                observe(i, int(t), x, eps, c)
             x = _step(schedule, cfg, x, eps, int(t), prev, noise, sigma_q)
             if not np.isfinite(x).all():
                 bad = "the engine's prediction" if not np.isfinite(eps).all() else "the update"

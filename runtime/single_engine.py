@@ -190,10 +190,10 @@ class SingleEngine:
             self._io = session.io_binding()
         return self.engine.activate()
 
-    def infer(self, group: int, sample, timestep, class_labels=None) -> np.ndarray:
+    def infer(self, group: int, sample, timestep, cond=None) -> np.ndarray:
         from runtime.engine import EngineError, _describe, input_feeds
 
-        feeds = input_feeds(self.spec, sample, timestep, class_labels)
+        feeds = input_feeds(self.spec, sample, timestep, cond)
         session = self._activate()
         io = self._io
         if self._bound != group:
@@ -230,5 +230,5 @@ class GroupEngine:
         """Whether the shared session's worker threads spin-wait between calls."""
         return self.single.engine.spin
 
-    def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
-        return self.single.infer(self.group, sample, timestep, class_labels)
+    def infer(self, sample, timestep, cond=None) -> np.ndarray:
+        return self.single.infer(self.group, sample, timestep, cond)

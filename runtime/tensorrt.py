@@ -187,7 +187,7 @@ class TrtEngine:
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             io[name] = (is_input, np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
         inputs = sorted(name for name, (is_input, _) in io.items() if is_input)
-        fed = sorted({"sample", "timestep"} | ({"class_labels"} if self.spec.num_class_embeds is not None else set()))
+        fed = sorted(self.spec.names)
         if inputs != fed or len(io) != len(fed) + 1:
             raise BuildError(
                 f"{self.plan}: the plan has inputs {inputs} and {len(io) - len(inputs)} outputs, the bundle's model "
@@ -215,13 +215,13 @@ class TrtEngine:
                 "the sampler calls the engine with twice --batch-size)"
             )
 
-    def infer(self, sample, timestep, class_labels=None) -> np.ndarray:
-        sample, timestep, class_labels = check_inputs(self.spec, sample, timestep, class_labels)
+    def infer(self, sample, timestep, cond=None) -> np.ndarray:
+        sample, timestep, cond = check_inputs(self.spec, sample, timestep, cond)
         if self.batch_range is None:
             self.activate()
         self.check_batch(sample.shape[0])
         context, stream = self.activate(), self.scratch.stream()
-        feeds = {"sample": sample, "timestep": timestep, "class_labels": class_labels}
+        feeds = {"sample": sample, "timestep": timestep, self.spec.condition: cond}
         outputs = {}
         for name, (is_input, dtype) in self._io.items():
             buf = self.scratch.buffer(name, dtype)

@@ -13,3 +13,9 @@ def tiny_unet(num_class_embeds: int | None = 11, seed: int = 0):
 
 def tiny_pipeline(root: Path, num_class_embeds: int | None = 11, seed: int = 0) -> Path:
     return save_pipeline(tiny_unet(num_class_embeds, seed), root)
+
+
+def tiny_text_pipeline(root: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    from tools.bench.synthetic import save_text_pipeline
+
+    return save_text_pipeline(root, "tiny", seed, prediction_type=prediction_type)

@@ -273,8 +273,8 @@ def test_any_step_count_routes_every_step_to_its_tables_group(group_bundle, step
     bundle = load_bundle(group_bundle)
     engines = bundle.engines()
     labels = None if bundle.spec.num_class_embeds is None else np.zeros(1, np.int64)
-    run = sample(engines, bundle.schedule, SamplerConfig("ddim", steps, 0.0, 1.0), n=1, labels=labels,
-                 null_class=bundle.null_class, progress=False)  # fmt: skip
+    run = sample(engines, bundle.schedule, SamplerConfig("ddim", steps, 0.0, 1.0), n=1, cond=labels,
+                 null_cond=bundle.null_class, progress=False)  # fmt: skip
     want = [int(bundle.group_of_t[t]) for t in bundle.schedule.timesteps(steps)]
     assert run.step_groups == want and len(set(want)) > 1
     assert engines.loaded_groups == sorted(set(want))

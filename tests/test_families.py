@@ -32,8 +32,8 @@ def test_the_pixel_unet_wrapper_computes_exactly_what_diffusers_computes(tiny_mo
 def test_an_unsupported_class_is_refused_naming_what_is_supported(tiny_dir, tmp_path):
     d = shutil.copytree(tiny_dir, tmp_path / "m")
     config = json.loads((d / "unet" / "config.json").read_text())
-    (d / "unet" / "config.json").write_text(json.dumps(config | {"_class_name": "UNet2DConditionModel"}))
-    with pytest.raises(ModelLoadError, match="UNet2DConditionModel.*not supported.*UNet2DModel"):
+    (d / "unet" / "config.json").write_text(json.dumps(config | {"_class_name": "UNet3DConditionModel"}))
+    with pytest.raises(ModelLoadError, match="UNet3DConditionModel.*not supported.*UNet2DModel, UNet2DConditionModel"):
         load_model(d)
     assert "UNet2DModel" in supported_classes()
     with pytest.raises(ModelLoadError, match="'Nope'"):

@@ -77,7 +77,7 @@ def test_gain_and_cnc_are_exclusive(tiny_model):
                                 channels=1, eps_power=np.ones(10))  # fmt: skip
     fp = EngineSet.single(TorchEngine(tiny_model.wrapper(), tiny_model.spec))
     with pytest.raises(SamplerError, match="gain replaces cnc"):
-        sample(fp, tiny_model.schedule, SamplerConfig(steps=10), n=1, labels=np.zeros(1, np.int64), ptqd=tables,
+        sample(fp, tiny_model.schedule, SamplerConfig(steps=10), n=1, cond=np.zeros(1, np.int64), ptqd=tables,
                ptqd_components=("cnc", "gain"), progress=False)  # fmt: skip
 
 
@@ -148,8 +148,8 @@ class _Distorted:
     def __init__(self, engine, k, bias):
         self.engine, self.spec, self.k, self.bias = engine, engine.spec, k, bias
 
-    def infer(self, sample, timestep, class_labels=None):
-        eps = self.engine.infer(sample, timestep, class_labels)
+    def infer(self, sample, timestep, cond=None):
+        eps = self.engine.infer(sample, timestep, cond)
         return ((1 + self.k) * eps + self.bias.reshape(1, -1, 1, 1)).astype(np.float32)
 
 
@@ -163,7 +163,7 @@ def test_corrected_sampling_matches_the_full_precision_sampler(tiny_model):
     cfg = SamplerConfig("ddim", 10, 1.0, 1.0)
     ts = tiny_model.schedule.timesteps(10)
     labels = None if tiny_model.spec.num_class_embeds is None else np.zeros(4, np.int64)
-    args = dict(n=4, seed=3, labels=labels, null_class=tiny_model.null_class, progress=False)
+    args = dict(n=4, seed=3, cond=labels, null_cond=tiny_model.null_class, progress=False)
     ref = sample(EngineSet.single(fp), tiny_model.schedule, cfg, **args)
     tables = PtqdTables.checked(ts, [0.1] * len(ts), np.tile(bias, (len(ts), 1)), [0.0] * len(ts), sampler="ddim",
                                 steps=10, eta=1.0, channels=channels)  # fmt: skip

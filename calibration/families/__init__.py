@@ -28,13 +28,20 @@ class Family:
     classes: ClassVar[tuple[str, ...]]  # diffusers `_class_name`s it loads
     subfolder: ClassVar[str]  # where a pipeline directory keeps the denoiser, e.g. "unet"
     block_types: ClassVar[tuple[str, ...]]  # module classes reconstructed as one BRECQ unit each
+    text: ClassVar[bool] = False  # conditioned on prompts through a text encoder (load_text)
 
     def load(self, folder: Path, device: str) -> nn.Module:
         """The denoiser from its save_pretrained folder (safetensors only, local files only), in eval mode."""
         raise NotImplementedError
 
-    def input_spec(self, module: nn.Module, schedule: NoiseSchedule, where: Path) -> InputSpec:
-        """What its engines accept; a configuration dqc cannot run is refused naming `where`."""
+    def load_text(self, root: Path, device: str, prompts: tuple[str, ...] = ()):
+        """Text families: the pipeline's prompt encoder (calibration.families.text.PromptEncoder) from the
+        pipeline directory `root`, with the calibration `prompts`; None for the others."""
+        return None
+
+    def input_spec(self, module: nn.Module, schedule: NoiseSchedule, where: Path, text=None) -> InputSpec:
+        """What its engines accept (`text`: load_text's encoder, which fixes the context shape); a
+        configuration dqc cannot run is refused naming `where`."""
         raise NotImplementedError
 
     def wrapper(self, module: nn.Module) -> nn.Module:
@@ -47,9 +54,10 @@ class Family:
 
 
 def families() -> dict[str, Family]:
+    from calibration.families.text_unet import TextUNet
     from calibration.families.unet import PixelUNet
 
-    return {f.name: f for f in (PixelUNet(),)}
+    return {f.name: f for f in (PixelUNet(), TextUNet())}
 
 
 def supported_classes() -> tuple[str, ...]:

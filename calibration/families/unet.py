@@ -47,7 +47,7 @@ class PixelUNet(Family):
             raise ModelLoadError(f"{folder}: cannot load UNet2DModel ({e})") from e
         return unet.eval().to(device)
 
-    def input_spec(self, module: nn.Module, schedule: NoiseSchedule, where: Path) -> InputSpec:
+    def input_spec(self, module: nn.Module, schedule: NoiseSchedule, where: Path, text=None) -> InputSpec:
         config = module.config
         size = config.sample_size
         hw = (size, size) if isinstance(size, int) else tuple(size)

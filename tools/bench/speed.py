@@ -192,7 +192,7 @@ def sampling_loop(engines: dict, schedule, spec, null_class, steps: int, guidanc
     for _ in range(3):
         for name, es in engines.items():
             start = time.perf_counter()
-            run = sample(es, schedule, cfg, n=1, seed=0, labels=one, null_class=null_class, batch_size=1,
+            run = sample(es, schedule, cfg, n=1, seed=0, cond=one, null_cond=null_class, batch_size=1,
                          progress=False)  # fmt: skip
             runs[name]["loop"].append(time.perf_counter() - start)
             runs[name]["inside"].append(run.engine_seconds)
@@ -307,8 +307,8 @@ def quality(engines: dict, model, guidance: float, n: int, root: Path, progress:
     labels = labels_for(model.spec, n)
     files, out = {}, {}
     for name, es in _engine_sets({k: v for k, v in engines.items() if k != "fp32-folded"}, model.spec).items():
-        run = sample(es, model.schedule, SamplerConfig("ddim", 100, 0.0, guidance), n=n, seed=0, labels=labels,
-                     null_class=model.null_class, batch_size=64, progress=progress)  # fmt: skip
+        run = sample(es, model.schedule, SamplerConfig("ddim", 100, 0.0, guidance), n=n, seed=0, cond=labels,
+                     null_cond=model.null_cond, batch_size=64, progress=progress)  # fmt: skip
         files[name] = root / f"samples_{name}.npz"
         pipeline.save_samples(files[name], np.clip(run.samples, -1, 1), labels, {"seed": 0, "steps": 100})
     for name, f in files.items():

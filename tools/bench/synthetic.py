@@ -54,3 +54,102 @@ def save_pipeline(unet, root: str | Path, clip_sample: bool = True) -> Path:
         root / "scheduler"
     )
     return root
+
+
+# Text-to-image pipelines (diffusers' Stable Diffusion layout). "sd15": Stable Diffusion 1.5's UNet
+# (block widths 320/640/1280/1280, cross-attention width 768, 8 heads, 4 latent channels) at 32×32 latents.
+TEXT_SHAPES = {
+    "tiny": dict(
+        unet=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+        ),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2),
+        max_length=16,
+        vae=dict(block_out_channels=(16, 32), norm_num_groups=8, latent_channels=4, sample_size=16),
+    ),
+    "sd15": dict(
+        unet=dict(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        max_length=77,
+        vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=256, layers_per_block=2),
+    ),
+}
+TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+
+
+def save_tokenizer(folder: str | Path, max_length: int) -> Path:
+    """A character-level CLIP tokenizer (no merges): every character alone and word-final, plus CLIP's start and
+    end tokens; made here, so nothing downloads."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {c: i for i, c in enumerate(TOKEN_ALPHABET)}
+    vocab |= {f"{c}</w>": len(TOKEN_ALPHABET) + i for i, c in enumerate(TOKEN_ALPHABET)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}  # fmt: skip
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def save_text_pipeline(root: str | Path, shape: str = "tiny", seed: int = 0, *, prediction_type: str = "epsilon",
+                       vae: bool = True) -> Path:  # fmt: skip
+    """A text-to-image pipeline directory with random weights in Stable Diffusion's layout: model_index.json,
+    unet/ (UNet2DConditionModel), text_encoder/ (CLIPTextModel), tokenizer/ (CLIPTokenizer, save_tokenizer),
+    vae/ (AutoencoderKL) and scheduler/ (DDIM with SD's scaled-linear betas, leading spacing, steps_offset 1)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if shape not in TEXT_SHAPES:
+        raise ValueError(f"unknown synthetic text pipeline {shape!r}; use one of {sorted(TEXT_SHAPES)}")
+    spec, root = TEXT_SHAPES[shape], Path(root)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**spec["unet"]).eval().save_pretrained(root / "unet", safe_serialization=True)
+    vocab = 2 * len(TOKEN_ALPHABET) + 2
+    text = CLIPTextConfig(vocab_size=vocab, max_position_embeddings=spec["max_length"], bos_token_id=vocab - 2,
+                          eos_token_id=vocab - 1, pad_token_id=vocab - 1, **spec["text"])  # fmt: skip
+    CLIPTextModel(text).eval().save_pretrained(root / "text_encoder", safe_serialization=True)
+    save_tokenizer(root / "tokenizer", spec["max_length"])
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    if vae:
+        blocks = len(spec["vae"]["block_out_channels"])
+        AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                      **spec["vae"]).eval().save_pretrained(root / "vae", safe_serialization=True)  # fmt: skip
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                  prediction_type=prediction_type).save_pretrained(root / "scheduler")  # fmt: skip
+    (root / "model_index.json").write_text(json.dumps(index, indent=1))
+    return root

@@ -53,6 +53,7 @@ def _compile(a: argparse.Namespace) -> None:
         ptqd_samples=a.ptqd_samples if a.ptqd else None,
         mixed_bits=a.mixed_bits,
         switch_t=a.switch_t,
+        calib_prompts=a.calib_prompts,
         progress=not a.quiet,
     )
     print(f"wrote bundle {out}")
@@ -108,6 +109,9 @@ def _sample(a: argparse.Namespace) -> None:
         sampler=a.sampler,
         seed=a.seed,
         class_label=a.class_label,
+        prompts=a.prompt,
+        prompts_file=a.prompts_file,
+        negative_prompt=a.negative_prompt,
         guidance=a.guidance,
         batch_size=a.batch_size,
         png=a.png,
@@ -120,6 +124,8 @@ def _sample(a: argparse.Namespace) -> None:
         ort_engines=a.ort_engines,
         progress=not a.quiet,
     )
+    for prompt in run.truncated:
+        print(f"prompt truncated to the tokenizer's limit: {prompt!r}")
     print(
         f"wrote {a.output}: {a.n} samples, {len(run.timesteps)} steps, "
         f"{1e3 * run.seconds_per_step:.2f} ms per engine call on {_engine_words(run.engine)}"
@@ -151,6 +157,18 @@ def _info(a: argparse.Namespace) -> None:
         return
     print(f"bundle {info['bundle']}  (format v{info['format_version']}, target {info['target']}, bits {info['bits']})")
     print(f"model  {info['model']['class']}  weights sha256 {info['model']['weight_sha256'][:16]}…")
+    print(f"inputs {', '.join(info['inputs'])}")
+    parts = info["components"]
+    for name in ("text_encoder", "tokenizer", "vae_decoder"):
+        if name in parts:
+            entry = parts[name]
+            where = entry.get("file") or f"{entry.get('folder')}/"
+            print(
+                f"component {name}: {entry.get('class')} ({where}"
+                + (f", {entry['precision']})" if "precision" in entry else ")")
+            )
+    if parts.get("calibration_prompts"):
+        print(f"calibration prompts: {len(parts['calibration_prompts'])}")
     cal = info["calibration"]
     per = "rounds" if cal.get("selection") == "active" else "steps"
     print(
@@ -230,6 +248,8 @@ def register(sub) -> None:
     c.add_argument("model", help=MODEL_HELP)
     c.add_argument("-o", "--output", required=True, help="bundle directory to create")
     c.add_argument("--scheduler", help="scheduler directory or scheduler_config.json (bare model directories)")
+    c.add_argument("--calib-prompts", metavar="FILE", help="text-to-image pipelines: UTF-8 file, one calibration "
+                   "prompt per line, cycled over the calibration trajectories")  # fmt: skip
     c.add_argument("--bits", default="W8A8", help="weight/activation bit-widths, e.g. W8A8 (default)")
     c.add_argument(
         "--target",
@@ -346,6 +366,9 @@ def register(sub) -> None:
     s.add_argument("--eta", type=float, help="DDIM eta (default: calibrated, else 0)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     s.add_argument("--class-label", help="label or comma list for class-conditional models (default: cycle classes)")
+    s.add_argument("--prompt", action="append", help="text bundles: a prompt (repeat for several; cycled over -n)")
+    s.add_argument("--prompts-file", metavar="FILE", help="text bundles: UTF-8 file, one prompt per line")
+    s.add_argument("--negative-prompt", help="text bundles: the unconditional side of guidance (default: empty)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: calibrated, else 1)")
     s.add_argument(
         "--ptqd",

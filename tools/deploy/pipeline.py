@@ -26,6 +26,7 @@ def compile_model(
     ptqd_samples: int | None = None,
     mixed_bits: str | None = None,
     switch_t: int | None = None,
+    calib_prompts: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
     """Calibrate + export: a model directory (or an already loaded model) in, a bundle directory out;
@@ -55,11 +56,18 @@ def compile_model(
     check_output(Path(out), overwrite)  # before any work: calibration can take hours
     if calibration_out is not None and Path(calibration_out).is_dir():
         raise ConfigError(f"--save-calibration {calibration_out}: is a directory; give a file path")
+    from runtime.text import read_prompts
+
+    prompts = () if calib_prompts is None else tuple(read_prompts(calib_prompts, "--calib-prompts"))
     model_dir = resolve_model(model_dir)
-    model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device)
-    if ptqd_samples and model.schedule.prediction_type != "epsilon":
-        raise ConfigError(f"--ptqd: PTQD's corrections are derived for ε-prediction; {model.source} predicts "
-                          f"{model.schedule.prediction_type}: compile without --ptqd")  # fmt: skip
+    model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device,
+                                                                            prompts=prompts)  # fmt: skip
+    if model.text is not None and not model.text.prompts:
+        raise ConfigError(f"{model.source}: a text-to-image pipeline is calibrated on prompts; pass --calib-prompts "
+                          "FILE (one prompt per line)")  # fmt: skip
+    if mixed_bits and model.schedule.prediction_type != "epsilon":
+        raise ConfigError(f"--mixed-bits: the switch criterion compares ε's SNR with the diffusion's; {model.source} "
+                          f"predicts {model.schedule.prediction_type}: compile one precision")  # fmt: skip
     configs = [cfg] + ([dataclasses.replace(cfg, bits=mixed_bits)] if mixed_bits else [])
     results = [calibrate(model, cfg, progress=progress)]
     for c in configs[1:]:  # same weight bits: reuse the weights (unless BRECQ learns them with the activations)
@@ -218,6 +226,9 @@ def sample_to_file(
     sampler: str | None = None,
     seed: int = 0,
     class_label: str | None = None,
+    prompts: list[str] | None = None,
+    prompts_file: str | Path | None = None,
+    negative_prompt: str | None = None,
     guidance: float | None = None,
     batch_size: int = 16,
     png: str | Path | None = None,
@@ -243,8 +254,9 @@ def sample_to_file(
     if bundle is None and (precision or switch_t is not None):
         raise ConfigError("--precision / --switch-t choose between a bundle's precisions; the source is a model")
     route = None if bundle is None else bundle.route(precision, switch_t)
+    text = _text_request(bundle, path, n, class_label, prompts, prompts_file, negative_prompt)
     rows = min(batch_size, n)  # rows per engine call: twice that with classifier-free guidance
-    if bundle is not None and bundle.spec.num_class_embeds is not None:
+    if bundle is not None and bundle.spec.condition is not None:
         rows *= (
             1
             if (bundle.manifest.get("calibration", {}).get("guidance", 1.0) if guidance is None else guidance) == 1
@@ -258,16 +270,18 @@ def sample_to_file(
         defaults.get("eta", 0.0) if eta is None else eta,
         defaults.get("guidance", 1.0) if guidance is None else guidance,
     )
-    labels = parse_labels(class_label, n, engines.spec.num_class_embeds)
+    labels = None if text else parse_labels(class_label, n, engines.spec.num_class_embeds)
     start = time.perf_counter()
+    cond, null_cond = (labels, null_class) if not text else (text["encoder"].encode(text["prompts"]),
+                                                             text["encoder"].encode([text["negative"]])[0])  # fmt: skip
     run = sample(
         engines,
         schedule,
         cfg,
         n=n,
         seed=seed,
-        labels=labels,
-        null_class=null_class,
+        cond=cond,
+        null_cond=null_cond,
         batch_size=batch_size,
         progress=progress,
         ptqd=bundle.ptqd(route) if ptqd and bundle is not None else None,
@@ -276,7 +290,13 @@ def sample_to_file(
     if bundle is not None:
         run.step_precisions = bundle.precision_of(route[run.timesteps])
     run.engine = engine_report(engines)
-    samples = np.clip(run.samples, -1, 1).astype(np.float32)
+    latents = None
+    if text and text["decoder"] is not None:  # latent pipeline: decode to images
+        latents, samples = run.samples, text["decoder"].decode(run.samples)
+    else:
+        samples = np.clip(run.samples, -1, 1).astype(np.float32)
+    if text:
+        run.truncated = text["encoder"].truncated
     meta = {
         "source": str(path),
         "seed": seed,
@@ -290,10 +310,37 @@ def sample_to_file(
         "precision_split": precision_split(run.step_precisions),
         "engine": run.engine,
     }
-    save_samples(out, samples, labels, meta)
+    if text:
+        meta |= {"prompts": text["prompts"], "negative_prompt": text["negative"], "truncated": run.truncated}
+    save_npz(out, samples=samples, labels=labels, latents=latents, meta=np.array(json.dumps(meta)))
     if png is not None:
         save_grid_png(png, samples)
     return run
+
+
+def _text_request(bundle, path, n: int, class_label, prompts, prompts_file, negative_prompt) -> dict:
+    """For a text bundle: its prompt encoder and VAE decoder, the n prompts (given ones cycled) and the negative
+    prompt; {} for other sources, which must then get no prompt flags."""
+    from runtime.text import PromptEncoder, VaeDecoder, read_prompts
+
+    given = list(prompts or []) + (read_prompts(prompts_file) if prompts_file is not None else [])
+    is_text = bundle is not None and bundle.spec.condition == "encoder_hidden_states"
+    if not is_text:
+        if given or negative_prompt is not None:
+            flag = "--prompt" if prompts else "--prompts-file" if prompts_file else "--negative-prompt"
+            takes = "--class-label" if bundle is not None and bundle.spec.num_class_embeds else "no condition"
+            raise ConfigError(f"{flag}: {path} is not a text-to-image bundle; it takes {takes}")
+        return {}
+    if class_label is not None:
+        raise ConfigError(f"--class-label: {path} is a text-to-image bundle; pass --prompt or --prompts-file")
+    if not given:
+        raise ConfigError(f"{path} is a text-to-image bundle: pass --prompt \"...\" or --prompts-file FILE")
+    if any(not p.strip() for p in given):
+        raise ConfigError("--prompt: an empty prompt; use --guidance 1 with a prompt, or give text")
+    components = bundle.manifest.get("components", {})
+    decoder = VaeDecoder(bundle.root, components) if "vae_decoder" in components else None
+    return {"encoder": PromptEncoder(bundle.root, components), "decoder": decoder,
+            "prompts": [given[i % len(given)] for i in range(n)], "negative": negative_prompt or ""}  # fmt: skip
 
 
 def engine_report(engines) -> dict:
@@ -359,6 +406,8 @@ def bundle_info(path: str | Path) -> dict:
         "target": m["target"],
         "bits": m["bits"],
         "model": {k: m["model"].get(k) for k in ("class", "weight_sha256", "source")},
+        "inputs": bundle.spec.names,
+        "components": m.get("components", {}),
         "calibration": {k: v for k, v in m.get("calibration", {}).items() if k != "stats"},
         "groups": m["groups"],
         "timestep_ranges": ranges,

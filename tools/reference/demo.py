@@ -83,7 +83,7 @@ def run_demo(
     files, samples, runs = {}, {}, {}
     for name, engines, ptqd in (("fp32", EngineSet.single(fp_engine), None), ("w8a8", q_engines, tables)):
         runs[name] = run = sample(
-            engines, model.schedule, scfg, n=n, seed=seed, labels=labels, null_class=model.null_class,
+            engines, model.schedule, scfg, n=n, seed=seed, cond=labels, null_cond=model.null_cond,
             batch_size=50, progress=progress, ptqd=ptqd,
         )  # fmt: skip
         files[name] = out / f"samples_{name}.npz"

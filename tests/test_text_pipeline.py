@@ -1,0 +1,229 @@
+"""Text-to-image pipelines (issue 20): a tiny random-weight Stable-Diffusion-layout pipeline (UNet2DConditionModel,
+CLIPTextModel, a tokenizer whose vocabulary is made in code, AutoencoderKL, DDIM) compiles to a bundle that holds
+the text encoder, tokenizer and VAE decoder, and samples from prompts without torch."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.model_io import load_model
+from exporter.parity import layer_parity, noised_inputs
+from runtime.bundle import load_bundle
+from runtime.engine import TorchEngine
+from runtime.errors import EngineInputError, ModelLoadError
+from runtime.sampler import SamplerConfig, _Noise, sample
+from tests.models import tiny_text_pipeline
+from tools.cli import main
+
+PROMPTS = ["a handwritten 7", "the digit seven", "seven", "a handwritten 3", "three"]
+COMPILE = ["--steps", "8", "--calib-samples", "5", "--calib-timesteps", "4", "--guidance", "3", "-q"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    model_dir = tiny_text_pipeline(root / "pipe")
+    prompts = root / "calib.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = root / "bundle"
+    assert main(["compile", str(model_dir), "-o", str(out), "--calib-prompts", str(prompts), *COMPILE]) == 0
+    return model_dir, prompts, out
+
+
+@pytest.fixture(scope="module")
+def text_model(text):
+    return load_model(text[0], prompts=tuple(PROMPTS))
+
+
+def test_the_bundle_holds_the_pipeline_components_hashed(text):
+    _, _, out = text
+    bundle = load_bundle(out)
+    m = bundle.manifest
+    assert m["model"]["family"] == "text-unet"
+    assert m["input_spec"]["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    assert bundle.spec.context_shape == (16, 32)
+    parts = m["components"]
+    assert parts["text_encoder"]["context_shape"] == [16, 32] and parts["calibration_prompts"] == PROMPTS
+    assert parts["vae_decoder"]["image_shape"] == [3, 16, 16]
+    for name in ("text_encoder.onnx", "vae_decoder.onnx", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+        assert name in m["files"], name
+    # a changed tokenizer file is caught like any other
+    shutil.copytree(out, out.parent / "tampered")
+    (out.parent / "tampered" / "tokenizer" / "vocab.json").write_text("{}")
+    from runtime.errors import BundleError
+
+    with pytest.raises(BundleError, match="tokenizer/vocab.json: sha256"):
+        load_bundle(out.parent / "tampered")
+
+
+def test_the_bundled_text_encoder_and_vae_compute_what_torch_computes(text, text_model):
+    from runtime.text import PromptEncoder, VaeDecoder
+
+    bundle = load_bundle(text[2])
+    ours = PromptEncoder(bundle.root, bundle.manifest["components"])
+    prompts = ["a handwritten 7", "", "three"]
+    np.testing.assert_allclose(ours.encode(prompts), text_model.text.encode(prompts), atol=1e-5)
+    assert ours.token_ids(prompts).tolist() == text_model.text.token_ids(prompts).tolist()
+    z = np.random.default_rng(0).standard_normal((2, *bundle.spec.sample_shape)).astype(np.float32)
+    vae = text_model.vae
+    with torch.no_grad():
+        expected = vae.decode(torch.from_numpy(z) / vae.config.scaling_factor).sample.clamp(-1, 1).numpy()
+    np.testing.assert_allclose(VaeDecoder(bundle.root, bundle.manifest["components"]).decode(z), expected, atol=1e-4)
+
+
+def test_the_cross_attention_layers_match_their_reference_on_integer_kernels(text, text_model):
+    from calibration.calibrate import calibrate
+    from calibration.config import CalibrationConfig
+
+    cfg = CalibrationConfig(steps=8, calib_samples=5, calib_timesteps=4, guidance=3.0)
+    result = calibrate(text_model, cfg, progress=False)
+    reference = result.reference_model(text_model.wrapper())
+    from exporter.bundle_writer import write_bundle
+
+    out = write_bundle(text_model, result, text[2].parent / "again", progress=False)
+    cross = [n for n in result.weights if ".attn2.to_" in n]
+    assert len(cross) == 16  # q, k, v and out of the four transformer blocks' cross-attention
+    for t in (5, 500, 950):
+        feeds = noised_inputs(text_model.spec, text_model.schedule, t, n=2, seed=0)
+        report = layer_parity(out / "group_0.onnx", reference, feeds)
+        assert set(cross) <= set(report)
+        for name, r in report.items():
+            assert r["flipped"] <= 2e-3, (t, name, r)
+            assert r["max_steps"] is None or r["max_steps"] <= 1.0 + 1e-3, (t, name, r)
+            assert r["rel_err"] <= 2e-2, (t, name, r)
+
+
+def test_dqc_sample_with_prompts_writes_images_and_latents(text, tmp_path, capsys):
+    _, _, out = text
+    argv = ["sample", str(out), "-n", "3", "-o", str(tmp_path / "s.npz"), "--png", str(tmp_path / "s.png"),
+            "--prompt", "a handwritten 7", "--prompt", "seven seven seven seven seven", "--backend", "ort",
+            "--seed", "4", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    assert "prompt truncated" in capsys.readouterr().out
+    d = np.load(tmp_path / "s.npz")
+    assert d["samples"].shape == (3, 3, 16, 16) and d["latents"].shape == (3, 4, 8, 8)
+    meta = json.loads(str(d["meta"]))
+    assert meta["prompts"] == ["a handwritten 7", "seven seven seven seven seven", "a handwritten 7"]
+    assert meta["truncated"] == ["seven seven seven seven seven"] and meta["negative_prompt"] == ""
+    assert (tmp_path / "s.png").stat().st_size > 0
+    # the same request again gives the same images; another negative prompt changes them
+    assert main(argv[:5] + [str(tmp_path / "t.npz")] + argv[6:]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npz")["samples"], d["samples"])
+    assert main(argv[:5] + [str(tmp_path / "u.npz")] + argv[6:] + ["--negative-prompt", "three"]) == 0
+    assert not np.array_equal(np.load(tmp_path / "u.npz")["latents"], d["latents"])
+
+
+def _sd_pipeline(m, unet, model_dir):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler.from_pretrained(model_dir / "scheduler")
+    return StableDiffusionPipeline(vae=m.vae, text_encoder=m.text.encoder, tokenizer=m.text.tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)  # fmt: skip
+
+
+def test_dqc_sampler_follows_diffusers_stable_diffusion_pipeline_on_full_precision(text, text_model):
+    """The FP UNet under dqc's sampler (prompt and empty-prompt embeddings, guidance 3, DDIM 8 steps) against
+    StableDiffusionPipeline from the same initial latents: the same latents within 1e-4."""
+    model_dir = text[0]
+    m = text_model
+    pipe = _sd_pipeline(m, m.unet, model_dir)
+    prompts = ["a handwritten 7", "three"]
+    x0 = _Noise(0, range(2), m.spec.sample_shape).draw()
+    theirs = pipe(prompts, num_inference_steps=8, guidance_scale=3.0, eta=0.0, latents=torch.from_numpy(x0),
+                  output_type="latent").images.numpy()  # fmt: skip
+    engines = TorchEngine(m.wrapper(), m.spec)
+    from runtime.engine import EngineSet
+
+    run = sample(EngineSet.single(engines), m.schedule, SamplerConfig("ddim", 8, 0.0, 3.0), n=2, seed=0,
+                 cond=m.text.encode(prompts), null_cond=m.null_cond, progress=False)  # fmt: skip
+    np.testing.assert_allclose(run.samples, theirs, atol=1e-4)
+
+
+def test_the_drop_in_unet_runs_a_stable_diffusion_pipeline_call(text, text_model):
+    from runtime.interop import as_diffusers_unet
+
+    m = text_model
+    unet = as_diffusers_unet(text[2], backend="ort")
+    pipe = _sd_pipeline(m, unet, text[0])
+    images = pipe(["a handwritten 7"], num_inference_steps=4, guidance_scale=3.0, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    x = torch.zeros(1, *m.spec.sample_shape)
+    with pytest.raises(EngineInputError, match="encoder_hidden_states"):
+        unet(x, 10)
+
+
+def _refused(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_prompts_and_labels_go_only_where_they_belong(text, tiny_bundle, tmp_path, capsys):
+    _, prompts, out = text
+    run = ["sample", str(out), "-n", "1", "-o", str(tmp_path / "s.npz"), "-q"]
+    assert "--class-label: " in _refused(run + ["--class-label", "3"], capsys)
+    assert "text-to-image bundle: pass --prompt" in _refused(run, capsys)
+    err = _refused(["sample", str(tiny_bundle), "-n", "1", "-o", str(tmp_path / "s.npz"), "--prompt", "seven"], capsys)
+    assert "--prompt: " in err and "not a text-to-image bundle; it takes --class-label" in err
+    empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
+    empty.write_text("\n \n")
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert "holds no prompts" in _refused(run + ["--prompts-file", str(empty)], capsys)
+    assert "not UTF-8" in _refused(run + ["--prompts-file", str(latin)], capsys)
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_compile_refuses_what_cannot_work_before_any_work(text, tiny_dir, tmp_path, capsys):
+    model_dir, prompts, _ = text
+    out = str(tmp_path / "b")
+    assert "calibrated on prompts; pass --calib-prompts" in _refused(["compile", str(model_dir), "-o", out, *COMPILE],
+                                                                       capsys)  # fmt: skip
+    err = _refused(["compile", str(tiny_dir), "-o", out, "--calib-prompts", str(prompts), *COMPILE], capsys)
+    assert "--calib-prompts given, but its UNet2DModel takes no prompts" in err
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(ModelLoadError, match="no text_encoder/ folder"):
+        load_model(broken, prompts=("seven",))
+    other = shutil.copytree(model_dir, tmp_path / "other")
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps(index | {"text_encoder": ["transformers", "T5EncoderModel"]}))
+    with pytest.raises(ModelLoadError, match="text_encoder/ is T5EncoderModel; dqc supports CLIPTextModel"):
+        load_model(other, prompts=("seven",))
+    assert not (tmp_path / "b").exists()
+
+
+def test_text_engines_check_the_embeddings(text):
+    engine = load_bundle(text[2]).engines(backend="ort").for_timestep(0)
+    x, t = np.zeros((2, 4, 8, 8), np.float32), np.array([1, 2])
+    with pytest.raises(EngineInputError, match="text-conditional"):
+        engine.infer(x, t)
+    with pytest.raises(EngineInputError, match=r"expected shape \(2, 16, 32\)"):
+        engine.infer(x, t, np.zeros((2, 77, 32), np.float32))
+    with pytest.raises(EngineInputError, match="float32"):
+        engine.infer(x, t, np.zeros((2, 16, 32), np.float64))
+    assert engine.infer(x, t, np.zeros((2, 16, 32), np.float32)).shape == x.shape
+
+
+@pytest.mark.parametrize("target", ["trt", "trt-fp32"])
+def test_the_text_unet_compiles_for_tensorrt_and_lints_clean(text, text_model, target, tmp_path):
+    """The TensorRT profiles place Q/DQ on the cross-attention projections as on every Linear; the FP16 graph is
+    strongly typed and `dqc lint` passes; the FP32 variant runs on ONNX Runtime. (Building TensorRT engines
+    needs a GPU: tests/test_tensorrt.py.)"""
+    from calibration.calibrate import calibrate
+    from calibration.config import CalibrationConfig
+    from exporter.bundle_writer import write_bundle
+    from exporter.lint import lint_bundle
+
+    cfg = CalibrationConfig(target=target, steps=8, calib_samples=5, calib_timesteps=4, guidance=3.0)
+    out = write_bundle(text_model, calibrate(text_model, cfg, progress=False), tmp_path / "b", progress=False)
+    report = lint_bundle(out)
+    assert report["violations"] == 0, report["groups"]
+    quantized = {q["node"] for q in load_bundle(out).manifest["quantized_nodes"]}
+    assert any("attn2/to_k" in n for n in quantized) and any("attn2/to_v" in n for n in quantized)
+    if target == "trt-fp32":
+        engine = load_bundle(out).engines(backend="ort").for_timestep(0)
+        x = np.zeros((2, *text_model.spec.sample_shape), np.float32)
+        assert np.isfinite(engine.infer(x, np.array([1, 900]), text_model.prompt_embeddings(2))).all()
