@@ -68,8 +68,11 @@ def _check_cond(spec: InputSpec, cond: Any, batch: int) -> np.ndarray | None:
             raise EngineInputError("input 'class_labels': the model is unconditional; pass no condition")
         return None
     if cond is None:
-        what = "class-conditional; pass one label per sample" if name == "class_labels" else (
-            "text-conditional; pass the prompts' embeddings")
+        what = (
+            "class-conditional; pass one label per sample"
+            if name == "class_labels"
+            else ("text-conditional; pass the prompts' embeddings")
+        )
         raise EngineInputError(f"input {name!r}: the model is {what}")
     if name == "encoder_hidden_states":
         length, width = spec.context_shape

@@ -114,6 +114,14 @@ class _Noise:
         return np.stack([r.standard_normal(self._shape, dtype=np.float32) for r in self._rngs])
 
 
+_CONDITIONS = {
+    "class_labels": ("class-conditional", "class labels (--class-label)", np.int64,
+                     "the model's null class (no null class is recorded)"),
+    "encoder_hidden_states": ("text-conditional", "prompt embeddings (--prompt)", np.float32,
+                              "the embedding of the empty (or negative) prompt"),
+}  # fmt: skip
+
+
 def null_batch(cond: np.ndarray, null_cond) -> np.ndarray:
     """The unconditional counterpart of a batch of conditions: the null class label, or the null (empty or
     negative) prompt's embedding, once per row."""
@@ -248,18 +256,13 @@ def sample(
     if not 1 <= batch_size <= 2**31 - 1:
         raise SamplerError(f"--batch-size {batch_size}: must be between 1 and 2**31 - 1")
     spec = engines.spec
-    if spec.num_class_embeds is not None:
+    if spec.condition is not None:  # (what the model is, what to pass, its dtype, the null side of guidance)
+        kind, what, dtype, null = _CONDITIONS[spec.condition]
         if cond is None or len(cond) != n:
-            raise SamplerError(f"class-conditional model: pass {n} class labels (--class-label)")
-        cond = np.asarray(cond, dtype=np.int64)
+            raise SamplerError(f"{kind} model: pass {n} {what}")
+        cond = np.asarray(cond, dtype=dtype)
         if cfg.guidance != 1.0 and null_cond is None:
-            raise SamplerError("--guidance ≠ 1 needs the model's null class (no null class is recorded)")
-    elif spec.context_shape is not None:
-        if cond is None or len(cond) != n:
-            raise SamplerError(f"text-conditional model: pass {n} prompt embeddings (--prompt)")
-        cond = np.asarray(cond, dtype=np.float32)
-        if cfg.guidance != 1.0 and null_cond is None:
-            raise SamplerError("--guidance ≠ 1 needs the embedding of the empty (or negative) prompt")
+            raise SamplerError(f"--guidance ≠ 1 needs {null}")
     elif cond is not None:
         raise SamplerError("--class-label given, but the model is unconditional; drop it")
     ts = schedule.timesteps(cfg.steps)

@@ -31,8 +31,21 @@ class Family:
     text: ClassVar[bool] = False  # conditioned on prompts through a text encoder (load_text)
 
     def load(self, folder: Path, device: str) -> nn.Module:
-        """The denoiser from its save_pretrained folder (safetensors only, local files only), in eval mode."""
-        raise NotImplementedError
+        """The denoiser (diffusers class `classes[0]`) from its save_pretrained folder (safetensors only, local
+        files only), in eval mode."""
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import diffusers
+
+        name = self.classes[0]
+        try:
+            module = getattr(diffusers, name).from_pretrained(
+                str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise ModelLoadError(f"{folder}: cannot load {name} ({e})") from e
+        return module.eval().to(device)
 
     def load_text(self, root: Path, device: str, prompts: tuple[str, ...] = ()):
         """Text families: the pipeline's prompt encoder (calibration.families.text.PromptEncoder) from the

@@ -38,9 +38,7 @@ def check_component(root: Path, name: str, supported: tuple[str, ...]) -> Path:
     folder = root / name
     declared = component_classes(root).get(name)
     if declared is not None and declared not in supported:
-        raise ModelLoadError(
-            f"{root}: component {name}/ is {declared}; dqc supports {', '.join(supported)} there"
-        )
+        raise ModelLoadError(f"{root}: component {name}/ is {declared}; dqc supports {', '.join(supported)} there")
     if not folder.is_dir():
         raise ModelLoadError(
             f"{root}: no {name}/ folder; a text-conditional UNet needs the pipeline's {name} "
@@ -117,4 +115,3 @@ class PromptEncoder:
                 "(one prompt per line)"
             )
         return self.encode([self.prompts[i % len(self.prompts)] for i in range(n)])
-

@@ -10,7 +10,6 @@ their own. Shortcut splits: the decoder resnets' 1×1 shortcut convs over cat(hi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from torch import nn
@@ -48,18 +47,6 @@ class TextUNet(Family):
     subfolder = "unet"
     block_types = ("ResnetBlock2D", "BasicTransformerBlock")
     text = True
-
-    def load(self, folder: Path, device: str) -> nn.Module:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from diffusers import UNet2DConditionModel
-
-        try:
-            unet = UNet2DConditionModel.from_pretrained(
-                str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
-            )
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise ModelLoadError(f"{folder}: cannot load UNet2DConditionModel ({e})") from e
-        return unet.eval().to(device)
 
     def load_text(self, root: Path, device: str, prompts: tuple[str, ...] = ()):
         from calibration.families.text import PromptEncoder

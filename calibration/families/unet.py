@@ -7,7 +7,6 @@ embedding. Reconstruction units: resnet and attention blocks. Shortcut splits: t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from torch import nn
@@ -34,18 +33,6 @@ class PixelUNet(Family):
     classes = ("UNet2DModel",)
     subfolder = "unet"
     block_types = ("ResnetBlock2D", "Attention")
-
-    def load(self, folder: Path, device: str) -> nn.Module:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from diffusers import UNet2DModel
-
-        try:
-            unet = UNet2DModel.from_pretrained(
-                str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
-            )
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise ModelLoadError(f"{folder}: cannot load UNet2DModel ({e})") from e
-        return unet.eval().to(device)
 
     def input_spec(self, module: nn.Module, schedule: NoiseSchedule, where: Path, text=None) -> InputSpec:
         config = module.config
