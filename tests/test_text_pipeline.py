@@ -18,8 +18,12 @@ from runtime.sampler import SamplerConfig, _Noise, sample
 from tests.models import tiny_text_pipeline
 from tools.cli import main
 
-TRANSFORMERS = ["down_blocks.0/attentions.0", "mid_block/attentions.0", "up_blocks.1/attentions.0",
-                "up_blocks.1/attentions.1"]
+TRANSFORMERS = [
+    "down_blocks.0/attentions.0",
+    "mid_block/attentions.0",
+    "up_blocks.1/attentions.0",
+    "up_blocks.1/attentions.1",
+]
 PROMPTS = ["a handwritten 7", "the digit seven", "seven", "a handwritten 3", "three"]
 COMPILE = ["--steps", "8", "--calib-samples", "5", "--calib-timesteps", "4", "--guidance", "3", "-q"]
 

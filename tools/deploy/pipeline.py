@@ -334,7 +334,7 @@ def _text_request(bundle, path, n: int, class_label, prompts, prompts_file, nega
     if class_label is not None:
         raise ConfigError(f"--class-label: {path} is a text-to-image bundle; pass --prompt or --prompts-file")
     if not given:
-        raise ConfigError(f"{path} is a text-to-image bundle: pass --prompt \"...\" or --prompts-file FILE")
+        raise ConfigError(f'{path} is a text-to-image bundle: pass --prompt "..." or --prompts-file FILE')
     if any(not p.strip() for p in given):
         raise ConfigError("--prompt: an empty prompt; use --guidance 1 with a prompt, or give text")
     components = bundle.manifest.get("components", {})
