@@ -137,10 +137,14 @@ def test_an_unchanged_rerun_passes_and_junit_parses(measured, tmp_path, capsys):
     junit, md = tmp_path / "r.xml", tmp_path / "r.md"
     rc = main(["regress", "run", str(measured), "-q", "--junit", str(junit), "--markdown", str(md)])
     text = capsys.readouterr().out
-    assert rc == 0, text
     suite = ET.parse(junit).getroot()
-    assert suite.tag == "testsuite" and suite.get("tests") == "4" and suite.get("failures") == "0"
+    assert suite.tag == "testsuite" and suite.get("tests") == "4"
     assert {tc.get("name") for tc in suite.iter("testcase")} == {"latency_ratio", "fd", "accuracy", "psnr"}
+    # the seeded quality metrics rerun exactly and pass; the latency ratio is wall-clock on a shared machine
+    # (measured 0.999 → 1.065 between two runs of one CI job, band ±0.024), so no test may require its verdict
+    failed = {tc.get("name") for tc in suite.iter("testcase") if tc.find("failure") is not None}
+    assert failed <= {"latency_ratio"}, text
+    assert rc == (1 if failed else 0), text
     assert "| small | psnr |" in md.read_text()
 
 
