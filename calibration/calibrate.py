@@ -16,7 +16,14 @@ from calibration.collect import CalibrationData, record_trajectories
 from calibration.config import CalibrationConfig
 from calibration.model_io import LoadedModel, load_model
 from calibration.profiles import get_profile
-from calibration.qmodules import QuantLayer, float_modules, observe_residual, quantizable_layers, residual_points
+from calibration.qmodules import (
+    QuantLayer,
+    float_modules,
+    observe_residual,
+    quantizable_layers,
+    residual_points,
+    tie_shared_inputs,
+)
 from calibration.quantizers import (
     ActParams,
     RangeObserver,
@@ -89,6 +96,8 @@ def observe_activations(
     for layer in layers:
         module = model.unet.get_submodule(layer.name)
         for point in layer.points(profile):
+            if point.endswith(":input") and layer.shares is not None:
+                continue  # the same tensor as the layer it shares its input with: that layer's range
             observers[point] = obs = RangeObserver()
             if point.endswith(":input"):
                 handles.append(module.register_forward_pre_hook(lambda m, args, o=obs: o.observe(args[0])))
@@ -118,7 +127,22 @@ def observe_activations(
             raise CalibrationError(f"quantization point {point}: never reached by the forward pass")
         lo, hi = obs.range(cfg.activation_range, cfg.percentile)
         params[point] = activation_params(lo, hi, profile.activation_signed, cfg.parsed_bits.activation)
+    for layer in layers:
+        params[f"{layer.name}:input"] = params[layer.input_point]
     return params
+
+
+def example_inputs(model: LoadedModel, batch: int = 2, seed: int = 0) -> tuple:
+    """One seeded call of the model's wrapper: noise, timesteps spread over the schedule, a condition."""
+    from runtime.engine import example_cond
+
+    spec = model.spec
+    rng = np.random.default_rng([seed, 11])
+    device = next(model.unet.parameters()).device
+    x = torch.from_numpy(rng.standard_normal((batch, *spec.sample_shape), dtype=np.float32)).to(device)
+    t = torch.from_numpy(np.linspace(0, spec.num_train_timesteps - 1, batch + 2)[1:-1].astype(np.int64)).to(device)
+    cond = example_cond(spec, batch, rng)
+    return x, t, None if cond is None else torch.from_numpy(cond).to(device)
 
 
 def calibrate(
@@ -137,7 +161,7 @@ def calibrate(
     torch.manual_seed(cfg.seed)
     splits = model.family.shortcut_splits(model.unet) if cfg.shortcut_split else {}
     model = dataclasses.replace(model, unet=apply_splits(model.unet, splits))
-    layers = quantizable_layers(model.unet)
+    layers = tie_shared_inputs(model.wrapper(), quantizable_layers(model.unet), example_inputs(model, seed=cfg.seed))
     start = time.perf_counter()
     active = cfg.timestep_selection == "active"
     data = None if active else record_trajectories(model, cfg, progress)

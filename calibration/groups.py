@@ -283,7 +283,11 @@ class _Search:
         self.mixer = GroupMixer(timesteps, groups, init, bias=cfg.group_alpha_bias, fixed=fixed).to(cfg.device)
         self.mixed: dict[str, MixedQuantizer] = {}
 
+        self.aliases = {f"{x.name}:input": x.input_point for x in layers if x.shares is not None}
+
         def quantizer(point: str) -> MixedQuantizer | None:
+            if point in self.aliases:  # the same tensor as another layer's input: one quantizer for both
+                return self.mixed[self.aliases[point]]
             if point not in inits:
                 return None
             self.mixed[point] = MixedQuantizer(inits[point], self.mixer).to(cfg.device)
@@ -328,7 +332,8 @@ class _Search:
                 done += 1
 
     def group_params(self) -> dict[str, list[ActParams]]:
-        return {p: m.params() for p, m in self.mixed.items()}
+        params = {p: m.params() for p, m in self.mixed.items()}
+        return params | {alias: params[point] for alias, point in self.aliases.items()}
 
 
 def _share_inits(model, layers, cfg, shares: list) -> dict[str, list[ActParams]]:

@@ -18,6 +18,12 @@ from calibration.quantizers import ActParams, quantize_bias
 class QuantLayer:
     name: str  # module path in the UNet, e.g. "down_blocks.0.resnets.0.conv1"
     op: str  # "conv" or "linear"
+    shares: str | None = None  # an earlier layer reading the same input tensor: its input quantizer is this one's
+
+    @property
+    def input_point(self) -> str:
+        """The point whose quantizer this layer's input uses: its own, or that of the layer it shares it with."""
+        return f"{self.shares or self.name}:input"
 
     def points(self, profile: TargetProfile) -> list[str]:
         """Activation quantization points of this layer under the profile: "<name>:input" / ":output"."""
@@ -94,6 +100,40 @@ def quantizable_layers(unet: nn.Module) -> list[QuantLayer]:
         elif isinstance(module, nn.Linear):
             layers.append(QuantLayer(name, "linear"))
     return layers
+
+
+def tie_shared_inputs(forward: nn.Module, layers: list[QuantLayer], example: tuple) -> list[QuantLayer]:
+    """`layers` with `shares` set where a layer reads the same values as an earlier one on `example` (one call
+    of `forward`, the family wrapper): the q/k/v projections of self-attention (one normalised tensor), the
+    K/V projections of every cross-attention (the text embedding), each resnet's time projection (SiLU of
+    the one time embedding). Such layers get one input quantizer, so the graph can carry one Q/DQ for the
+    tensor: TensorRT fuses q/k/v only when they share it, and ONNX Runtime quantizes the tensor once."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        forward.get_submodule(f"unet.{layer.name}").register_forward_pre_hook(
+            lambda m, args, n=layer.name: seen.setdefault(n, args[0].detach())
+        )
+        for layer in layers
+    ]
+    try:
+        with torch.inference_mode():
+            forward(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    out, firsts = [], []  # firsts: (layer, its input) of the layers that share nobody's input
+    for layer in layers:
+        x = seen.get(layer.name)
+        owner = None
+        if x is not None:
+            owner = next((f for f, y in firsts if f.op == layer.op and y.shape == x.shape and torch.equal(y, x)), None)
+        if owner is None:
+            out.append(QuantLayer(layer.name, layer.op))
+            if x is not None:
+                firsts.append((layer, x))
+        else:
+            out.append(QuantLayer(layer.name, layer.op, owner.name))
+    return out
 
 
 def float_modules(unet: nn.Module) -> list[dict]:

@@ -40,11 +40,14 @@ class ReconLayer(nn.Module):
     """A Conv2d or Linear under reconstruction: AdaRound weights (soft, hard, or float) and LSQ
     activation quantizers on its input and, where the profile has one, its output."""
 
-    def __init__(self, layer: nn.Module, scale: torch.Tensor, bits: int, act_in: ActParams, act_out: ActParams | None):
+    def __init__(self, layer: nn.Module, scale: torch.Tensor, bits: int, act_in: ActParams | LsqQuantizer,
+                 act_out: ActParams | None):  # fmt: skip
         super().__init__()
         self.layer = layer.requires_grad_(False)
         self.rounding = AdaRoundWeight(layer.weight, scale, bits)
-        self.act_in = LsqQuantizer.from_params(act_in).to(layer.weight.device)
+        # a quantizer given as a module is shared with the layer that reads the same input tensor
+        shared = isinstance(act_in, LsqQuantizer)
+        self.act_in = act_in if shared else LsqQuantizer.from_params(act_in).to(layer.weight.device)
         self.act_out = None if act_out is None else LsqQuantizer.from_params(act_out).to(layer.weight.device)
         self.weights, self.quant_acts = "float", False  # weights: float | soft | hard
 
@@ -232,11 +235,14 @@ def reconstruct(
     meta_gen = torch.Generator().manual_seed(cfg.seed + 6029)
     recon: dict[str, ReconLayer] = {}
 
+    shares = {layer.name: layer.shares for layer in layers if layer.shares is not None}
+
     def build(name: str, layer: nn.Module) -> nn.Module:
         key = name.removeprefix("unet.")
         if key not in weights:
             return layer
-        recon[key] = ReconLayer(layer, weights[key][1], bits, acts[f"{key}:input"], acts.get(f"{key}:output"))
+        act_in = recon[shares[key]].act_in if key in shares else acts[f"{key}:input"]
+        recon[key] = ReconLayer(layer, weights[key][1], bits, act_in, acts.get(f"{key}:output"))
         return recon[key]
 
     fp_forward = copy.deepcopy(fp_forward).eval().requires_grad_(False)
@@ -254,6 +260,7 @@ def reconstruct(
     units = reconstruction_units(fp_forward, layers, (x0, t0, c0), block_types)
     gen = torch.Generator().manual_seed(cfg.seed)
     stats: dict = {"units": len(units), "rows": rows, "weight_loss": {}, "act_loss": {}}
+    learned: set[int] = set()  # LSQ quantizers a previous unit trained: a later unit that shares them keeps them
     if split is not None:
         stats["gac"] = {}
 
@@ -283,7 +290,12 @@ def reconstruct(
                 opt = torch.optim.Adam(params, lr=cfg.adaround_lr)
                 sched = None
             else:
-                params = [q.scale for m in members for q in (m.act_in, m.act_out) if q is not None]
+                quantizers = {id(q): q for m in members for q in (m.act_in, m.act_out) if q is not None}
+                params = [q.scale for k, q in quantizers.items() if k not in learned]
+                learned.update(quantizers)
+                if not params:  # every quantizer of the unit was learned with the layers it shares an input with
+                    bar.update(iters)
+                    continue
                 floors = [0.01 * float(q.detach().abs().max()) for q in params]
                 opt = torch.optim.Adam([{"params": [q], "lr": cfg.act_lr * float(q.detach().abs().max())}
                                         for q in params])  # fmt: skip

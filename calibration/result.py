@@ -82,7 +82,7 @@ class CalibrationResult:
             "format_version": RESULT_VERSION,
             "config": json.loads(self.config.to_json()),
             "model": self.model,
-            "layers": [[layer.name, layer.op] for layer in self.layers],
+            "layers": [[layer.name, layer.op] + ([layer.shares] if layer.shares else []) for layer in self.layers],
             "activations": acts,
             "skipped": self.skipped,
             "stats": self.stats,
@@ -115,7 +115,7 @@ class CalibrationResult:
             or meta.get("format_version") != RESULT_VERSION
         ):
             raise CalibrationError(f"{path}: not a {RESULT_FORMAT} v{RESULT_VERSION} file; recalibrate")
-        layers = [QuantLayer(n, op) for n, op in meta["layers"]]
+        layers = [QuantLayer(*entry) for entry in meta["layers"]]  # [name, op] or [name, op, shared-with]
         weights = {
             layer.name: (tensors[f"weight/{layer.name}/int"], tensors[f"weight/{layer.name}/scale"])
             for layer in layers

@@ -57,8 +57,9 @@ def layer_table(model: LoadedModel, result: CalibrationResult, group: int) -> di
         if bias is not None and profile.quantize_bias:
             b_int, b_scale = (t.numpy() for t in quantize_bias(bias.cpu(), act_in.scale, w_scale))
         table[layer.name] = LayerQuant(
-            layer.op, w_int.numpy(), w_scale.numpy(), act_in, acts.get(f"{layer.name}:output"), b_int, b_scale
-        )
+            layer.op, w_int.numpy(), w_scale.numpy(), act_in, acts.get(f"{layer.name}:output"), b_int, b_scale,
+            layer.shares if layer.shares in result.weights else None,
+        )  # fmt: skip
     return table
 
 
@@ -182,6 +183,7 @@ def _manifest(model: LoadedModel, results: list[CalibrationResult], groups: list
         "ptqd": None,
         "quantized_nodes": report["quantized"],
         "float_nodes": report["float"] + result.skipped,
+        "shared_input_qdq": report.get("shared_inputs", {}),  # layer → the layer whose input Q/DQ it reads
         "files": files,
     }
 

@@ -60,6 +60,7 @@ __all__ = [
     "rule_per_channel",
     "rule_qdq_constant",
     "rule_qdq_pair",
+    "rule_qdq_shared",
     "rule_qdq_type",
     "rule_quantized_input",
     "rule_residual_add",
@@ -185,6 +186,25 @@ def rule_qdq_pair(ix: GraphIndex) -> list[Violation]:
         quantized = _produced_by(ix, x, "QuantizeLinear") or _produced_by(ix, x, "QLinearConv")
         if x not in ix.constants and quantized is None:
             out.append(_at("qdq-pair", dq, f"dequantizes {_source(ix, x)}, not a Q's output; pair it with a Q"))
+    return out
+
+
+def rule_qdq_shared(ix: GraphIndex) -> list[Violation]:
+    """A tensor read by several quantized layers is quantized once: one Q (after one b-bit Clip, if any) whose
+    DQ they all read. TensorRT fuses the q/k/v projections only when they share it; ORT quantizes once."""
+    out, seen = [], {}
+    for q in _ops(ix, "QuantizeLinear"):
+        x = q.input[0]
+        clip = _produced_by(ix, x, "Clip")
+        if clip is not None:
+            x = clip.input[0]
+        if x in ix.constants:
+            continue  # a weight
+        first = next((p for p in seen.get(x, []) if _same_params(ix, p, q)), None)
+        if first is not None:
+            msg = f"quantizes {_source(ix, x)} again, with the parameters of {_label(first)}"
+            out.append(_at("qdq-shared", q, msg + ": let every reader take that Q's DQ (one Q/DQ per tensor)"))
+        seen.setdefault(x, []).append(q)
     return out
 
 
@@ -354,8 +374,8 @@ def rule_strongly_typed(ix: GraphIndex) -> list[Violation]:
     return out
 
 
-RULES = (rule_opset, rule_qdq_type, rule_zero_point, rule_qdq_constant, rule_qdq_pair, rule_per_channel,
-         rule_quantized_input, rule_residual_add, rule_conv_output, rule_strongly_typed)  # fmt: skip
+RULES = (rule_opset, rule_qdq_type, rule_zero_point, rule_qdq_constant, rule_qdq_pair, rule_qdq_shared,
+         rule_per_channel, rule_quantized_input, rule_residual_add, rule_conv_output, rule_strongly_typed)  # fmt: skip
 
 
 def lint_model(model: onnx.ModelProto, target: str) -> list[Violation]:

@@ -24,13 +24,23 @@ def probe_model(graph: Path | onnx.ModelProto, layers: list[str]) -> tuple[onnx.
     else:
         model = onnx.load(str(graph))
     producers = {n.name: n for n in model.graph.node}
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    layer_nodes = {}
+    for n in model.graph.node:  # exporter scope names: "/unet/<module path>/<Op>"
+        parts = n.name.strip("/").split("/")
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(parts) >= 3 and parts[0] == "unet":
+            layer_nodes.setdefault(".".join(parts[1:-1]), n)
     probes = {}
     for name in layers:
-        q_in = producers.get(f"{name}/input/in/Clip") or producers.get(f"{name}/input/Q")
-        out_dq = producers.get(f"{name}/output/out/Clip") or producers.get(f"{name}/output/DQ")  # b < 8: the Clip
-        layer_node = next((n for n in model.graph.node if q_in is not None and f"{name}/input/dq" in n.input), None)
-        if q_in is None or layer_node is None:
+        layer_node = layer_nodes.get(name)
+        dq = made_by.get(layer_node.input[0]) if layer_node is not None else None
+        q_in = made_by.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q_in is None or q_in.op_type != "QuantizeLinear":
             continue
+        clip = made_by.get(q_in.input[0])  # below 8 bits: Clip → Q (a shared Q/DQ may carry another layer's name)
+        if clip is not None and clip.op_type == "Clip" and clip.name.endswith("/input/in/Clip"):
+            q_in = clip
+        out_dq = producers.get(f"{name}/output/out/Clip") or producers.get(f"{name}/output/DQ")  # b < 8: the Clip
         post = (out_dq or layer_node).output[0]
         if layer_node.op_type == "MatMul":  # a Linear's bias is the Add that follows its MatMul
             post = next((n.output[0] for n in model.graph.node if n.op_type == "Add" and post in n.input), post)

@@ -36,6 +36,7 @@ class LayerQuant:
     act_out: ActParams | None
     bias_int: np.ndarray | None  # int32 (O,) when the profile quantizes the bias
     bias_scale: np.ndarray | None
+    shares: str | None = None  # the earlier layer that reads the same input tensor (one Q/DQ for both)
 
 
 def layer_name(node: gs.Node, scope: str = "unet") -> str:
@@ -169,13 +170,70 @@ def plan(graph: gs.Graph, table: dict[str, LayerQuant]) -> tuple[list[tuple[gs.N
     return todo, floating
 
 
+def _same_attrs(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k, va in a.items():
+        vb = b[k]
+        if isinstance(va, gs.Constant) or isinstance(vb, gs.Constant):
+            if not (isinstance(va, gs.Constant) and isinstance(vb, gs.Constant) and _same_values(va, vb)):
+                return False
+        elif isinstance(va, np.ndarray) or isinstance(vb, np.ndarray):
+            if not np.array_equal(va, vb):
+                return False
+        elif va != vb:
+            return False
+    return True
+
+
+def _same_values(a: gs.Constant, b: gs.Constant) -> bool:
+    va, vb = np.asarray(a.values), np.asarray(b.values)
+    return va.dtype == vb.dtype and va.shape == vb.shape and np.array_equal(va, vb)
+
+
+def equivalent(a: gs.Tensor, b: gs.Tensor, depth: int = 4) -> bool:
+    """Whether two tensors provably hold the same values: one tensor, equal constants, or the same output of
+    the same op (equal attributes) on equivalent inputs, looking at most `depth` producers back (each
+    resnet's SiLU of the one time embedding is its own node in the exported graph)."""
+    if a is b:
+        return True
+    if isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
+        return isinstance(a, gs.Constant) and isinstance(b, gs.Constant) and _same_values(a, b)
+    if depth == 0 or len(a.inputs) != 1 or len(b.inputs) != 1:
+        return False
+    pa, pb = a.inputs[0], b.inputs[0]
+    if (
+        pa.op != pb.op
+        or pa.domain != pb.domain
+        or len(pa.inputs) != len(pb.inputs)
+        or not _same_attrs(pa.attrs, pb.attrs)
+    ):
+        return False
+    if [o.name for o in pa.outputs].index(a.name) != [o.name for o in pb.outputs].index(b.name):
+        return False
+    return all(equivalent(x, y, depth - 1) for x, y in zip(pa.inputs, pb.inputs, strict=True))
+
+
 def insert_qdq(graph: gs.Graph, table: dict[str, LayerQuant], profile: TargetProfile) -> dict:
-    """Quantize every planned node in place; returns {"quantized": [...], "float": [...]}."""
+    """Quantize every planned node in place; returns {"quantized": [...], "float": [...], "shared_inputs":
+    {layer: the layer whose input Q/DQ it reads}}. A layer that shares its input quantizer with an earlier one
+    (LayerQuant.shares) and provably reads the same values reads that layer's Q/DQ: one per tensor."""
     todo, floating = plan(graph, table)
-    for node, name in todo:
+    inputs: dict[str, tuple[gs.Tensor, gs.Variable]] = {}  # layer → (its float input, its input DQ's output)
+    shared = {}
+    for node, name in sorted(todo, key=lambda item: table[item[1]].shares is not None):  # owners first
         q = table[name]
         w_int, axis = _weight_layout(node, q)
-        new, x = _qdq(node.inputs[0], q.act_in, f"{name}/input")
+        owner = inputs.get(q.shares) if q.shares is not None else None
+        if owner is not None and table[q.shares].act_in != q.act_in:
+            raise ExportError(f"layer {name}: shares its input quantizer with {q.shares} but their parameters "
+                              f"differ ({q.act_in} vs {table[q.shares].act_in}); recalibrate")  # fmt: skip
+        if owner is not None and equivalent(owner[0], node.inputs[0]):
+            new, x = [], owner[1]
+            shared[name] = q.shares
+        else:
+            new, x = _qdq(node.inputs[0], q.act_in, f"{name}/input")
+        inputs[name] = (node.inputs[0], x)
         dq_w, w = _dq_const(f"{name}/weight", w_int, q.w_scale, axis)
         new.append(dq_w)
         node.inputs[0], node.inputs[1] = x, w
@@ -191,7 +249,8 @@ def insert_qdq(graph: gs.Graph, table: dict[str, LayerQuant], profile: TargetPro
             new.extend(out_nodes)
         graph.nodes.extend(new)
     graph.cleanup().toposort()
-    return {"quantized": [{"node": n.name, "op": n.op, "layer": name} for n, name in todo], "float": floating}
+    return {"quantized": [{"node": n.name, "op": n.op, "layer": name} for n, name in todo], "float": floating,
+            "shared_inputs": shared}  # fmt: skip
 
 
 def _skip_add(graph: gs.Graph, resnet: str) -> tuple[gs.Node, int] | None:

@@ -72,6 +72,7 @@ MANIFEST_V1 = Record(
         "ptqd?": (DictOf(_PTQD), None),
         "quantized_nodes?": ListOf(Record({"node": STR, "op": STR})),
         "float_nodes?": ListOf(Record({"node": STR, "op": STR, "reason": STR})),
+        "shared_input_qdq?": DictOf(STR),
         "components?": Record(
             {
                 "text_encoder?": Record({"file": STR, "context_shape": ListOf(INT, 2)}),

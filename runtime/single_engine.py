@@ -58,6 +58,7 @@ def fuse_integer_layers(model) -> dict[str, int]:
     counts = {"QLinearConv": 0, "QGemm": 0, "MatMulIntegerToFloat": 0}
     drop: set[int] = set()
     replace: dict[int, object] = {}
+    dqs: list = []
     for node in g.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
@@ -88,9 +89,10 @@ def fuse_integer_layers(model) -> dict[str, int]:
                                      name=node.name + "/MatMulIntegerToFloat", domain=MS_DOMAIN)  # fmt: skip
         replace[id(node)] = fused
         counts[fused.op_type] += 1
-        for d in (x_dq, w_dq, b_dq):
-            if d is not None and all(c is node for c in consumers.get(d.output[0], [])):
-                drop.add(id(d))
+        dqs.extend(d for d in (x_dq, w_dq, b_dq) if d is not None)
+    for d in dqs:  # a DQ read only by fused layers goes (one shared by q/k/v once all three are fused)
+        if all(c is not None and id(c) in replace for c in consumers.get(d.output[0], [])):
+            drop.add(id(d))
     nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)

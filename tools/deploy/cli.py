@@ -193,7 +193,8 @@ def _info(a: argparse.Namespace) -> None:
         )
     if info["precision_plan"]:
         _print_plan(info["precision_plan"])
-    print(f"quantized nodes: {info['quantized_nodes']}; left in float: {len(info['float_nodes'])}")
+    print(f"quantized nodes: {info['quantized_nodes']} ({info['shared_input_qdq']} reading another layer's input "
+          f"Q/DQ); left in float: {len(info['float_nodes'])}")  # fmt: skip
     for f in info["float_nodes"]:
         print(f"  {f['node']} ({f['op']}): {f['reason']}")
     print("files:")
