@@ -233,12 +233,14 @@ def write_bundle(
     overwrite: bool = False,
     progress: bool = True,
     before_publish: Callable[[Path], object] | None = None,
+    text_encoder: str = "fp32",
 ) -> Path:
     """Export one Q/DQ graph per group and write the bundle directory atomically (exporter.publish): it
     appears whole or not at all, and never over anything but a bundle it was told to replace. A list of
     results writes one engine set per precision (step-aware mixed precision): the first is the bundle's main
     precision, every graph after group 0 an overlay of it, and the weights must be the same in all of them.
-    `before_publish(staged_dir)` completes the staged bundle (e.g. PTQD statistics) before it appears."""
+    `before_publish(staged_dir)` completes the staged bundle (e.g. PTQD statistics) before it appears.
+    `text_encoder`: the precision of a text pipeline's text encoder, fp32 or w8a8 (exporter.components)."""
     results = result if isinstance(result, list) else [result]
     out = Path(out)
     for r in results:
@@ -284,7 +286,7 @@ def write_bundle(
                 entry |= {"file": f"group_{g}.overlay.onnx", "base": "group_0.onnx"}
             onnx.save(graph if delta is None else delta, str(tmp / entry["file"]))
         (tmp / WEIGHTS).write_bytes(bytes(shared.blob))
-        components = write_components(model, tmp)
+        components = write_components(model, tmp, text_encoder)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                  if p.is_file() and p.name != OWNER}  # fmt: skip
         manifest = _manifest(model, results, groups, report, files, quantized_macs(model, results[0]))

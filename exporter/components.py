@@ -1,7 +1,8 @@
 """The rest of a text-to-image pipeline in the bundle: the text encoder and the VAE decoder as float ONNX
 graphs, and the tokenizer's files, so the runtime goes from prompt to image without torch.
 
-- `text_encoder.onnx`: input_ids (B, L) int64 → last_hidden_state (B, L, D), the UNet's encoder_hidden_states.
+- `text_encoder.onnx`: input_ids (B, L) int64 → last_hidden_state (B, L, D), the UNet's encoder_hidden_states;
+  float, or W8A8 (`quantize_text_encoder`, `dqc compile --text-encoder w8a8`).
 - `vae_decoder.onnx`: latents (B, C, h, w), as the sampler ends them → images (B, 3, H, W) in [−1, 1]
   nominal; the VAE's scaling (and shift) factor is applied inside the graph: D(z / s + shift).
 - `tokenizer/`: the pipeline's tokenizer folder, copied file by file.
@@ -64,21 +65,81 @@ def export_text_encoder(prompts) -> onnx.ModelProto:
     return _export(_TextForward(prompts.encoder), example, "input_ids", "last_hidden_state", "text encoder")
 
 
+TEXT_PRECISIONS = ("fp32", "w8a8")
+
+
+def quantize_text_encoder(graph: onnx.ModelProto, token_ids) -> tuple[onnx.ModelProto, int]:
+    """The text encoder W8A8 (ONNX Runtime's integer MatMul): every MatMul with a constant 2-D weight (CLIP's
+    Linear layers on (B, L, D) inputs) gets int8 weights, symmetric per output channel (max |w| / 127, the
+    naive range), and a uint8 Q/DQ on its input with the min-max range the float graph shows on
+    `token_ids` (the calibration prompts and the empty prompt); one Q/DQ per tensor (q/k/v read one).
+    Embeddings, LayerNorm, GELU and the attention products stay float. Returns (graph, quantized layers)."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    from calibration.quantizers import activation_params
+    from exporter.qdq import _dq_const, _qdq
+    from runtime.engine import session_options
+
+    g = gs.import_onnx(graph)
+    linears = [n for n in g.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)
+               and n.inputs[1].values.ndim == 2]  # fmt: skip
+    if not linears:
+        raise ExportError("text encoder: no MatMul with a constant weight to quantize")
+    inputs = list(dict.fromkeys(n.inputs[0].name for n in linears))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=x) for x in inputs)
+    opts = session_options(ort, optimize=False)  # keep every tensor as named
+    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    values = dict(zip(inputs, session.run(inputs, {"input_ids": np.asarray(token_ids, np.int64)}), strict=True))
+    dq_of = {}
+    for x in inputs:
+        v = values[x]
+        params = activation_params(float(v.min()), float(v.max()), signed=False, bits=8)
+        tensor = next(n.inputs[0] for n in linears if n.inputs[0].name == x)
+        new, dq_of[x] = _qdq(tensor, params, f"text_encoder/{x.strip('/')}/input")
+        g.nodes.extend(new)
+    for i, node in enumerate(linears):
+        w = np.asarray(node.inputs[1].values, np.float32)  # (in, out)
+        scale = np.maximum(np.abs(w).max(axis=0) / 127.0, 1e-12).astype(np.float32)
+        w_int = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        dq, w_deq = _dq_const(f"text_encoder/linear_{i}/weight", w_int, scale, axis=1)
+        g.nodes.append(dq)
+        node.inputs[0], node.inputs[1] = dq_of[node.inputs[0].name], w_deq
+    g.cleanup().toposort()
+    out = gs.export_onnx(g)
+    out.opset_import[0].version = graph.opset_import[0].version
+    out.ir_version = graph.ir_version
+    onnx.checker.check_model(out)
+    return out, len(linears)
+
+
 def export_vae_decoder(vae, latent_shape: tuple[int, int, int]) -> onnx.ModelProto:
     """The VAE's decoder, scaling included, as a float graph."""
     return _export(_DecodeForward(vae), torch.zeros(1, *latent_shape), "latents", "images", "VAE decoder")
 
 
-def write_components(model, folder: Path) -> dict:
+def write_components(model, folder: Path, text_encoder: str = "fp32") -> dict:
     """Write a loaded model's pipeline components into a staged bundle `folder`; returns the manifest's
-    `components` entry ({} for a bare denoiser)."""
+    `components` entry ({} for a bare denoiser). `text_encoder`: fp32, or w8a8 (quantize_text_encoder,
+    calibrated on the model's calibration prompts)."""
+    if text_encoder not in TEXT_PRECISIONS:
+        raise ExportError(f"text encoder precision {text_encoder!r}: use one of {', '.join(TEXT_PRECISIONS)}")
+    if text_encoder != "fp32" and model.text is None:
+        raise ExportError(f"--text-encoder {text_encoder}: {model.source} has no text encoder")
     out = {}
     if model.text is not None:
-        onnx.save(export_text_encoder(model.text), str(folder / TEXT_ENCODER))
+        graph = export_text_encoder(model.text)
+        entry = {"file": TEXT_ENCODER, "class": type(model.text.encoder).__name__, "precision": "float32"}
+        if text_encoder == "w8a8":
+            graph, layers = quantize_text_encoder(graph, model.text.token_ids([*model.text.prompts, ""]))
+            entry |= {"precision": "w8a8", "quantized_layers": layers}
+        onnx.save(graph, str(folder / TEXT_ENCODER))
         shutil.copytree(model.text.tokenizer_dir, folder / TOKENIZER)
         length, width = model.text.context_shape
-        out["text_encoder"] = {"file": TEXT_ENCODER, "class": type(model.text.encoder).__name__,
-                               "precision": "float32", "context_shape": [length, width]}  # fmt: skip
+        out["text_encoder"] = entry | {"context_shape": [length, width]}
         out["tokenizer"] = {"folder": TOKENIZER, "class": type(model.text.tokenizer).__name__, "max_length": length}
         out["calibration_prompts"] = list(model.text.prompts)
     if model.vae is not None:

@@ -54,6 +54,7 @@ def _compile(a: argparse.Namespace) -> None:
         mixed_bits=a.mixed_bits,
         switch_t=a.switch_t,
         calib_prompts=a.calib_prompts,
+        text_encoder=a.text_encoder,
         progress=not a.quiet,
     )
     print(f"wrote bundle {out}")
@@ -251,6 +252,9 @@ def register(sub) -> None:
     c.add_argument("--scheduler", help="scheduler directory or scheduler_config.json (bare model directories)")
     c.add_argument("--calib-prompts", metavar="FILE", help="text-to-image pipelines: UTF-8 file, one calibration "
                    "prompt per line, cycled over the calibration trajectories")  # fmt: skip
+    c.add_argument("--text-encoder", choices=["fp32", "w8a8"], default="fp32",
+                   help="text-to-image pipelines: the bundled text encoder in float (default) or W8A8 (int8 "
+                   "per-channel weights, uint8 activations, min-max ranges on the calibration prompts)")  # fmt: skip
     c.add_argument("--bits", default="W8A8", help="weight/activation bit-widths, e.g. W8A8 (default)")
     c.add_argument(
         "--target",

@@ -27,13 +27,14 @@ def compile_model(
     mixed_bits: str | None = None,
     switch_t: int | None = None,
     calib_prompts: str | Path | None = None,
+    text_encoder: str = "fp32",
     progress: bool = True,
 ) -> Path:
     """Calibrate + export: a model directory (or an already loaded model) in, a bundle directory out;
     with `ptqd_samples`, also gather PTQD statistics on the written bundle's engines. `mixed_bits` adds a
     second, cheaper precision (step-aware mixed precision): both are calibrated alike, their statistics
     gathered along the same trajectories, and the switch between them chosen by PTQD's SNR criterion
-    (or set with `switch_t`)."""
+    (or set with `switch_t`). `text_encoder`: a text pipeline's text encoder in fp32 or w8a8."""
     import dataclasses
 
     from calibration.calibrate import calibrate
@@ -65,6 +66,9 @@ def compile_model(
     if model.text is not None and not model.text.prompts:
         raise ConfigError(f"{model.source}: a text-to-image pipeline is calibrated on prompts; pass --calib-prompts "
                           "FILE (one prompt per line)")  # fmt: skip
+    if text_encoder != "fp32" and model.text is None:
+        raise ConfigError(f"--text-encoder {text_encoder}: {model.source} has no text encoder (only text-to-image "
+                          "pipelines do); leave the flag out")  # fmt: skip
     if mixed_bits and model.schedule.prediction_type != "epsilon":
         raise ConfigError(f"--mixed-bits: the switch criterion compares ε's SNR with the diffusion's; {model.source} "
                           f"predicts {model.schedule.prediction_type}: compile one precision")  # fmt: skip
@@ -82,7 +86,7 @@ def compile_model(
                     batch_size=cfg.batch_size, switch_t=switch_t, progress=progress)  # fmt: skip
 
     return write_bundle(model, results, out, overwrite=overwrite, progress=progress,
-                        before_publish=add_statistics if ptqd_samples else None)  # fmt: skip
+                        before_publish=add_statistics if ptqd_samples else None, text_encoder=text_encoder)  # fmt: skip
 
 
 def gather_ptqd(bundle_dir, model, sampler_cfg, *, samples: int, seed: int, batch_size: int,
