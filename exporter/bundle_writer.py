@@ -13,12 +13,13 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import shape_inference, version_converter
+from onnx import shape_inference
 from tqdm.auto import tqdm
 
 from calibration.model_io import LoadedModel
@@ -27,6 +28,7 @@ from calibration.quantizers import quantize_bias
 from calibration.result import CalibrationResult
 from calibration.shortcut import apply_splits
 from exporter.components import write_components
+from exporter.large_model import convert_version, fits_in_protobuf
 from exporter.onnx_export import export_float
 from exporter.precision import to_float_type
 from exporter.publish import OWNER, check_output, publish, stage
@@ -135,10 +137,23 @@ def _group_graph(
     model.opset_import[0].version = fp.opset_import[0].version
     model.ir_version = fp.ir_version
     model = to_float_type(model, profile.float_type)
+    if fits_in_protobuf(model):  # a larger one is checked as written, weights in weights.bin (check_staged)
+        check_graph(model, profile)
+    return model, report
+
+
+def check_graph(model: onnx.ModelProto | Path, profile) -> None:
+    """The ONNX checker and, for strongly typed profiles, strict type inference (a model or a graph file)."""
+    if isinstance(model, Path):
+        onnx.checker.check_model(str(model))
+        if profile.float_type != "float32":
+            with tempfile.TemporaryDirectory(prefix="dqc-check-") as tmp:
+                shape_inference.infer_shapes_path(str(model), str(Path(tmp) / "inferred.onnx"), check_type=True,
+                                                  strict_mode=True)  # fmt: skip
+        return
     onnx.checker.check_model(model)
     if profile.float_type != "float32":  # strongly typed: every tensor's type must check
         shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    return model, report
 
 
 def _manifest(model: LoadedModel, results: list[CalibrationResult], groups: list[dict], report: dict, files: dict,
@@ -259,7 +274,7 @@ def write_bundle(
     fp = export_float(model)
     opset = get_profile(results[0].config.target).opset
     if fp.opset_import[0].version != opset:
-        fp = version_converter.convert_version(fp, opset)
+        fp = convert_version(fp, opset)
     fp = fold_shapes(fp)
     tmp = stage(out)
     try:
@@ -285,7 +300,12 @@ def write_bundle(
             if delta is not None:
                 entry |= {"file": f"group_{g}.overlay.onnx", "base": "group_0.onnx"}
             onnx.save(graph if delta is None else delta, str(tmp / entry["file"]))
-        (tmp / WEIGHTS).write_bytes(bytes(shared.blob))
+        (tmp / WEIGHTS).write_bytes(shared.blob)
+        if not fits_in_protobuf(fp):  # too large to check in memory: check the written graphs
+            profile = get_profile(results[0].config.target)
+            for entry in groups:
+                if "base" not in entry:
+                    check_graph(tmp / entry["file"], profile)
         components = write_components(model, tmp, text_encoder)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                  if p.is_file() and p.name != OWNER}  # fmt: skip

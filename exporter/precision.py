@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter.large_model import infer_shapes
 from runtime.errors import ExportError
 
 FLOAT_TYPES = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16, "float32": TensorProto.FLOAT}
@@ -78,7 +79,7 @@ def to_float_type(model: onnx.ModelProto, float_type: str) -> onnx.ModelProto:
     inits = {t.name: t for t in g.initializer}
     constants = set(inits) | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     region = _embedding_region(g, "timestep", constants)
-    inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    inferred = infer_shapes(model).graph.value_info
     floats = {v.name for v in inferred if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     region_tensors = {o for i in region for o in g.node[i].output if o in floats}
     fp32_uses: set[str] = set()  # float initializers read where float32 is needed

@@ -35,28 +35,36 @@ def _shape_region(g: onnx.GraphProto, constants: set[str]) -> list[onnx.NodeProt
     return region
 
 
-def _run(model: onnx.ModelProto, names: list[str], batch: int) -> list[np.ndarray]:
-    """The values of `names` when the graph runs at `batch` (random float inputs, zero integer inputs)."""
+def _run(model: onnx.ModelProto, names: list[str], batches: tuple[int, ...]) -> list[list[np.ndarray]]:
+    """The values of `names` when the graph runs at each batch size (random float inputs, zero integer
+    inputs); one session, the model's outputs replaced by `names` while it is built."""
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    from exporter.large_model import ort_session
     from runtime.engine import session_options
 
     opts = session_options(ort, optimize=False)  # keep every tensor as named
     opts.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(batch)
-    feeds = {}
-    for inp in session.get_inputs():
-        shape = [batch if not isinstance(d, int) else d for d in inp.shape]
-        if inp.type == "tensor(float)":
-            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
-        else:
-            feeds[inp.name] = np.zeros(shape, np.int64 if inp.type == "tensor(int64)" else np.int32)
-    return session.run(names, feeds)
+    outputs = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    try:
+        session = ort_session(model, opts)
+    finally:
+        del model.graph.output[:]
+        model.graph.output.extend(outputs)
+    runs = []
+    for batch in batches:
+        rng = np.random.default_rng(batch)
+        feeds = {}
+        for inp in session.get_inputs():
+            shape = [batch if not isinstance(d, int) else d for d in inp.shape]
+            if inp.type == "tensor(float)":
+                feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+            else:
+                feeds[inp.name] = np.zeros(shape, np.int64 if inp.type == "tensor(int64)" else np.int32)
+        runs.append(session.run(names, feeds))
+    return runs
 
 
 def _batch_dim_first(shapes: dict, tensor: str) -> bool:
@@ -67,9 +75,15 @@ def _batch_dim_first(shapes: dict, tensor: str) -> bool:
 
 def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with its batch-independent shape values constant and its batch-preserving Reshape
-    targets [0, d1, …]; idempotent."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    targets [0, d1, …]; idempotent. A model past the protobuf limit is changed in place (no second copy of
+    its weights)."""
+    from exporter.large_model import fits_in_protobuf, infer_shapes
+
+    if fits_in_protobuf(model):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = model
     g = out.graph
     constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     region = _shape_region(g, constants)
@@ -84,8 +98,8 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     wanted = sorted(outside)
     if not wanted:
         return out
-    runs = [_run(model, wanted, b) for b in _BATCHES]
-    inferred = onnx.shape_inference.infer_shapes(model).graph
+    runs = _run(out, wanted, _BATCHES)
+    inferred = infer_shapes(out).graph
     shapes = {v.name: v for v in (*inferred.value_info, *inferred.input)}
     for i, name in enumerate(wanted):
         values = [np.asarray(r[i]) for r in runs]

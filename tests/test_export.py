@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import pytest
 
 from calibration.profiles import get_profile
 from calibration.quantizers import activation_params
@@ -148,3 +149,39 @@ def test_fold_shapes_makes_batch_independent_shape_values_constant():
         v = np.random.default_rng(batch).standard_normal((batch, 4, 2, 2)).astype(np.float32)
         got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": v})[0]
         np.testing.assert_allclose(got, v.reshape(batch, 2, 8) / np.sqrt(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "trt"])
+def test_models_past_the_protobuf_limit_take_the_external_data_path_with_the_same_bundle(
+    tiny_model, tiny_result, tmp_path, monkeypatch, target
+):
+    """A Stable-Diffusion-sized UNet (3.4 GB) cannot be serialized as one protobuf: export, shape folding,
+    version conversion, checks and ONNX Runtime's probes then work on files with external data. With the
+    limit set to 0 the tiny model takes that path, and its bundle must be the one the in-memory path writes."""
+    from calibration.calibrate import calibrate
+    from calibration.config import CalibrationConfig
+    from exporter import large_model
+    from exporter.bundle_writer import write_bundle
+    from exporter.lint import lint_bundle
+    from runtime.bundle import load_bundle
+    from tests.conftest import CALIB
+
+    result = tiny_result if target == "ort-cpu" else calibrate(tiny_model, CalibrationConfig(target=target, **CALIB),
+                                                               progress=False)  # fmt: skip
+    small = write_bundle(tiny_model, result, tmp_path / "small", progress=False)
+    calls = []
+    real = large_model.strip_weights
+    monkeypatch.setattr(large_model, "strip_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(large_model, "PROTOBUF_LIMIT", 0)
+    large = write_bundle(tiny_model, result, tmp_path / "large", progress=False)
+    assert calls  # the external-data path ran
+    monkeypatch.undo()
+    a, b = load_bundle(small), load_bundle(large)
+    assert a.manifest["files"] == b.manifest["files"]  # byte-identical graphs and weights
+    assert lint_bundle(large)["violations"] == lint_bundle(small)["violations"]
+    x = np.random.default_rng(0).standard_normal((2, *a.spec.sample_shape)).astype(np.float32)
+    if target == "ort-cpu":
+        t, labels = np.array([500, 500]), np.array([1, 2])
+        ya = a.engines(backend="ort").for_timestep(500).infer(x, t, labels)
+        yb = b.engines(backend="ort").for_timestep(500).infer(x, t, labels)
+        np.testing.assert_array_equal(ya, yb)
