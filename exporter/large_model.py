@@ -110,3 +110,20 @@ def convert_version(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         restore_weights(model, stash)
     restore_weights(out, stash)
     return out
+
+
+def save(model: onnx.ModelProto, path: str | Path) -> Path:
+    """onnx.save for a model of any size: past the limit its large initializers go to `<name>.data` beside
+    the graph file (ONNX external data; keep the two together). The in-memory model is left as it was."""
+    path = Path(path)
+    if fits_in_protobuf(model):
+        onnx.save(model, str(path))
+        return path
+    location = f"{path.name}.data"
+    with open(path.parent / location, "wb") as f:
+        stash = strip_weights(model, location, f)
+    try:
+        onnx.save(model, str(path))
+    finally:
+        restore_weights(model, stash)
+    return path

@@ -185,3 +185,17 @@ def test_models_past_the_protobuf_limit_take_the_external_data_path_with_the_sam
         ya = a.engines(backend="ort").for_timestep(500).infer(x, t, labels)
         yb = b.engines(backend="ort").for_timestep(500).infer(x, t, labels)
         np.testing.assert_array_equal(ya, yb)
+
+
+def test_a_model_past_the_limit_is_saved_with_its_weights_beside_it(tiny_model, tmp_path, monkeypatch):
+    from exporter import large_model
+    from exporter.onnx_export import export_float
+
+    fp = export_float(tiny_model)
+    expected = {t.name: t.raw_data for t in fp.graph.initializer}
+    monkeypatch.setattr(large_model, "PROTOBUF_LIMIT", 0)
+    path = large_model.save(fp, tmp_path / "fp32.onnx")
+    assert (tmp_path / "fp32.onnx.data").stat().st_size > 0.9 * sum(len(v) for v in expected.values())
+    assert {t.name: t.raw_data for t in fp.graph.initializer} == expected  # the in-memory model is untouched
+    loaded = onnx.load(str(path))
+    assert {t.name: t.raw_data for t in loaded.graph.initializer} == expected

@@ -268,3 +268,11 @@ def test_w8a8_text_encoder_is_refused_for_a_model_without_one(tiny_dir, tmp_path
     err = _refused(["compile", str(tiny_dir), "-o", str(out), "--text-encoder", "w8a8", *COMPILE], capsys)
     assert "--text-encoder w8a8" in err and "has no text encoder" in err
     assert not out.exists()
+
+
+def test_latency_ratio_feeds_text_bundles_their_embeddings(text):
+    from tools.deploy.pipeline import latency_ratio
+
+    bundle = load_bundle(text[2])
+    report = latency_ratio({"ours": bundle.engines().for_timestep(500)}, bundle.spec, batch=2, reps=2)
+    assert report["ours"]["median_ms"] > 0

@@ -538,12 +538,10 @@ def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
 def fp32_engine(model, workdir: str | Path, *, spin: bool = True) -> OrtEngine:
     """A full-precision ONNX Runtime engine of a loaded model (the latency yardstick); `spin` as the
     engines it is compared with (a multi-group set's sessions do not spin-wait)."""
-    import onnx
-
+    from exporter.large_model import save
     from exporter.onnx_export import export_float
 
-    path = Path(workdir) / "fp32.onnx"
-    onnx.save(export_float(model), str(path))
+    path = save(export_float(model), Path(workdir) / "fp32.onnx")
     return OrtEngine(path, model.spec, spin=spin)
 
 
@@ -552,7 +550,9 @@ def latency_ratio(engines: dict[str, object], spec, *, batch: int = 1, reps: int
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *spec.sample_shape), dtype=np.float32)
     ts = np.full(batch, spec.num_train_timesteps // 2, np.int64)
-    labels = None if spec.num_class_embeds is None else np.zeros(batch, np.int64)
+    from runtime.engine import example_cond
+
+    labels = example_cond(spec, batch, rng)  # class labels, or prompt embeddings for text models
     times: dict[str, list[float]] = {k: [] for k in engines}
     for e in engines.values():
         e.infer(x, ts, labels)  # warm-up: session creation and first-run allocations

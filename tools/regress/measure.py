@@ -199,15 +199,14 @@ def quality(samples: Path, reference: Path, boot: int, seed: int = 0) -> dict:
 
 
 def fp32_graph(model, cache: Path) -> Path:
-    import onnx
-
+    from exporter.large_model import save
     from exporter.onnx_export import export_float
 
     out = cache / "fp32" / f"{model.weight_sha256[:16]}.onnx"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        onnx.save(export_float(model), str(tmp))
+        save(export_float(model), tmp)
         tmp.rename(out)
     return out
 
