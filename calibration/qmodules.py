@@ -102,6 +102,17 @@ def quantizable_layers(unet: nn.Module) -> list[QuantLayer]:
     return layers
 
 
+def run_with_pre_hooks(forward: nn.Module, names: list[str], fn: Callable[[str, tuple], object], example: tuple):
+    """One inference call of `forward` on `example` with `fn(name, args)` called before each named submodule."""
+    handles = [forward.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: fn(n, args)) for n in names]
+    try:
+        with torch.inference_mode():
+            forward(*example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def tie_shared_inputs(forward: nn.Module, layers: list[QuantLayer], example: tuple) -> list[QuantLayer]:
     """`layers` with `shares` set where a layer reads the same values as an earlier one on `example` (one call
     of `forward`, the family wrapper): the q/k/v projections of self-attention (one normalised tensor), the
@@ -109,18 +120,9 @@ def tie_shared_inputs(forward: nn.Module, layers: list[QuantLayer], example: tup
     the one time embedding). Such layers get one input quantizer, so the graph can carry one Q/DQ for the
     tensor: TensorRT fuses q/k/v only when they share it, and ONNX Runtime quantizes the tensor once."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [
-        forward.get_submodule(f"unet.{layer.name}").register_forward_pre_hook(
-            lambda m, args, n=layer.name: seen.setdefault(n, args[0].detach())
-        )
-        for layer in layers
-    ]
-    try:
-        with torch.inference_mode():
-            forward(*example)
-    finally:
-        for h in handles:
-            h.remove()
+    names = [f"unet.{layer.name}" for layer in layers]
+    run_with_pre_hooks(forward, names, lambda n, args: seen.setdefault(n.removeprefix("unet."), args[0].detach()),
+                       example)  # fmt: skip
     out, firsts = [], []  # firsts: (layer, its input) of the layers that share nobody's input
     for layer in layers:
         x = seen.get(layer.name)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from calibration.adaround import AdaRoundWeight, annealed_beta, apply_layer, block_loss
 from calibration.collect import CalibrationData
 from calibration.config import CalibrationConfig
-from calibration.qmodules import ActQuant, QuantLayer, replace_layers, wrap_residuals
+from calibration.qmodules import ActQuant, QuantLayer, replace_layers, run_with_pre_hooks, wrap_residuals
 from calibration.quantizers import ActParams, LsqQuantizer
 
 _REPORT_EVERY = 25
@@ -75,18 +75,7 @@ def reconstruction_units(forward: nn.Module, layers: list[QuantLayer], example: 
     inside = {n for n in names if any(n.startswith(f"{b}.") for b in blocks)}
     candidates = [b for b in blocks if any(n.startswith(f"{b}.") for n in names)] + sorted(names - inside)
     order: list[str] = []
-    handles = [
-        forward.get_submodule(n).register_forward_pre_hook(
-            lambda m, a, n=n: order.append(n) if n not in order else None
-        )
-        for n in candidates
-    ]
-    try:
-        with torch.inference_mode():
-            forward(*example)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_pre_hooks(forward, candidates, lambda n, args: order.append(n) if n not in order else None, example)
     units = []
     for n in order:
         members = [

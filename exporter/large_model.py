@@ -64,14 +64,7 @@ def saved(model: onnx.ModelProto) -> Iterator[Path]:
     """The model as a file in a temporary folder, weights as external data: for ONNX Runtime or the checker
     when the model is too large to hand over as bytes. The in-memory model is left as it was."""
     with tempfile.TemporaryDirectory(prefix="dqc-onnx-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        with open(Path(tmp) / _WEIGHTS_FILE, "wb") as f:
-            stash = strip_weights(model, _WEIGHTS_FILE, f)
-        try:
-            onnx.save(model, str(path))
-        finally:
-            restore_weights(model, stash)
-        yield path
+        yield _write_external(model, Path(tmp) / "model.onnx", _WEIGHTS_FILE)
 
 
 def ort_session(model: onnx.ModelProto, opts, providers=("CPUExecutionProvider",)):
@@ -119,7 +112,11 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     if fits_in_protobuf(model):
         onnx.save(model, str(path))
         return path
-    location = f"{path.name}.data"
+    return _write_external(model, path, f"{path.name}.data")
+
+
+def _write_external(model: onnx.ModelProto, path: Path, location: str) -> Path:
+    """The graph to `path`, its large initializers to `location` beside it; the in-memory model unchanged."""
     with open(path.parent / location, "wb") as f:
         stash = strip_weights(model, location, f)
     try:
