@@ -426,7 +426,8 @@ def register(sub) -> None:
         description="Check every group graph of a bundle against the documented rules of an export target "
         "(trt: int8 symmetric Q/DQ with zero point 0, constant scales, per-channel weights on axis 0 (ConvTranspose "
         "1), Q/DQ on every Conv/Gemm/MatMul input and on residual-add inputs, a strongly typed FP16/BF16 graph; "
-        "ort-cpu: uint8 activations, a Q on every Conv output) and name each violating node. Exits 1 on violations.",
+        "ort-cpu: uint8 activations, a Q on every Conv output; both: one Q/DQ per tensor, however many layers read "
+        "it) and name each violating node. Exits 1 on violations.",
     )
     lt.add_argument("bundle", help="bundle directory")
     lt.add_argument("--target", help="rules to check: trt, trt-bf16, trt-fp32 or ort-cpu (default: the bundle's)")
