@@ -191,9 +191,13 @@ def rule_qdq_pair(ix: GraphIndex) -> list[Violation]:
 
 def rule_qdq_shared(ix: GraphIndex) -> list[Violation]:
     """A tensor read by several quantized layers is quantized once: one Q (after one b-bit Clip, if any) whose
-    DQ they all read. TensorRT fuses the q/k/v projections only when they share it; ORT quantizes once."""
+    DQ they all read. TensorRT fuses the q/k/v projections only when they share it; ORT quantizes once. Only
+    Qs that feed a layer's input count (a residual-Add Q/DQ on the same tensor is a placement of its own)."""
     out, seen = [], {}
     for q in _ops(ix, "QuantizeLinear"):
+        dqs = [c for c, _ in ix.consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]
+        if not any(c.op_type in _QUANT_OPS and slot == 0 for d in dqs for c, slot in ix.consumers.get(d.output[0], [])):
+            continue
         x = q.input[0]
         clip = _produced_by(ix, x, "Clip")
         if clip is not None:
