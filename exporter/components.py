@@ -78,7 +78,8 @@ def quantize_text_encoder(graph: onnx.ModelProto, token_ids) -> tuple[onnx.Model
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
 
-    from calibration.quantizers import activation_params
+    from calibration.quantizers import activation_params, minmax_weight_scale, quantize_weight
+    from exporter.large_model import ort_session
     from exporter.qdq import _dq_const, _qdq
     from runtime.engine import session_options
 
@@ -92,7 +93,7 @@ def quantize_text_encoder(graph: onnx.ModelProto, token_ids) -> tuple[onnx.Model
     probe.CopyFrom(graph)
     probe.graph.output.extend(onnx.ValueInfoProto(name=x) for x in inputs)
     opts = session_options(ort, optimize=False)  # keep every tensor as named
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(probe, opts)
     values = dict(zip(inputs, session.run(inputs, {"input_ids": np.asarray(token_ids, np.int64)}), strict=True))
     dq_of = {}
     for x in inputs:
@@ -102,10 +103,10 @@ def quantize_text_encoder(graph: onnx.ModelProto, token_ids) -> tuple[onnx.Model
         new, dq_of[x] = _qdq(tensor, params, f"text_encoder/{x.strip('/')}/input")
         g.nodes.extend(new)
     for i, node in enumerate(linears):
-        w = np.asarray(node.inputs[1].values, np.float32)  # (in, out)
-        scale = np.maximum(np.abs(w).max(axis=0) / 127.0, 1e-12).astype(np.float32)
-        w_int = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-        dq, w_deq = _dq_const(f"text_encoder/linear_{i}/weight", w_int, scale, axis=1)
+        w = torch.from_numpy(np.asarray(node.inputs[1].values, np.float32))  # (in, out): channels on axis 1
+        scale = minmax_weight_scale(w, 8, axis=1)
+        w_int = quantize_weight(w, scale, 8, axis=1).numpy()
+        dq, w_deq = _dq_const(f"text_encoder/linear_{i}/weight", w_int, scale.numpy(), axis=1)
         g.nodes.append(dq)
         node.inputs[0], node.inputs[1] = dq_of[node.inputs[0].name], w_deq
     g.cleanup().toposort()
