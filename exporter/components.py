@@ -33,7 +33,7 @@ class _TextForward(torch.nn.Module):
         return self.encoder(input_ids=input_ids).last_hidden_state
 
 
-class _DecodeForward(torch.nn.Module):
+class DecodeForward(torch.nn.Module):
     def __init__(self, vae) -> None:
         super().__init__()
         self.vae = vae
@@ -119,7 +119,7 @@ def quantize_text_encoder(graph: onnx.ModelProto, token_ids) -> tuple[onnx.Model
 
 def export_vae_decoder(vae, latent_shape: tuple[int, int, int]) -> onnx.ModelProto:
     """The VAE's decoder, scaling included, as a float graph."""
-    return _export(_DecodeForward(vae), torch.zeros(1, *latent_shape), "latents", "images", "VAE decoder")
+    return _export(DecodeForward(vae), torch.zeros(1, *latent_shape), "latents", "images", "VAE decoder")
 
 
 def write_components(model, folder: Path, text_encoder: str = "fp32") -> dict:
@@ -147,7 +147,7 @@ def write_components(model, folder: Path, text_encoder: str = "fp32") -> dict:
         c, h, w = model.spec.sample_shape
         onnx.save(export_vae_decoder(model.vae, (c, h, w)), str(folder / VAE_DECODER))
         with torch.no_grad():
-            image = list(_DecodeForward(model.vae)(torch.zeros(1, c, h, w)).shape[1:])
+            image = list(DecodeForward(model.vae)(torch.zeros(1, c, h, w)).shape[1:])
         scale = float(model.vae.config.scaling_factor)
         out["vae_decoder"] = {"file": VAE_DECODER, "class": type(model.vae).__name__, "precision": "float32",
                               "scaling_factor": scale, "image_shape": image}  # fmt: skip

@@ -205,7 +205,7 @@ class Bundle:
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
         prepack: bool = True, route: np.ndarray | None = None, backend: str = "ort", spin: bool | None = None,
-        hint: str | None = None, batch: int = 1, single: bool | None = None,
+        hint: str | None = None, batch: int = 1, single: bool | None = None, prompt_cache: bool = True,
     ) -> EngineSet:  # fmt: skip
         """Engines, one per group, created on first use: ONNX Runtime sessions (`backend="ort"`), OpenVINO
         compiled models on the CPU (`"openvino"`, float parts in `hint` precision), the TensorRT plans
@@ -222,7 +222,10 @@ class Bundle:
         between).
         `single` (ONNX Runtime, ort-cpu bundles): one session serves all groups of a precision, its weights
         packed once and each group's quantization parameters bound per group switch (runtime.single_engine);
-        None (default): wherever a precision has several groups; False: one session per group."""
+        None (default): wherever a precision has several groups; False: one session per group.
+        `prompt_cache` (ONNX Runtime and OpenVINO, text bundles): each engine computes the cross-attention keys
+        and values once per prompt embedding, not at every step (runtime.prompt_cache); False: the whole graph
+        per step."""
         if backend == "auto":
             choice: dict = {}
             chosen = resolve_backend(backend, self, batch=batch, record=choice)
@@ -239,7 +242,7 @@ class Bundle:
             from runtime.openvino import DEFAULT_HINT, openvino_engine_set
 
             return openvino_engine_set(self, route, hint=hint or DEFAULT_HINT, threads=threads,
-                                       max_resident=max_resident)  # fmt: skip
+                                       max_resident=max_resident, prompt_cache=prompt_cache)  # fmt: skip
         spec, state = self.spec, {}
         shared = self._single_groups(single)
         sessions = len(self.manifest["groups"]) - sum(len(gs) - 1 for gs in shared.values())
@@ -254,12 +257,22 @@ class Bundle:
                     from runtime.single_engine import single_engine
 
                     state[key] = single_engine(self, list(key), state["weights"], providers=providers, threads=threads,
-                                               prepack=prepack, spin=single_session)  # fmt: skip
+                                               prepack=prepack, spin=single_session,
+                                               prompt_cache=prompt_cache)  # fmt: skip
                 return state[key].for_group(group)
-            graph = self.group_model(group).SerializeToString()
-            return OrtEngine(graph, spec, providers=providers, threads=threads, external_dir=self.root,
-                             initializers=state["weights"], prepack=prepack, spin=single_session,
-                             name=f"{self.graph_path(group)} (group {group})")  # fmt: skip
+            model, prompt = self.group_model(group), None
+            if prompt_cache:
+                from runtime.prompt_cache import split_prompt_part
+
+                split = split_prompt_part(model)
+                if split is not None:
+                    prompt_model, model, cut = split
+                    prompt = (prompt_model, cut)
+            used = {t.name for t in model.graph.initializer}
+            return OrtEngine(model.SerializeToString(), spec, providers=providers, threads=threads,
+                             external_dir=self.root, initializers=state["weights"].subset(used), prepack=prepack,
+                             spin=single_session, name=f"{self.graph_path(group)} (group {group})",
+                             prompt=prompt)  # fmt: skip
 
         factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in self.manifest["groups"]}
         route = self.group_of_t if route is None else route

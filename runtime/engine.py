@@ -203,6 +203,7 @@ class OrtEngine:
         prepack: bool = True,
         spin: bool = True,
         name: str | None = None,
+        prompt: tuple | None = None,
     ) -> None:
         self.graph = graph if isinstance(graph, bytes) else Path(graph)
         self.name = name or (str(graph) if not isinstance(graph, bytes) else "ONNX graph")  # for messages
@@ -210,36 +211,48 @@ class OrtEngine:
         self.optimized_model_path, self.threads = optimized_model_path, threads
         self.initializers, self.prepack, self.spin = initializers, prepack, spin
         self._session = None
+        self.prompt = None  # runtime.prompt_cache.PromptPart: `graph` is then the step part
+        if prompt is not None:
+            from runtime.prompt_cache import PromptPart
+
+            model, cut = prompt
+            params = [i.name for i in model.graph.input if i.name != "encoder_hidden_states"]
+            self.prompt = PromptPart(cut, lambda: self._open(model.SerializeToString(), _used(model)), params)
 
     @property
     def path(self) -> Path | None:
         return self.graph if isinstance(self.graph, Path) else None
 
+    def _open(self, graph: str | bytes, used: set[str] | None = None):
+        """An ONNX Runtime session over `graph` with this engine's options; `used`: the initializer names the
+        graph holds, when it takes only some of the shared weights."""
+        import onnxruntime as ort
+
+        opts = session_options(ort)
+        opts.intra_op_num_threads = self.threads
+        if self.optimized_model_path is not None and used is None:
+            opts.optimized_model_filepath = str(self.optimized_model_path)
+        if self.external_dir is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(self.external_dir))  # fmt: skip
+        if self.initializers is not None:
+            shared = self.initializers if used is None else self.initializers.subset(used)
+            for name, value in shared.values.items():
+                opts.add_initializer(name, value)
+            _shared_arena(ort)
+            opts.add_session_config_entry("session.use_env_allocators", "1")
+        if not self.prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        if not self.spin:  # idle sessions' spinning worker threads would compete with the running one
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            return ort.InferenceSession(graph, opts, providers=self.providers or default_providers())
+        except Exception as e:  # ONNX Runtime's own errors (some not even decodable): name the graph
+            raise EngineError(f"{self.name}: ONNX Runtime cannot load it ({_describe(e)})") from None
+
     def activate(self):
         if self._session is None:
-            import onnxruntime as ort
-
-            opts = session_options(ort)
-            opts.intra_op_num_threads = self.threads
-            if self.optimized_model_path is not None:
-                opts.optimized_model_filepath = str(self.optimized_model_path)
-            if self.external_dir is not None:
-                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                              str(self.external_dir))  # fmt: skip
-            if self.initializers is not None:
-                for name, value in self.initializers.values.items():
-                    opts.add_initializer(name, value)
-                _shared_arena(ort)
-                opts.add_session_config_entry("session.use_env_allocators", "1")
-            if not self.prepack:
-                opts.add_session_config_entry("session.disable_prepacking", "1")
-            if not self.spin:  # idle sessions' spinning worker threads would compete with the running one
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            graph = self.graph if isinstance(self.graph, bytes) else str(self.graph)
-            try:
-                self._session = ort.InferenceSession(graph, opts, providers=self.providers or default_providers())
-            except Exception as e:  # ONNX Runtime's own errors (some not even decodable): name the graph
-                raise EngineError(f"{self.name}: ONNX Runtime cannot load it ({_describe(e)})") from None
+            self._session = self._open(self.graph if isinstance(self.graph, bytes) else str(self.graph))
             inputs = {i.name: i.shape for i in self._session.get_inputs()}
             graph_shape = inputs.get("sample", [None])[1:]
             if [d for d in graph_shape if isinstance(d, int)] != [int(d) for d in self.spec.sample_shape]:
@@ -254,9 +267,15 @@ class OrtEngine:
         feeds = input_feeds(self.spec, sample, timestep, cond)
         session = self.activate()
         try:
+            if self.prompt is not None:
+                feeds = self.prompt.substitute(feeds)
             return session.run(["eps"], feeds)[0]
         except Exception as e:
             raise EngineError(f"{self.name}: ONNX Runtime failed to run it ({_describe(e)})") from None
+
+
+def _used(model) -> set[str]:
+    return {t.name for t in model.graph.initializer}
 
 
 def _describe(e: Exception) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 from runtime.cpu import int8_saturates
 from runtime.engine import EngineSet, InputSpec, input_feeds
 from runtime.errors import EngineError
+from runtime.prompt_cache import PROMPT_INPUT, split_prompt_part
 
 MISSING_OPENVINO = (
     "the openvino backend needs OpenVINO, which is not installed: pip install openvino — or run the bundle on "
@@ -88,16 +89,32 @@ class OpenVinoEngine:
 
     def __init__(
         self, graph: str | Path | bytes, spec: InputSpec, *, hint: str | None = DEFAULT_HINT, threads: int = 0,
-        name: str | None = None, weights: str = "int8",
+        name: str | None = None, weights: str = "int8", prompt_cut: list[str] | None = None,
     ) -> None:  # fmt: skip
         self.graph = graph if isinstance(graph, bytes) else Path(graph)
         self.name = name or (str(graph) if not isinstance(graph, bytes) else "ONNX graph")
         self.spec, self.config = spec, compile_config(hint, threads)
         self.weights = weights  # or "float": the graph's weights were dequantized for a CPU whose int8 saturates
         self._compiled = self._request = None
+        self.prompt = None  # runtime.prompt_cache.PromptPart: the model read is cut at `prompt_cut`
+        if prompt_cut:
+            from runtime.prompt_cache import PromptPart
+
+            self.prompt = PromptPart(prompt_cut, self._open_prompt)
+
+    def _read_whole(self):
+        return core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
 
     def _read(self):
-        return core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
+        model = self._read_whole()
+        return model if self.prompt is None else _cut(model, self.prompt.cut)[0]
+
+    def _open_prompt(self):
+        try:
+            compiled = core().compile_model(_cut(self._read_whole(), self.prompt.cut)[1], "CPU", self.config)
+        except Exception as e:
+            raise EngineError(f"{self.name}: OpenVINO cannot compile its prompt part ({_describe(e)})") from None
+        return _Runner(compiled.create_infer_request())
 
     def activate(self):
         if self._request is not None:
@@ -168,10 +185,45 @@ class OpenVinoEngine:
         feeds = input_feeds(self.spec, sample, timestep, cond)
         request = self.activate()
         try:
+            if self.prompt is not None:
+                feeds = self.prompt.substitute(feeds)
             request.infer(feeds)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
         except Exception as e:
             raise EngineError(f"{self.name}: OpenVINO failed to run it ({_describe(e)})") from None
+
+
+def _cut(model, cut: list[str]):
+    """(step model, prompt model) of an OpenVINO model read from a text graph: the tensors named in `cut`
+    (runtime.prompt_cache.split_prompt_part) become parameters of the step model and the outputs of the prompt
+    model, whose one parameter is encoder_hidden_states. Both hold the read model's nodes and weights."""
+    ov = import_openvino()
+    ports = {n: out for op in model.get_ordered_ops() for out in op.outputs() for n in out.get_names() if n in cut}
+    missing = [n for n in cut if n not in ports]
+    if missing:
+        raise EngineError(f"the OpenVINO model has no tensors {missing[:3]} to cut the prompt part at")
+    source = [p for p in model.get_parameters() if PROMPT_INPUT in p.output(0).get_names()]
+    params = []
+    for n in cut:
+        param = ov.opset13.parameter(ports[n].get_partial_shape(), ports[n].get_element_type(), n)
+        param.output(0).set_names({n})
+        for target in list(ports[n].get_target_inputs()):
+            target.replace_source_output(param.output(0))
+        params.append(param)
+    kept = [p for p in model.get_parameters() if PROMPT_INPUT not in p.output(0).get_names()]
+    step = ov.Model(model.get_results(), kept + params, "step")
+    return step, ov.Model([ports[n] for n in cut], source, "prompt")  # after the cut: no Result of it is moved
+
+
+class _Runner:
+    """An OpenVINO infer request behind ONNX Runtime's `run(output_names, feeds)`."""
+
+    def __init__(self, request) -> None:
+        self.request = request
+
+    def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
+        self.request.infer(feeds)
+        return [np.array(self.request.get_tensor(n).data, copy=True) for n in names]
 
 
 def _describe(e: Exception) -> str:
@@ -181,31 +233,35 @@ def _describe(e: Exception) -> str:
 
 def openvino_engine_set(
     bundle, route: np.ndarray | None = None, *, hint: str = DEFAULT_HINT, threads: int = 0,
-    max_resident: int | None = None,
+    max_resident: int | None = None, prompt_cache: bool = True,
 ) -> EngineSet:  # fmt: skip
     """OpenVINO engines, one per group, compiled on first use. A group whose graph is a whole file is read
     from the bundle (its external weights beside it); an overlay group (a base graph with other
     initializers) is assembled in memory first. Every graph passes the bundle's scale and class-table
-    checks before OpenVINO sees it."""
+    checks before OpenVINO sees it. `prompt_cache`: a text graph is cut as read, and its cross-attention K/V
+    run once per prompt embedding (runtime.prompt_cache)."""
     import_openvino()  # the one-line error before any graph is touched
     compile_config(hint, threads)
     spec = bundle.spec
 
     float_weights = int8_saturates()
+    split_text = prompt_cache and spec.condition == PROMPT_INPUT
 
     def make(group: int) -> OpenVinoEngine:
         entry = next(g for g in bundle.manifest["groups"] if g["id"] == group)
         name = f"{bundle.graph_path(group)} (group {group})"
+        checked = bundle.group_model(group)  # the checks (its weights stay in the bundle)
+        split = split_prompt_part(checked) if split_text else None
         if "base" in entry or float_weights:
             model = bundle.group_model(group, load_weights=True)
             if float_weights:
                 dequantize_weights(model)
             graph = model.SerializeToString()
         else:
-            bundle.group_model(group)  # the checks; OpenVINO reads the file and its weights itself
-            graph = bundle.graph_path(group)
+            graph = bundle.graph_path(group)  # OpenVINO reads the file and its weights itself
         return OpenVinoEngine(graph, spec, hint=hint, threads=threads, name=name,
-                              weights="float" if float_weights else "int8")  # fmt: skip
+                              weights="float" if float_weights else "int8",
+                              prompt_cut=None if split is None else split[2])  # fmt: skip
 
     factories = {g["id"]: (lambda g=g["id"]: make(g)) for g in bundle.manifest["groups"]}
     return EngineSet(factories, bundle.group_of_t if route is None else route, spec, max_resident=max_resident)

@@ -160,16 +160,25 @@ def single_graph(bundle, groups: list[int] | None = None):
     return model, tables
 
 
-def single_engine(bundle, groups: list[int], weights, **session) -> SingleEngine:
+def single_engine(bundle, groups: list[int], weights, *, prompt_cache: bool = True, **session) -> SingleEngine:
     """The SingleEngine of `groups` over the bundle's shared weights (SharedInitializers); `session`: OrtEngine's
-    options (providers, threads, prepack, spin)."""
+    options (providers, threads, prepack, spin); `prompt_cache`: text graphs compute the cross-attention K/V once
+    per prompt embedding and group."""
     from runtime.engine import OrtEngine
 
     graph, tables = single_graph(bundle, groups)
+    prompt = None
+    if prompt_cache:  # the cross-attention K/V once per prompt and group (runtime.prompt_cache)
+        from runtime.prompt_cache import split_prompt_part
+
+        split = split_prompt_part(graph, params=set(tables))
+        if split is not None:
+            prompt_model, graph, cut = split
+            prompt = (prompt_model, cut)
     used = {t.name for t in graph.graph.initializer}
     engine = OrtEngine(graph.SerializeToString(), bundle.spec, external_dir=bundle.root,
                        initializers=weights.subset(used), name=f"{bundle.root} (one engine for groups {groups})",
-                       **session)  # fmt: skip
+                       prompt=prompt, **session)  # fmt: skip
     return SingleEngine(engine, tables, groups)
 
 
@@ -187,8 +196,10 @@ class SingleEngine:
             import onnxruntime as ort
 
             session = self.engine.activate()
+            reads = {i.name for i in session.get_inputs()}  # with a prompt part, some tables feed only that
             self._values = {g: {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t[i]))
-                                for k, t in self._tables.items()} for i, g in enumerate(self.groups)}  # fmt: skip
+                                for k, t in self._tables.items() if k in reads}
+                            for i, g in enumerate(self.groups)}  # fmt: skip
             self._io = session.io_binding()
         return self.engine.activate()
 
@@ -198,9 +209,17 @@ class SingleEngine:
         feeds = input_feeds(self.spec, sample, timestep, cond)
         session = self._activate()
         io = self._io
+        if group not in self._values:
+            raise EngineError(f"{self.engine.name}: no group {group} (this engine serves {self.groups})")
+        if self.engine.prompt is not None:
+            row = self.groups.index(group)
+            params = {k: np.ascontiguousarray(t[row]) for k, t in self._tables.items()}
+            try:
+                feeds = self.engine.prompt.substitute(feeds, params, key=group)
+            except Exception as e:
+                raise EngineError(f"{self.engine.name}: ONNX Runtime failed to run its prompt part "
+                                  f"({_describe(e)})") from None  # fmt: skip
         if self._bound != group:
-            if group not in self._values:
-                raise EngineError(f"{self.engine.name}: no group {group} (this engine serves {self.groups})")
             for name, value in self._values[group].items():
                 io.bind_ortvalue_input(name, value)
             self._bound = group
@@ -226,6 +245,11 @@ class GroupEngine:
     @property
     def name(self) -> str:
         return f"{self.single.engine.name} (group {self.group})"
+
+    @property
+    def prompt(self):
+        """The shared session's prompt part (runtime.prompt_cache), or None."""
+        return self.single.engine.prompt
 
     @property
     def spin(self) -> bool:

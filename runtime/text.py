@@ -28,6 +28,13 @@ def _session(path: Path, threads: int = 0):
         raise EngineError(f"{path}: ONNX Runtime cannot load it ({_describe(e)})") from None
 
 
+def note_truncated(tokenizer, prompts: list[str], max_length: int, truncated: list[str]) -> None:
+    """Append to `truncated` each prompt longer than the tokenizer's limit, once."""
+    for p in prompts:
+        if p not in truncated and len(tokenizer(p, verbose=False).input_ids) > max_length:
+            truncated.append(p)
+
+
 class PromptEncoder:
     """Prompts → (n, L, D) float32 embeddings with the bundle's tokenizer and text encoder graph."""
 
@@ -53,9 +60,7 @@ class PromptEncoder:
     def token_ids(self, prompts: list[str]) -> np.ndarray:
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="np").input_ids  # fmt: skip
-        for p in prompts:
-            if len(self.tokenizer(p, verbose=False).input_ids) > self.max_length and p not in self.truncated:
-                self.truncated.append(p)
+        note_truncated(self.tokenizer, prompts, self.max_length, self.truncated)
         return np.asarray(ids, np.int64)
 
     def encode(self, prompts: list[str]) -> np.ndarray:

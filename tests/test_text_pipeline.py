@@ -276,3 +276,93 @@ def test_latency_ratio_feeds_text_bundles_their_embeddings(text):
     bundle = load_bundle(text[2])
     report = latency_ratio({"ours": bundle.engines().for_timestep(500)}, bundle.spec, batch=2, reps=2)
     assert report["ours"]["median_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def text_groups(text, tmp_path_factory):
+    """The tiny pipeline compiled with 2 timestep groups (one engine serves both on ONNX Runtime)."""
+    model_dir, prompts, _ = text
+    out = tmp_path_factory.mktemp("text_groups") / "bundle"
+    assert main(["compile", str(model_dir), "-o", str(out), "--calib-prompts", str(prompts), *COMPILE,
+                 "--groups", "2"]) == 0  # fmt: skip
+    return out
+
+
+def test_the_prompt_part_holds_exactly_the_cross_attention_keys_and_values(text):
+    """The cut (runtime.prompt_cache): the prompt part is the K and V projections of every cross-attention with
+    their shared Q/DQ; the step part no longer reads encoder_hidden_states; a class model has nothing to cut."""
+    from runtime.prompt_cache import split_prompt_part
+
+    prompt, step, cut = split_prompt_part(load_bundle(text[2]).group_model(0))
+    projections = sorted(n.name for n in prompt.graph.node if n.op_type == "MatMul")
+    assert projections == sorted(f"/unet/{t}/transformer_blocks.0/attn2/to_{kv}/MatMul"
+                                 for t in TRANSFORMERS for kv in "kv")  # fmt: skip
+    assert len(cut) == 2 * len(TRANSFORMERS) and [i.name for i in prompt.graph.input] == ["encoder_hidden_states"]
+    assert "encoder_hidden_states" not in {i for n in step.graph.node for i in n.input}
+    assert [i.name for i in step.graph.input] == ["sample", "timestep", *cut]
+    assert not {t.name for t in step.graph.initializer} & {i for n in prompt.graph.node for i in n.input
+                                                          if "weight" in i}  # fmt: skip
+
+
+def test_class_graphs_have_no_prompt_part(tiny_bundle):
+    from runtime.prompt_cache import split_prompt_part
+
+    assert split_prompt_part(load_bundle(tiny_bundle).group_model(0)) is None
+
+
+def _requests(bundle, **engines):
+    """Two requests (prompts, 8 steps, guidance 3) on one engine set: the latents, and how often each prompt
+    part ran."""
+    b = load_bundle(bundle)
+    es = b.engines(**engines)
+    rng = np.random.default_rng(0)
+    runs = []
+    for _ in range(2):
+        cond = rng.standard_normal((2, 16, 32), dtype=np.float32)
+        runs.append(sample(es, b.schedule, SamplerConfig("ddim", 8, 0.0, 3.0), n=2, seed=0, cond=cond,
+                           null_cond=np.zeros((16, 32), np.float32), progress=False).samples)  # fmt: skip
+    parts = {id(e.prompt): e.prompt.runs for e in es.resident if getattr(e, "prompt", None) is not None}
+    return np.stack(runs), sorted(parts.values())
+
+
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["G1", "G2"])
+def test_keys_and_values_once_per_request_sample_exactly_what_the_whole_graph_samples(
+    text, text_groups, backend, grouped
+):  # fmt: skip
+    """With the prompt part cut out (the default), two requests give bit-identical latents to the whole graph's,
+    on ONNX Runtime (G = 2: one engine for both groups) and OpenVINO; the prompt part runs once per request and
+    group, not per step."""
+    bundle = text_groups if grouped else text[2]
+    whole, none = _requests(bundle, backend=backend, prompt_cache=False)
+    once, runs = _requests(bundle, backend=backend)
+    np.testing.assert_array_equal(once, whole)
+    assert none == []
+    # per request and group: G = 2 on ORT is one engine whose part keeps one entry per group
+    assert runs == ([2] if not grouped else [4] if backend == "ort" else [2, 2])
+
+
+def test_dqc_sample_runs_a_pipeline_directory_in_full_precision_from_prompts(text, text_model, tiny_dir, tmp_path,
+                                                                           capsys):  # fmt: skip
+    """`dqc sample PIPELINE_DIR --prompt` (torch, full precision): the same latents as dqc's sampler on the FP
+    UNet with the pipeline's own text encoder, decoded by its own VAE; prompts go only to text models."""
+    from runtime.engine import EngineSet
+
+    model_dir, m = text[0], text_model
+    argv = ["sample", str(model_dir), "-n", "2", "-o", str(tmp_path / "fp.npz"), "--png", str(tmp_path / "fp.png"),
+            "--prompt", "a handwritten 7", "--prompt", "three", "--steps", "4", "--guidance", "3", "--seed", "2",
+            "-q"]  # fmt: skip
+    assert main(argv) == 0
+    d = np.load(tmp_path / "fp.npz")
+    run = sample(EngineSet.single(TorchEngine(m.wrapper(), m.spec)), m.schedule, SamplerConfig("ddim", 4, 0.0, 3.0),
+                 n=2, seed=2, cond=m.text.encode(["a handwritten 7", "three"]), null_cond=m.null_cond,
+                 progress=False)  # fmt: skip
+    np.testing.assert_array_equal(d["latents"], run.samples)
+    with torch.inference_mode():
+        images = m.vae.decode(torch.from_numpy(run.samples) / m.vae.config.scaling_factor).sample.numpy()
+    np.testing.assert_allclose(d["samples"], np.clip(images, -1, 1), atol=1e-6)
+    assert json.loads(str(d["meta"]))["engine"]["backend"] == "torch"
+    err = _refused(argv + ["--class-label", "3"], capsys)
+    assert "--class-label: " in err and "is a text-to-image pipeline; pass --prompt" in err
+    err = _refused(["sample", str(tiny_dir), "-n", "1", "-o", str(tmp_path / "c.npz"), "--prompt", "seven"], capsys)
+    assert "not a text-to-image model; it takes --class-label" in err and not (tmp_path / "c.npz").exists()

@@ -371,7 +371,8 @@ def register(sub) -> None:
     s.add_argument("--eta", type=float, help="DDIM eta (default: calibrated, else 0)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     s.add_argument("--class-label", help="label or comma list for class-conditional models (default: cycle classes)")
-    s.add_argument("--prompt", action="append", help="text bundles: a prompt (repeat for several; cycled over -n)")
+    s.add_argument("--prompt", action="append", help="text bundles and pipeline directories: a prompt (repeat for "
+                   "several; cycled over -n)")  # fmt: skip
     s.add_argument("--prompts-file", metavar="FILE", help="text bundles: UTF-8 file, one prompt per line")
     s.add_argument("--negative-prompt", help="text bundles: the unconditional side of guidance (default: empty)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: calibrated, else 1)")

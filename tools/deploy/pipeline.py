@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import MANIFEST, load_bundle
-from runtime.engine import EngineSet, OrtEngine
+from runtime.engine import EngineSet, OrtEngine, TorchEngine
 from runtime.errors import ConfigError, DqcError
 from runtime.sampler import SamplerConfig, SampleRun, sample
 
@@ -107,16 +107,20 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu", route=None,
-                 backend: str = "auto", hint: str | None = None, batch: int = 1, ort_engines: str = "one"):  # fmt: skip
+                 backend: str = "auto", hint: str | None = None, batch: int = 1, ort_engines: str = "one",
+                 model=None):  # fmt: skip
     """(EngineSet, schedule, null_class, sampler defaults) for a bundle (on `backend`, see Bundle.engines: auto
     times the CPU backends at `batch` rows per call; `route` from Bundle.route; `ort_engines` one: one ONNX
     Runtime session for all groups of a precision, per-group: a session per group) or a model directory (FP
-    torch)."""
+    torch; `model`: the directory already loaded)."""
     if ort_engines not in ("one", "per-group"):
         raise ConfigError(f"--ort-engines {ort_engines!r}: use one or per-group")
     from tools.reference.model import resolve_model
 
     path = resolve_model(path)
+    if model is not None:  # a model directory loaded by the caller
+        engine = TorchEngine(model.wrapper(), model.spec, device=device)
+        return EngineSet.single(engine), model.schedule, model.null_class, {}
     if is_bundle(path):
         bundle = load_bundle(path)
         cal = bundle.manifest.get("calibration", {})
@@ -125,7 +129,6 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
                                  single=None if ort_engines == "one" else False)  # fmt: skip
         return engines, bundle.schedule, bundle.null_class, defaults
     from calibration.model_io import load_model
-    from runtime.engine import TorchEngine
 
     if backend not in ("auto", "torch"):
         raise ConfigError(f"--backend {backend}: {path} is a model directory, which runs in full precision on torch")
@@ -258,7 +261,13 @@ def sample_to_file(
     if bundle is None and (precision or switch_t is not None):
         raise ConfigError("--precision / --switch-t choose between a bundle's precisions; the source is a model")
     route = None if bundle is None else bundle.route(precision, switch_t)
-    text = _text_request(bundle, path, n, class_label, prompts, prompts_file, negative_prompt)
+    model = None
+    if bundle is None and (prompts or prompts_file is not None or negative_prompt is not None):
+        from calibration.model_io import load_model
+        from tools.reference.model import resolve_model
+
+        model = load_model(resolve_model(path), scheduler)  # a text pipeline directory, in full precision
+    text = _text_request(bundle, path, n, class_label, prompts, prompts_file, negative_prompt, model)
     rows = min(batch_size, n)  # rows per engine call: twice that with classifier-free guidance
     if bundle is not None and bundle.spec.condition is not None:
         rows *= (
@@ -267,7 +276,8 @@ def sample_to_file(
             else 2
         )
     engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler, route=route, backend=backend,
-                                                           hint=hint, batch=rows, ort_engines=ort_engines)  # fmt: skip
+                                                           hint=hint, batch=rows, ort_engines=ort_engines,
+                                                           model=model)  # fmt: skip
     cfg = SamplerConfig(
         defaults.get("sampler", "ddim") if sampler is None else sampler,
         defaults.get("steps", 100) if steps is None else steps,
@@ -322,29 +332,67 @@ def sample_to_file(
     return run
 
 
-def _text_request(bundle, path, n: int, class_label, prompts, prompts_file, negative_prompt) -> dict:
-    """For a text bundle: its prompt encoder and VAE decoder, the n prompts (given ones cycled) and the negative
-    prompt; {} for other sources, which must then get no prompt flags."""
+def _text_request(bundle, path, n: int, class_label, prompts, prompts_file, negative_prompt, model=None) -> dict:
+    """For a text bundle, or a text pipeline directory (`model`, loaded; full precision on torch): its prompt
+    encoder and VAE decoder, the n prompts (given ones cycled) and the negative prompt; {} for other sources,
+    which must then get no prompt flags."""
     from runtime.text import PromptEncoder, VaeDecoder, read_prompts
 
     given = list(prompts or []) + (read_prompts(prompts_file) if prompts_file is not None else [])
-    is_text = bundle is not None and bundle.spec.condition == "encoder_hidden_states"
-    if not is_text:
+    spec = bundle.spec if bundle is not None else None if model is None else model.spec
+    if spec is None or spec.condition != "encoder_hidden_states":
         if given or negative_prompt is not None:
             flag = "--prompt" if prompts else "--prompts-file" if prompts_file else "--negative-prompt"
-            takes = "--class-label" if bundle is not None and bundle.spec.num_class_embeds else "no condition"
-            raise ConfigError(f"{flag}: {path} is not a text-to-image bundle; it takes {takes}")
+            takes = "--class-label" if spec is not None and spec.num_class_embeds else "no condition"
+            kind = "bundle" if bundle is not None else "model"
+            raise ConfigError(f"{flag}: {path} is not a text-to-image {kind}; it takes {takes}")
         return {}
+    kind = "bundle" if bundle is not None else "pipeline"
     if class_label is not None:
-        raise ConfigError(f"--class-label: {path} is a text-to-image bundle; pass --prompt or --prompts-file")
+        raise ConfigError(f"--class-label: {path} is a text-to-image {kind}; pass --prompt or --prompts-file")
     if not given:
-        raise ConfigError(f'{path} is a text-to-image bundle: pass --prompt "..." or --prompts-file FILE')
+        raise ConfigError(f'{path} is a text-to-image {kind}: pass --prompt "..." or --prompts-file FILE')
     if any(not p.strip() for p in given):
         raise ConfigError("--prompt: an empty prompt; use --guidance 1 with a prompt, or give text")
-    components = bundle.manifest.get("components", {})
-    decoder = VaeDecoder(bundle.root, components) if "vae_decoder" in components else None
-    return {"encoder": PromptEncoder(bundle.root, components), "decoder": decoder,
-            "prompts": [given[i % len(given)] for i in range(n)], "negative": negative_prompt or ""}  # fmt: skip
+    if bundle is not None:
+        components = bundle.manifest.get("components", {})
+        encoder = PromptEncoder(bundle.root, components)
+        decoder = VaeDecoder(bundle.root, components) if "vae_decoder" in components else None
+    else:
+        encoder, decoder = _TorchPrompts(model.text), None if model.vae is None else _TorchDecoder(model.vae)
+    return {"encoder": encoder, "decoder": decoder, "prompts": [given[i % len(given)] for i in range(n)],
+            "negative": negative_prompt or ""}  # fmt: skip
+
+
+class _TorchPrompts:
+    """A text pipeline directory's own tokenizer and text encoder (torch, full precision), as the bundle's
+    PromptEncoder is called."""
+
+    def __init__(self, text) -> None:
+        self.text, self.truncated = text, []
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        from runtime.text import note_truncated
+
+        note_truncated(self.text.tokenizer, prompts, self.text.context_shape[0], self.truncated)
+        return self.text.encode(prompts)
+
+
+class _TorchDecoder:
+    """A pipeline directory's AutoencoderKL decoder (torch, full precision), scaled as the bundle's graph is."""
+
+    def __init__(self, vae) -> None:
+        from exporter.components import DecodeForward
+
+        self.forward = DecodeForward(vae)
+
+    def decode(self, latents: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = [self.forward(torch.from_numpy(latents[lo : lo + batch_size])).float().numpy()
+                   for lo in range(0, len(latents), batch_size)]  # fmt: skip
+        return np.clip(np.concatenate(out), -1, 1).astype(np.float32)
 
 
 def engine_report(engines) -> dict:
