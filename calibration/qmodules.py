@@ -36,10 +36,19 @@ RESIDUAL = ":residual"
 
 def _has_residual(module: nn.Module) -> bool:
     """A diffusers ResnetBlock2D whose skip-Add residual is its conv_shortcut's output or, with no shortcut
-    and no resampling, the block's own input (a resampled identity residual is not a separate tensor)."""
-    if type(module).__name__ != "ResnetBlock2D":
+    and no resampling, the block's own input (a resampled identity residual is not a separate tensor); or a
+    Transformer2DModel whose output is a 1×1 conv (proj_out) plus the block's input (continuous input, no
+    linear projection; asked of its config, as proj_out may already be a quantized wrapper)."""
+    kind = type(module).__name__
+    if kind == "Transformer2DModel":
+        return bool(getattr(module, "is_input_continuous", False)) and not module.use_linear_projection
+    if kind != "ResnetBlock2D":
         return False
     return module.conv_shortcut is not None or (module.upsample is None and module.downsample is None)
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def residual_points(unet: nn.Module, profile: TargetProfile) -> list[str]:
@@ -52,10 +61,10 @@ def residual_points(unet: nn.Module, profile: TargetProfile) -> list[str]:
 
 def observe_residual(unet: nn.Module, point: str, fn: Callable[[torch.Tensor], None]):
     """Hook that passes the residual tensor of `point` to fn; returns the hook handle."""
-    resnet = unet.get_submodule(point.removesuffix(RESIDUAL))
-    if resnet.conv_shortcut is not None:
-        return resnet.conv_shortcut.register_forward_hook(lambda m, args, y: fn(y))
-    return resnet.register_forward_pre_hook(lambda m, args: fn(args[0]))
+    block = unet.get_submodule(point.removesuffix(RESIDUAL))
+    if getattr(block, "conv_shortcut", None) is not None:
+        return block.conv_shortcut.register_forward_hook(lambda m, args, y: fn(y))
+    return block.register_forward_pre_hook(lambda m, args, kwargs: fn(_input_of(args, kwargs)), with_kwargs=True)
 
 
 class ActQuant(nn.Module):
@@ -80,15 +89,33 @@ class ResidualQuant(nn.Module):
         return self.quantizer(x if self.shortcut is None else self.shortcut(x))
 
 
+def _quantized_residual(module: nn.Module, args: tuple, kwargs: dict, out):
+    """Forward hook of a Transformer2DModel whose residual is quantized: its output proj_out(h) + x becomes
+    proj_out(h) + Q(x), as the graph's Add reads x through a Q/DQ pair (computed as y − x + Q(x))."""
+    x = _input_of(args, kwargs)
+    first = out[0] if isinstance(out, tuple) else out.sample
+    y = first - x + module.residual_quant(x)
+    return (y, *out[1:]) if isinstance(out, tuple) else type(out)(sample=y)
+
+
 def wrap_residuals(model: nn.Module, quantizer_for: Callable[[str], nn.Module | None], prefix: str = "") -> nn.Module:
-    """In place: every resnet under `prefix` (e.g. "unet.") with a residual point gets `quantizer_for(point)`
-    after its shortcut (diffusers' ResnetBlock2D calls conv_shortcut on the residual whenever it is set)."""
+    """In place: every block under `prefix` (e.g. "unet.") with a residual point gets `quantizer_for(point)` on
+    its residual: after a resnet's shortcut (diffusers' ResnetBlock2D calls conv_shortcut on the residual
+    whenever it is set), on a transformer block's input where its output adds it back."""
     for name, module in list(model.named_modules()):
-        if not name.startswith(prefix) or not _has_residual(module) or isinstance(module.conv_shortcut, ResidualQuant):
+        if not name.startswith(prefix) or not _has_residual(module):
             continue
+        is_resnet = type(module).__name__ == "ResnetBlock2D"
+        if isinstance(module.conv_shortcut if is_resnet else getattr(module, "residual_quant", None), nn.Module):
+            continue  # wrapped already
         quantizer = quantizer_for(f"{name.removeprefix(prefix)}{RESIDUAL}")
-        if quantizer is not None:
+        if quantizer is None:
+            continue
+        if is_resnet:
             module.conv_shortcut = ResidualQuant(module.conv_shortcut, quantizer)
+        else:
+            module.residual_quant = quantizer
+            module.register_forward_hook(_quantized_residual, with_kwargs=True)
     return model
 
 

@@ -253,33 +253,35 @@ def insert_qdq(graph: gs.Graph, table: dict[str, LayerQuant], profile: TargetPro
             "shared_inputs": shared}  # fmt: skip
 
 
-def _skip_add(graph: gs.Graph, resnet: str) -> tuple[gs.Node, int] | None:
-    """The resnet's skip Add (residual + conv2 output) and the index of its residual input."""
+def _skip_add(graph: gs.Graph, block: str) -> tuple[gs.Node, int] | None:
+    """The block's skip Add (residual + the output of a resnet's conv2 or a transformer block's proj_out) and
+    the index of its residual input."""
+    convs = (f"{block}.conv2", f"{block}.proj_out")
     for node in graph.nodes:
-        if node.op != "Add" or layer_name(node) != resnet:
+        if node.op != "Add" or layer_name(node) != block:
             continue
         for i, x in enumerate(node.inputs):
             producer = x.inputs[0] if isinstance(x, gs.Variable) and x.inputs else None
             while producer is not None and producer.op in ("DequantizeLinear", "QuantizeLinear", "Clip"):
                 producer = producer.inputs[0].inputs[0] if producer.inputs[0].inputs else None
-            if producer is not None and producer.op == "Conv" and layer_name(producer) == f"{resnet}.conv2":
+            if producer is not None and producer.op == "Conv" and layer_name(producer) in convs:
                 return node, 1 - i
     return None
 
 
 def insert_residual_qdq(graph: gs.Graph, residuals: dict[str, ActParams]) -> list[dict]:
-    """Q/DQ on the residual input of each resnet's skip Add (TensorRT fuses Conv + Add with an int8 residual):
+    """Q/DQ on the residual input of each block's skip Add (TensorRT fuses Conv + Add with an int8 residual):
 
-        residual ─► Q ─► DQ ─► Add ◄─ conv2 ◄─ …
+        residual ─► Q ─► DQ ─► Add ◄─ conv2 (resnets) or proj_out (transformer blocks) ◄─ …
 
-    `residuals`: {resnet module path: its quantizer}. Only that edge is quantized (the tensor may feed other
+    `residuals`: {block module path: its quantizer}. Only that edge is quantized (the tensor may feed other
     nodes in float). Idempotent: an Add whose residual input already comes from a DequantizeLinear is left
     alone. Returns the quantized Adds."""
     todo = []
     for resnet, params in residuals.items():
         found = _skip_add(graph, resnet)
         if found is None:
-            raise ExportError(f"resnet {resnet}: no skip Add of its conv2 output found in the graph")
+            raise ExportError(f"block {resnet}: no skip Add of its conv2 / proj_out output found in the graph")
         node, i = found
         x = node.inputs[i]
         if isinstance(x, gs.Variable) and x.inputs and x.inputs[0].op == "DequantizeLinear":

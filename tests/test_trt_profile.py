@@ -168,3 +168,60 @@ def test_float_type_pass_refuses_scales_fp16_cannot_hold():
     with pytest.raises(ExportError, match="scale s: 1e-09 is not representable in float16"):
         to_float_type(model, "float16")
     assert to_float_type(model, "float32").graph.initializer[0].data_type == TensorProto.FLOAT
+
+
+def test_a_transformer_blocks_quantized_residual_is_the_same_in_torch_and_in_the_graph(tmp_path):
+    """A diffusers Transformer2DModel (conv proj_in/proj_out, cross-attention) with its residual quantized:
+    wrap_residuals' forward hook (proj_out(h) + Q(x)) and the exported graph with insert_residual_qdq's Q/DQ on
+    the block's Add agree to float rounding on ONNX Runtime; without the quantizer they differ by its noise."""
+    import onnxruntime as ort
+    import torch
+    from diffusers.models import Transformer2DModel
+
+    from calibration.qmodules import ActQuant, residual_points, wrap_residuals
+    from calibration.quantizers import activation_params
+    from runtime.engine import session_options
+
+    torch.manual_seed(0)
+
+    class Unet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                          norm_num_groups=4, cross_attention_dim=12)  # fmt: skip
+
+        def forward(self, x, c):
+            return self.blk(x, encoder_hidden_states=c, return_dict=False)[0]
+
+    class Net(torch.nn.Module):  # the block at /unet/blk/… as in a UNet's graph
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = Unet()
+
+        def forward(self, x, c):
+            return self.unet(x, c)
+
+    net = Net().eval()
+    with torch.no_grad():  # a proj_out that is not zero, as a trained block's
+        net.unet.blk.proj_out.weight.normal_(0, 0.2)
+    x, c = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 12)
+    params = activation_params(-3.0, 3.0, signed=True)
+    from calibration.profiles import get_profile
+
+    assert residual_points(net.unet, get_profile("trt")) == ["blk:residual"]
+    path = tmp_path / "blk.onnx"
+    torch.onnx.export(net, (x, c), str(path), input_names=["x", "c"], output_names=["y"], opset_version=19,
+                      dynamo=False)  # fmt: skip
+    graph = gs.import_onnx(onnx.load(str(path)))
+    assert [q["layer"] for q in insert_residual_qdq(graph, {"blk": params})] == ["blk:residual"]
+    quantized = tmp_path / "blk_q.onnx"
+    onnx.save(gs.export_onnx(graph), str(quantized))
+    session = ort.InferenceSession(str(quantized), session_options(ort), providers=["CPUExecutionProvider"])
+    y_graph = session.run(["y"], {"x": x.numpy(), "c": c.numpy()})[0]
+    with torch.no_grad():
+        y_float = net(x, c).numpy()
+        wrap_residuals(net, lambda p: ActQuant(params) if p == "blk:residual" else None, prefix="unet.")
+        y_torch = net(x, c).numpy()
+    step = params.scale  # 3 / 127: a rounding that flipped would show as one such step
+    assert np.abs(y_graph - y_torch).max() < 1e-4, np.abs(y_graph - y_torch).max()
+    assert np.abs(y_graph - y_float).max() > 0.1 * step  # the Q/DQ is really there
