@@ -190,6 +190,7 @@ class SingleEngine:
     def __init__(self, session_engine, tables: dict[str, np.ndarray], groups: list[int]) -> None:
         self.engine, self.groups, self.spec = session_engine, list(groups), session_engine.spec
         self._tables, self._values, self._io, self._bound = tables, None, None, None
+        self._prompt_params: dict = {}
 
     def _activate(self):
         if self._io is None:
@@ -200,6 +201,10 @@ class SingleEngine:
             self._values = {g: {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t[i]))
                                 for k, t in self._tables.items() if k in reads}
                             for i, g in enumerate(self.groups)}  # fmt: skip
+            part = self.engine.prompt  # its per-group inputs, made once
+            names = [] if part is None else part.param_names
+            self._prompt_params = {g: {k: np.ascontiguousarray(self._tables[k][i]) for k in names}
+                                   for i, g in enumerate(self.groups)}  # fmt: skip
             self._io = session.io_binding()
         return self.engine.activate()
 
@@ -212,10 +217,8 @@ class SingleEngine:
         if group not in self._values:
             raise EngineError(f"{self.engine.name}: no group {group} (this engine serves {self.groups})")
         if self.engine.prompt is not None:
-            row = self.groups.index(group)
-            params = {k: np.ascontiguousarray(t[row]) for k, t in self._tables.items()}
             try:
-                feeds = self.engine.prompt.substitute(feeds, params, key=group)
+                feeds = self.engine.prompt.substitute(feeds, self._prompt_params[group], key=group)
             except Exception as e:
                 raise EngineError(f"{self.engine.name}: ONNX Runtime failed to run its prompt part "
                                   f"({_describe(e)})") from None  # fmt: skip
