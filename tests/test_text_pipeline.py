@@ -372,3 +372,30 @@ def test_dqc_sample_runs_a_pipeline_directory_in_full_precision_from_prompts(tex
     assert "--class-label: " in err and "is a text-to-image pipeline; pass --prompt" in err
     err = _refused(["sample", str(tiny_dir), "-n", "1", "-o", str(tmp_path / "c.npz"), "--prompt", "seven"], capsys)
     assert "not a text-to-image model; it takes --class-label" in err and not (tmp_path / "c.npz").exists()
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["whole", "external-data"])
+def test_the_ort_static_peer_quantizes_a_text_unet_whole_or_past_two_gib(text_model, beside, tmp_path, monkeypatch):
+    """`dqc bench`'s ONNX Runtime peer on a text UNet: calibrated on prompt embeddings, its graph loads and runs
+    on the exact-kernel session options, also down the > 2 GiB path (weights beside the graph, forced here)."""
+    from calibration.collect import record_trajectories
+    from calibration.config import CalibrationConfig
+    from exporter import large_model
+    from runtime.engine import OrtEngine
+    from tools.bench.peer import quantize_static_peer
+    from tools.deploy.pipeline import fp32_engine
+
+    if beside:
+        monkeypatch.setattr(large_model, "PROTOBUF_LIMIT", 0)
+    fp32 = fp32_engine(text_model, tmp_path).path
+    assert (tmp_path / "fp32.onnx.data").is_file() == beside
+    cfg = CalibrationConfig(steps=8, calib_samples=2, calib_timesteps=2, guidance=3.0)
+    out = quantize_static_peer(fp32, tmp_path / "static.onnx", record_trajectories(text_model, cfg, False), batch=2)
+    # with the limit forced to 0 the int8 graph goes beside its weights too; the pre-processed graph's go
+    assert sorted(p.name for p in tmp_path.glob("*.data")) == (["fp32.onnx.data", "static.onnx.data"] if beside
+                                                              else [])  # fmt: skip
+    x = np.zeros((2, *text_model.spec.sample_shape), np.float32)
+    cond = text_model.prompt_embeddings(2)
+    eps = OrtEngine(out, text_model.spec).infer(x, np.array([1, 900]), cond)
+    ref = OrtEngine(fp32, text_model.spec).infer(x, np.array([1, 900]), cond)
+    assert np.isfinite(eps).all() and np.abs(eps - ref).max() > 0  # quantized, and runs

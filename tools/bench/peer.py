@@ -28,8 +28,8 @@ class _Feeds:
             return None
         x, t, c = batch
         feeds = {"sample": x.numpy(), "timestep": t.numpy()}
-        if c is not None:
-            feeds["class_labels"] = c.numpy()
+        if c is not None:  # prompt embeddings (float) or class labels
+            feeds["encoder_hidden_states" if c.is_floating_point() else "class_labels"] = c.numpy()
         return feeds
 
     def rewind(self) -> None:  # the reader protocol; one pass is all MinMax needs
@@ -52,9 +52,11 @@ def quantize_static_peer(fp32_path: str | Path, out_path: str | Path, data, *, b
 
     out_path = Path(out_path)
     pre = out_path.with_name(f"{out_path.stem}.pre.onnx")
+    large = Path(f"{fp32_path}.data").is_file()  # past protobuf's 2 GiB: its weights live beside it
     # the dynamic batch defeats plain symbolic shape inference ("Incomplete symbolic shape inference");
     # auto_merge unifies the batch symbols, as ORT's documentation suggests for such models
-    quant_pre_process(str(fp32_path), str(pre), auto_merge=True)
+    quant_pre_process(str(fp32_path), str(pre), auto_merge=True, save_as_external_data=large,
+                      all_tensors_to_one_file=True)  # fmt: skip
     quantize_static(
         str(pre),
         str(out_path),
@@ -64,16 +66,26 @@ def quantize_static_peer(fp32_path: str | Path, out_path: str | Path, data, *, b
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=large,
     )
     # The quantizer also quantizes constants no integer kernel reads (GroupNorm's InstanceNormalization scale,
     # one DQ read by every norm). With exact integer kernels (runtime.engine.session_options) ORT 1.31 then
     # fails to load the graph ("Attempt to replace the existing tensor" in QDQS8ToU8Transformer); their DQs
     # become the float constants they compute, and every Conv/Gemm/MatMul keeps its int8 weights.
+    from exporter.large_model import fits_in_protobuf, save
     from runtime.openvino import dequantize_weights
 
-    model = onnx.load(str(out_path))
+    model = onnx.load(str(out_path))  # with its external data, if any
     if dequantize_weights(model, unless_read_by=("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")):
-        onnx.save(model, str(out_path))
+        save(model, out_path)  # whole where the int8 graph fits in one protobuf, else beside `<name>.data`
+        if fits_in_protobuf(model):
+            Path(f"{out_path}.data").unlink(missing_ok=True)
+    if large:  # quant_pre_process wrote the pre graph's weights to a file of its own naming: remove it
+        from runtime.bundle import external_data_locations
+
+        for name in external_data_locations(pre):
+            if name not in (f"{Path(fp32_path).name}.data", f"{out_path.name}.data"):
+                (pre.parent / name).unlink(missing_ok=True)
     return out_path
 
 
