@@ -26,7 +26,7 @@ import numpy as np
 from runtime.cpu import int8_saturates
 from runtime.engine import EngineSet, InputSpec, input_feeds
 from runtime.errors import EngineError
-from runtime.prompt_cache import PROMPT_INPUT, split_prompt_part
+from runtime.prompt_cache import PROMPT_INPUT, PromptPart, split_prompt_part
 
 MISSING_OPENVINO = (
     "the openvino backend needs OpenVINO, which is not installed: pip install openvino — or run the bundle on "
@@ -98,8 +98,6 @@ class OpenVinoEngine:
         self._compiled = self._request = None
         self.prompt = None  # runtime.prompt_cache.PromptPart: the model read is cut at `prompt_cut`
         if prompt_cut:
-            from runtime.prompt_cache import PromptPart
-
             self.prompt = PromptPart(prompt_cut, self._open_prompt)
 
     def _read_whole(self):
@@ -250,15 +248,12 @@ def openvino_engine_set(
     def make(group: int) -> OpenVinoEngine:
         entry = next(g for g in bundle.manifest["groups"] if g["id"] == group)
         name = f"{bundle.graph_path(group)} (group {group})"
-        checked = bundle.group_model(group)  # the checks (its weights stay in the bundle)
-        split = split_prompt_part(checked) if split_text else None
-        if "base" in entry or float_weights:
-            model = bundle.group_model(group, load_weights=True)
-            if float_weights:
-                dequantize_weights(model)
-            graph = model.SerializeToString()
-        else:
-            graph = bundle.graph_path(group)  # OpenVINO reads the file and its weights itself
+        in_memory = "base" in entry or float_weights  # else OpenVINO reads the file and its weights itself
+        model = bundle.group_model(group, load_weights=in_memory)  # read once: the checks, the cut, the graph
+        split = split_prompt_part(model) if split_text else None
+        if float_weights:
+            dequantize_weights(model)
+        graph = model.SerializeToString() if in_memory else bundle.graph_path(group)
         return OpenVinoEngine(graph, spec, hint=hint, threads=threads, name=name,
                               weights="float" if float_weights else "int8",
                               prompt_cut=None if split is None else split[2])  # fmt: skip
