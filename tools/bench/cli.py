@@ -64,6 +64,7 @@ def _bench(a: argparse.Namespace) -> None:
             timesteps=csv_list(a.timesteps),
             calib_sizes=[int(v) for v in csv_list(a.calib_sizes) or []] or None,
             backend=a.backend,
+            ptqd_samples=a.ptqd_samples if a.with_ptqd else None,
             progress=not a.quiet,
         )
         return
@@ -131,6 +132,8 @@ def register(sub) -> None:
     q.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     q.add_argument("--seed", type=int, default=0, help="sampling and calibration seed (default 0)")
     q.add_argument("--sample-batch", type=int, default=250, help="sampling batch (default 250)")
+    q.add_argument("--with-ptqd", action="store_true", help="compile every cell with PTQD statistics (--ptqd-samples "
+                   "trajectories) and sample with its corrections on; cells get the suffix _ptqd")  # fmt: skip
     q.add_argument("--adaround-iters", type=int, help="override the presets' reconstruction iterations per block")
     q.add_argument("--act-iters", type=int, help="override the presets' LSQ activation iterations per block")
     q.add_argument("--recon-batch", type=int, help="override the reconstruction batch (default 32)")

@@ -3,7 +3,9 @@
 Each cell compiles the model with one method preset at one bit-width (and, when asked, one group count,
 timestep strategy and calibration-set size: APQ-DM's Tables 1 and 2), samples N images from the bundle
 (ONNX Runtime, same seeds as the full-precision row), and evaluates FD, accuracy and PSNR against the
-full-precision samples. Cells live in `<out>/<method>[_G<g>][_<strategy>][_n<size>]_<bits>/` (bundle/,
+full-precision samples. On the text pipeline `reference-text` every cell is calibrated on its training
+prompts and sampled twice, on prompts from the training templates and from the held-out templates (one row
+each, column `prompts`). Cells live in `<out>/<method>[_G<g>][_<strategy>][_n<size>]_<bits>/` (bundle/,
 samples.npz, eval.json) and are reused when present and made with the same settings, so an interrupted
 table resumes; delete a cell to recompute it. The table is written as table.json and table.md, the
 FD-vs-bits plot as fd_vs_bits.png.
@@ -78,12 +80,14 @@ def run_method_table(
     timesteps: list[str] | None = None,
     calib_sizes: list[int] | None = None,
     backend: str = "ort",
+    ptqd_samples: int | None = None,
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
     from tools.plots import line_chart_png
     from tools.reference.metrics import evaluate, psnr_cells
-    from tools.reference.model import REFERENCE_GUIDANCE, resolve_model
+    from tools.reference.model import TEXT_KEYWORD, card_guidance, default_calib_prompts, resolve_model
+    from tools.reference.prompts import TEMPLATE_SETS, prompts_for
 
     for m in methods:
         if m not in METHODS:
@@ -92,30 +96,44 @@ def run_method_table(
     if n < 2:
         raise ConfigError(f"-n {n}: FD needs at least 2 samples")
     if guidance is None:
-        guidance = REFERENCE_GUIDANCE if model == "reference" else 1.0
+        guidance = card_guidance(model) or 1.0
     source = resolve_model(model)
+    text = (Path(source) / "text_encoder").is_dir()
+    if text and model != TEXT_KEYWORD:
+        raise ConfigError(f"--methods on {model}: quality tables judge digits named by prompts; of the text-to-image "
+                          f"pipelines only {TEXT_KEYWORD} has them")  # fmt: skip
+    prompt_sets = list(TEMPLATE_SETS) if text else [None]
+    calib_prompts = default_calib_prompts(model)
     calibration = {k: v for k, v in (calibration or {}).items() if v is not None}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # every cell samples on one backend (ONNX Runtime unless asked), so the cells compare calibrations only
     sample_args = dict(n=n, steps=steps, eta=eta, seed=seed, guidance=guidance, batch_size=batch_size, backend=backend)
 
-    def sample_and_eval(cell: Path, engine_source: Path, reference: Path | None) -> dict:
-        samples = cell / "samples.npz"
+    def samples_of(cell: Path, prompt_set: str | None) -> Path:
+        return cell / ("samples.npz" if prompt_set is None else f"samples_{prompt_set}.npz")
+
+    def sample_and_eval(cell: Path, engine_source: Path, prompt_set: str | None, reference: bool) -> dict:
+        samples = samples_of(cell, prompt_set)
         if not _samples_match(samples, n, seed, steps, eta, guidance):
             on = sample_args if pipeline.is_bundle(engine_source) else sample_args | {"backend": "auto"}  # FP: torch
+            if prompt_set is not None:
+                on = on | {"prompts": prompts_for(prompt_set, n)[0]}
             pipeline.sample_to_file(engine_source, samples, progress=progress, **on)
-        report = evaluate(samples, reference=reference)
-        pipeline.write_json(cell / "eval.json", report)
+        report = evaluate(samples, reference=samples_of(fp_cell, prompt_set) if reference else None)
+        pipeline.write_json(samples.with_name(samples.name.replace("samples", "eval").replace(".npz", ".json")), report)
         return report
 
     fp_cell = out / "fp"
     fp_cell.mkdir(exist_ok=True)
-    fp = sample_and_eval(fp_cell, source, None)
-    rows = [{"method": "fp", "bits": "FP32", "fd": fp["fd"], "accuracy": fp.get("accuracy"), "psnr_db": None,
-             "calibration_seconds": None, "device": None}]  # fmt: skip
+    rows, fp_fd = [], {}
+    for ps in prompt_sets:
+        fp = sample_and_eval(fp_cell, source, ps, reference=False)
+        fp_fd[ps] = fp["fd"]
+        rows.append({"method": "fp", "bits": "FP32", "prompts": ps, "fd": fp["fd"], "accuracy": fp.get("accuracy"),
+                     "psnr_db": None, "calibration_seconds": None, "device": None})  # fmt: skip
     for method, g, strategy, size, b in cells(methods, groups, timesteps, calib_sizes, bits):
-        cell = out / cell_name(method, g, strategy, size, b)
+        cell = out / (cell_name(method, g, strategy, size, b) + ("_ptqd" if ptqd_samples else ""))
         bundle = cell / "bundle"
         preset = CalibrationConfig.for_method(method)
         given = {k: v for k, v in calibration.items() if preset.reconstructs or k not in _RECONSTRUCTION_KEYS}
@@ -129,36 +147,43 @@ def run_method_table(
             fields["calib_timesteps"] = size // per
         if g is not None:
             fields["groups"] = fields.get("calib_timesteps", preset.calib_timesteps) if g == "per-step" else int(g)
-        if not _bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS}):
+        matches = _bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS})
+        if matches and bool(ptqd_samples) != bool((_load_json(bundle / "manifest.json") or {}).get("ptqd")):
+            matches = False
+        if not matches:
             cfg = CalibrationConfig.for_method(method, bits=b, **fields)
             cell.mkdir(exist_ok=True)
             start = time.perf_counter()
-            pipeline.compile_model(source, bundle, cfg, overwrite=True, progress=progress)
+            pipeline.compile_model(source, bundle, cfg, overwrite=True, progress=progress, calib_prompts=calib_prompts,
+                                   ptqd_samples=ptqd_samples)  # fmt: skip
             print(f"{cell.name}: compiled in {time.perf_counter() - start:.1f} s")
-            (cell / "samples.npz").unlink(missing_ok=True)
+            for ps in prompt_sets:
+                samples_of(cell, ps).unlink(missing_ok=True)
         manifest = json.loads((bundle / "manifest.json").read_text())
         stats = manifest["calibration"]["stats"]
-        report = sample_and_eval(cell, bundle, fp_cell / "samples.npz")
         errors = stats.get("activation_error", {})
         config = manifest["calibration"].get("config", {})
-        rows.append(
-            {
-                "method": method,
-                "bits": b,
-                "series": cell.name.removesuffix(f"_{b}"),  # the cell's settings other than bits
-                "groups": len(manifest["groups"]),
-                "groups_asked": g,
-                "timesteps": config.get("timestep_selection"),
-                "calibration_inputs": stats.get("calibration_inputs"),
-                "fd": report["fd"],
-                "accuracy": report.get("accuracy"),
-                **psnr_cells(report),
-                "c_error": errors.get("c_error"),
-                "g_error": errors.get("g_error"),
-                "calibration_seconds": stats.get("total_seconds"),
-                "device": stats.get("device_name", stats.get("device")),
-            }
-        )
+        for ps in prompt_sets:
+            report = sample_and_eval(cell, bundle, ps, reference=True)
+            rows.append(
+                {
+                    "method": method + (" + PTQD" if ptqd_samples else ""),
+                    "bits": b,
+                    "prompts": ps,
+                    "series": cell.name.replace(f"_{b}", "") + ("" if ps is None else f" ({ps})"),
+                    "groups": len(manifest["groups"]),
+                    "groups_asked": g,
+                    "timesteps": config.get("timestep_selection"),
+                    "calibration_inputs": stats.get("calibration_inputs"),
+                    "fd": report["fd"],
+                    "accuracy": report.get("accuracy"),
+                    **psnr_cells(report),
+                    "c_error": errors.get("c_error"),
+                    "g_error": errors.get("g_error"),
+                    "calibration_seconds": stats.get("total_seconds"),
+                    "device": stats.get("device_name", stats.get("device")),
+                }
+            )
     table = {
         "model": str(model),
         "n": n,
@@ -168,12 +193,14 @@ def run_method_table(
         "eta": eta,
         "guidance": guidance,
         "calibration_overrides": calibration,
+        "prompts": None if not text else {"calibration": "training templates", "sets": prompt_sets},
         "rows": rows,
     }
     pipeline.write_json(out / "table.json", table)
     (out / "table.md").write_text(markdown_table(rows))
-    labels = list(dict.fromkeys(r["series"] for r in rows[1:]))
-    series = {k: [next((r["fd"] for r in rows[1:] if r["series"] == k and r["bits"] == b), None) for b in bits]
+    quantized = [r for r in rows if r["method"] != "fp"]
+    labels = list(dict.fromkeys(r["series"] for r in quantized))
+    series = {k: [next((r["fd"] for r in quantized if r["series"] == k and r["bits"] == b), None) for b in bits]
               for k in labels}  # fmt: skip
     line_chart_png(
         out / "fd_vs_bits.png",
@@ -182,7 +209,7 @@ def run_method_table(
         title=f"FD vs bit-width ({model}, N={n}, DDIM {steps}, eta {eta:g}; lower is better)",
         y_label="FD",
         x_label="weight / activation bits",
-        hline=("full precision", fp["fd"]),
+        hline=("full precision", fp_fd[prompt_sets[0]]),
     )
     print(markdown_table(rows), end="")
     print(f"wrote {out / 'table.json'}, {out / 'table.md'}, {out / 'fd_vs_bits.png'}")
@@ -213,15 +240,19 @@ def markdown_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)
 
+    prompts = any(r.get("prompts") for r in rows)  # a text pipeline's table: which templates the prompts came from
     lines = [
-        "| method | bits | groups | timesteps | calib inputs | FD ↓ | accuracy | PSNR vs FP (dB): mean / pooled "
-        "| C-Error | G-Error "
-        "| calibration (s) | device |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | bits | "
+        + ("prompts | " if prompts else "")
+        + "groups | timesteps | calib inputs | FD ↓ | accuracy "
+        "| PSNR vs FP (dB): mean / pooled | C-Error | G-Error | calibration (s) | device |",
+        "|---|---|" + ("---|" if prompts else "") + "---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['bits']} | {fmt(r.get('groups'), 'd')} | {r.get('timesteps') or '—'} | "
+            f"| {r['method']} | {r['bits']} | "
+            + (f"{r.get('prompts')} | " if prompts else "")
+            + f"{fmt(r.get('groups'), 'd')} | {r.get('timesteps') or '—'} | "
             f"{fmt(r.get('calibration_inputs'), 'd')} | {fmt(r['fd'], '.3f')} | {fmt(r['accuracy'], '.1%')} | "
             f"{format_psnr(r)} | {fmt(r.get('c_error'), '.4f')} | {fmt(r.get('g_error'), '.4f')} | "
             f"{fmt(r['calibration_seconds'], '.0f')} | {r['device'] or '—'} |"

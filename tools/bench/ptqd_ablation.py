@@ -82,7 +82,7 @@ def run_ptqd_ablation(
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
     from tools.reference.metrics import evaluate, psnr_cells
-    from tools.reference.model import REFERENCE_GUIDANCE, resolve_model
+    from tools.reference.model import card_guidance, resolve_model
 
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: use one of {sorted(METHODS)}")
@@ -97,7 +97,7 @@ def run_ptqd_ablation(
     regather_samples = ptqd_samples if regather_samples is None else regather_samples
     if regather_samples < 2:
         raise ConfigError(f"--regather-samples {regather_samples}: the statistics need at least 2 trajectories")
-    guidance = (REFERENCE_GUIDANCE if model == "reference" else 1.0) if guidance is None else guidance
+    guidance = (card_guidance(model) or 1.0) if guidance is None else guidance
     source = resolve_model(model)
     given = {k: v for k, v in (calibration or {}).items() if v is not None}
     out = Path(out_dir)

@@ -251,7 +251,8 @@ def register(sub) -> None:
     c.add_argument("-o", "--output", required=True, help="bundle directory to create")
     c.add_argument("--scheduler", help="scheduler directory or scheduler_config.json (bare model directories)")
     c.add_argument("--calib-prompts", metavar="FILE", help="text-to-image pipelines: UTF-8 file, one calibration "
-                   "prompt per line, cycled over the calibration trajectories")  # fmt: skip
+                   "prompt per line, cycled over the calibration trajectories (reference-text: its training "
+                   "prompts unless given)")  # fmt: skip
     c.add_argument("--text-encoder", choices=["fp32", "w8a8"], default="fp32",
                    help="text-to-image pipelines: the bundled text encoder in float (default) or W8A8 (int8 "
                    "per-channel weights, uint8 activations, min-max ranges on the calibration prompts)")  # fmt: skip

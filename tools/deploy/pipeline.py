@@ -41,7 +41,7 @@ def compile_model(
     from calibration.config import parse_bits
     from calibration.model_io import LoadedModel, load_model
     from exporter.bundle_writer import write_bundle
-    from tools.reference.model import resolve_model
+    from tools.reference.model import default_calib_prompts, resolve_model
 
     if mixed_bits is not None:
         high, low = parse_bits(cfg.bits), parse_bits(mixed_bits)
@@ -59,6 +59,7 @@ def compile_model(
         raise ConfigError(f"--save-calibration {calibration_out}: is a directory; give a file path")
     from runtime.text import read_prompts
 
+    calib_prompts = default_calib_prompts(model_dir) if calib_prompts is None else calib_prompts
     prompts = () if calib_prompts is None else tuple(read_prompts(calib_prompts, "--calib-prompts"))
     model_dir = resolve_model(model_dir)
     model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device,

@@ -10,7 +10,7 @@ def _demo(a: argparse.Namespace) -> None:
 
     run_demo(a.output, n=a.n, steps=a.steps, eta=a.eta, guidance=a.guidance, calib_samples=a.calib_samples,
              groups=a.groups, group_epochs=a.group_epochs, ptqd_samples=a.ptqd_samples, seed=a.seed,
-             progress=not a.quiet)  # fmt: skip
+             progress=not a.quiet, text=a.text)  # fmt: skip
 
 
 def _eval(a: argparse.Namespace) -> None:
@@ -52,12 +52,27 @@ def _train_reference(a: argparse.Namespace) -> None:
         train_diffusion,
     )
 
+    if a.text:
+        from runtime.errors import ConfigError
+        from tools.reference.train import TEXT_TRAIN
+
+        if a.part != "all":
+            raise ConfigError("--part is for the class model; --text trains the text pipeline only (it is judged "
+                              "by the class model's classifier)")  # fmt: skip
+        cfg = DiffusionTrainConfig(steps=a.steps or TEXT_TRAIN.steps, batch_size=a.batch_size or TEXT_TRAIN.batch_size,
+                                   lr=a.lr, seed=a.seed, device=a.device)  # fmt: skip
+        out = train_diffusion(a.output, cfg, progress=not a.quiet, text=True)
+        print(f"text pipeline: {out} (unet/, text_encoder/, tokenizer/, scheduler/; EMA weights); "
+              f"loss log {out}/train_log.jsonl")  # fmt: skip
+        return
     if a.part in ("all", "classifier"):
         meta = train_classifier(a.output, ClassifierTrainConfig(seed=a.seed, device=a.device), progress=not a.quiet)
         acc = meta["test_accuracy"]
         print(f"classifier: {acc:.2%} on the held-out test split -> {a.output}/classifier.safetensors")
     if a.part in ("all", "diffusion"):
-        cfg = DiffusionTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device)
+        cfg = DiffusionTrainConfig(steps=a.steps or DiffusionTrainConfig.steps,
+                                   batch_size=a.batch_size or DiffusionTrainConfig.batch_size, lr=a.lr, seed=a.seed,
+                                   device=a.device)  # fmt: skip
         out = train_diffusion(a.output, cfg, progress=not a.quiet)
         print(f"diffusion model: {out}/unet, {out}/scheduler (EMA weights); loss log {out}/train_log.jsonl")
 
@@ -69,9 +84,11 @@ def register(sub) -> None:
         description="On the shipped reference model: compile a W8A8 bundle with APQ-DM timestep groups and "
         "PTQD statistics, sample it (PTQD corrections on) and the full-precision model (FP32 ONNX Runtime) with "
         "identical seeds, and print per-step latency, FD, accuracy and PSNR in one table; writes samples, "
-        "comparison.png and report.json.",
+        "comparison.png and report.json. With --text, the same on the shipped text-to-image pipeline "
+        "(reference-text): calibrated on its training prompts, sampled on the held-out prompts.",
     )
     d.add_argument("-o", "--output", default="dqc-demo", help="output directory (default dqc-demo)")
+    d.add_argument("--text", action="store_true", help="the text-to-image pipeline reference-text instead")
     d.add_argument("-n", type=int, default=200, help="samples per engine, labels cycling 0..9 (default 200)")
     d.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
     d.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -91,11 +108,14 @@ def register(sub) -> None:
         description="Judge samples of the digits reference model (or any 1x8x8 model in [-1, 1]) with the "
         "shipped classifier: Fréchet distance of its penultimate features against the 360 held-out real "
         "digits, accuracy against the requested labels, and PSNR/MSE against a reference file drawn from "
-        "the same seeds. FD is biased at small N: compare only equal N and seeds.",
+        "the same seeds. The requested digits are the file's labels or, for a text pipeline's samples, parsed "
+        "from its prompts (a digit word or numeral: 'a handwritten 7', 'the digit seven'). FD is biased at "
+        "small N: compare only equal N and seeds.",
     )
     e.add_argument("samples", help=".npz from dqc sample (arrays: samples, optional labels)")
     e.add_argument("--reference", metavar="REF.npz", help="samples from the same seeds (e.g. full precision)")
-    e.add_argument("--labels", help="requested labels (int or comma list, cycled); default: the file's labels")
+    e.add_argument("--labels", help="requested labels (int or comma list, cycled); default: the file's labels, "
+                   "or the digits its prompts name")  # fmt: skip
     e.add_argument("--json", metavar="OUT.json", help="write the report as JSON")
     e.add_argument("--classifier", help="classifier weights (default: the one shipped with the reference model)")
     e.add_argument(
@@ -108,15 +128,18 @@ def register(sub) -> None:
 
     t = sub.add_parser(
         "train-reference",
-        help="train the reference digits diffusion model and classifier",
+        help="train the reference digits diffusion models and classifier",
         description="Train the class-conditional DDPM (EMA weights, save_pretrained layout) and the "
-        "digits classifier on the scikit-learn digits training split, seeded, with a loss log. Resumes "
-        "from OUTPUT/checkpoint.pt. The shipped model came from the defaults.",
+        "digits classifier on the scikit-learn digits training split, seeded, with a loss log; with --text, "
+        "the text-to-image pipeline `reference-text` instead (UNet2DConditionModel and a CLIP text encoder "
+        "trained together on prompts from the training templates, its tokenizer built from them). Resumes "
+        "from OUTPUT/checkpoint.pt. The shipped models came from the defaults.",
     )
     t.add_argument("-o", "--output", required=True, help="output directory")
+    t.add_argument("--text", action="store_true", help="train the text pipeline (reference-text)")
     t.add_argument("--part", default="all", choices=["all", "diffusion", "classifier"])
-    t.add_argument("--steps", type=int, default=8000, help="diffusion training steps (default 8000)")
-    t.add_argument("--batch-size", type=int, default=128, help="diffusion batch size (default 128)")
+    t.add_argument("--steps", type=int, help="diffusion training steps (default 8000; --text 6000)")
+    t.add_argument("--batch-size", type=int, help="diffusion batch size (default 128; --text 96)")
     t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="cpu or cuda")

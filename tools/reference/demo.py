@@ -1,7 +1,9 @@
 """`dqc demo`: on the shipped reference model, compile a W8A8 bundle (APQ-DM timestep groups, PTQD
 statistics), sample it (PTQD corrections on) and the full-precision model (FP32 ONNX Runtime) with
 identical seeds and labels, and print per-step latency, FD, accuracy and PSNR in one table; write both
-sample files, a side-by-side PNG and a JSON report."""
+sample files, a side-by-side PNG and a JSON report. `--text` does the same on the text-to-image pipeline
+`reference-text`, calibrated on its training prompts and sampled on its held-out prompts, which neither
+training nor calibration saw."""
 
 from __future__ import annotations
 
@@ -44,25 +46,32 @@ def run_demo(
     ptqd_samples: int = 256,
     seed: int = 0,
     progress: bool = True,
+    text: bool = False,
 ) -> dict:
     from calibration.config import CalibrationConfig
     from calibration.model_io import load_model
+    from runtime.text import read_prompts
     from tools.reference.metrics import evaluate, fd_floor
-    from tools.reference.model import REFERENCE_GUIDANCE, reference_dir
+    from tools.reference.model import KEYWORD, TEXT_KEYWORD, card_guidance, default_calib_prompts, reference_dir
 
     out = Path(out)
-    guidance = REFERENCE_GUIDANCE if guidance is None else guidance
-    model_dir = reference_dir()
-    model = load_model(model_dir)
+    name = TEXT_KEYWORD if text else KEYWORD
+    guidance = card_guidance(name) if guidance is None else guidance
+    model_dir = reference_dir(name)
+    calib_prompts = tuple(read_prompts(default_calib_prompts(name), "--calib-prompts")) if text else ()
+    model = load_model(model_dir, prompts=calib_prompts)
     params = sum(p.numel() for p in model.unet.parameters())
     calib_timesteps = min(20, steps)
     if not 1 <= groups <= calib_timesteps:
         raise ConfigError(f"--groups {groups}: between 1 and the {calib_timesteps} calibrated steps")
     what = f"{groups} timestep groups" if groups > 1 else "one scale set"
+    kind = (
+        "text-to-image pipeline (UNet2DConditionModel + CLIP text encoder)" if text else "class-conditional UNet2DModel"
+    )
     print(
-        f"dqc demo: the shipped reference model ({params / 1e6:.2f} M-parameter class-conditional UNet2DModel "
-        f"trained on the scikit-learn digits; {model_dir / 'README.md'}) → W8A8 bundle ({what}"
-        f"{', PTQD' if ptqd_samples else ''}) for ONNX Runtime CPU"
+        f"dqc demo: the shipped model {name!r} ({params / 1e6:.2f} M-parameter {kind} trained on the scikit-learn "
+        f"digits; {model_dir / 'README.md'}) → W8A8 bundle ({what}{', PTQD' if ptqd_samples else ''}) for ONNX "
+        "Runtime CPU"
     )
     start = time.perf_counter()
     # groups: APQ-DM's search over uniformly spaced calibrated steps; one group: L_p weight ranges, min-max activations
@@ -79,24 +88,35 @@ def run_demo(
     # the yardstick runs like the quantized sessions: a multi-group set's sessions do not spin-wait
     fp_engine = pipeline.fp32_engine(model, out, spin=q_engines.for_timestep(0).spin)
     scfg = SamplerConfig("ddim", steps, eta, guidance)
-    labels = pipeline.parse_labels(None, n, model.spec.num_class_embeds)
+    prompts = None
+    if text:  # the held-out prompts, encoded once by the bundle's FP32 text encoder for both engines
+        from runtime.text import PromptEncoder
+        from tools.reference.prompts import prompts_for
+
+        prompts, digits = prompts_for("held-out", n)
+        labels = np.asarray(digits, np.int64)
+        encoder = PromptEncoder(loaded.root, loaded.manifest["components"])
+        cond, null_cond = encoder.encode(prompts), encoder.encode([""])[0]
+    else:
+        labels = pipeline.parse_labels(None, n, model.spec.num_class_embeds)
+        cond, null_cond = labels, model.null_cond
     files, samples, runs = {}, {}, {}
-    for name, engines, ptqd in (("fp32", EngineSet.single(fp_engine), None), ("w8a8", q_engines, tables)):
-        runs[name] = run = sample(
-            engines, model.schedule, scfg, n=n, seed=seed, cond=labels, null_cond=model.null_cond,
+    for engine, engines, ptqd in (("fp32", EngineSet.single(fp_engine), None), ("w8a8", q_engines, tables)):
+        runs[engine] = run = sample(
+            engines, model.schedule, scfg, n=n, seed=seed, cond=cond, null_cond=null_cond,
             batch_size=50, progress=progress, ptqd=ptqd,
         )  # fmt: skip
-        files[name] = out / f"samples_{name}.npz"
-        samples[name] = np.clip(run.samples, -1, 1).astype(np.float32)
-        meta = {"source": f"reference ({name})", "seed": seed, "sampler": "ddim", "steps": steps, "eta": eta,
-                "guidance": guidance, "ptqd": run.ptqd}  # fmt: skip
-        pipeline.save_samples(files[name], samples[name], labels, meta)
+        files[engine] = out / f"samples_{engine}.npz"
+        samples[engine] = np.clip(run.samples, -1, 1).astype(np.float32)
+        meta = {"source": f"{name} ({engine})", "seed": seed, "sampler": "ddim", "steps": steps, "eta": eta,
+                "guidance": guidance, "ptqd": run.ptqd} | ({"prompts": prompts} if text else {})  # fmt: skip
+        pipeline.save_samples(files[engine], samples[engine], labels, meta)
     evals = {"fp32": evaluate(files["fp32"]), "w8a8": evaluate(files["w8a8"], reference=files["fp32"])}
     # one denoising step of one image with guidance is one engine call on 2 rows (conditional + null class)
     lat = pipeline.latency_ratio({"fp32": fp_engine, "w8a8": q_engines.for_timestep(0)}, model.spec, batch=2)
     q = runs["w8a8"]
     report = {
-        "model": f"reference ({model_dir})",
+        "model": f"{name} ({model_dir})",
         "parameters": params,
         "n": n,
         "seed": seed,
@@ -114,15 +134,16 @@ def run_demo(
         "w8a8": {k: evals["w8a8"][k] for k in ("fd", "accuracy", "psnr_vs_reference", "mse_vs_reference")},
         "fd_floor_test_vs_train": fd_floor(),
         "bundle": str(bundle),
-    }
+    } | ({"prompts": "held-out templates (never in training or calibration)", "calibration_prompts": "training "
+          "templates"} if text else {})  # fmt: skip
     _comparison_png(out / "comparison.png", samples["fp32"], samples["w8a8"], labels)
     pipeline.write_json(out / "report.json", report)
     print()
     print(f"{'engine':<10}{'ms/step':>10}{'FD':>9}{'accuracy':>10}{'PSNR vs FP32':>14}")
-    for name, label in (("fp32", "FP32 ORT"), ("w8a8", "W8A8 ORT")):
-        e = report[name]
+    for engine, label in (("fp32", "FP32 ORT"), ("w8a8", "W8A8 ORT")):
+        e = report[engine]
         ps = f"{e['psnr_vs_reference']:.2f} dB" if "psnr_vs_reference" in e else "—"
-        print(f"{label:<10}{lat[name]['median_ms']:>10.3f}{e['fd']:>9.3f}{e['accuracy']:>10.1%}{ps:>14}")
+        print(f"{label:<10}{lat[engine]['median_ms']:>10.3f}{e['fd']:>9.3f}{e['accuracy']:>10.1%}{ps:>14}")
     print(
         f"speed-up W8A8 / FP32: {report['speedup_w8a8_vs_fp32']:.2f}×. N = {n}, seed {seed}, DDIM {steps} steps, "
         f"eta {eta}, guidance {guidance}. FD (classifier features vs the 360 held-out digits; floor: test vs "
@@ -131,5 +152,6 @@ def run_demo(
     if q.ptqd:
         print(f"PTQD corrections {','.join(q.ptqd)} on every W8A8 step: {report['ptqd_share_of_engine_time']:.2%} "
               "of the engine time" + "".join(f"; {note}" for note in q.ptqd_notes))  # fmt: skip
-    print(f"wrote {out / 'report.json'}, {out / 'comparison.png'} (rows: classes; left FP32, right W8A8)")
+    rows = "digits, prompts from the held-out templates" if text else "classes"
+    print(f"wrote {out / 'report.json'}, {out / 'comparison.png'} (rows: {rows}; left FP32, right W8A8)")
     return report

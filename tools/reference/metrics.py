@@ -207,6 +207,18 @@ def _file_meta(data: dict) -> dict:
         return {}
 
 
+def _digits_of(path, prompts: list[str], n: int) -> np.ndarray:
+    """The digit each prompt of a text pipeline's sample file asks for (tools.reference.prompts.parse_digit)."""
+    from tools.reference.prompts import parse_digit
+
+    if len(prompts) != n:
+        raise ConfigError(f"{path}: {len(prompts)} prompts for {n} samples; pass --labels")
+    try:
+        return np.array([parse_digit(p) for p in prompts], dtype=np.int64)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def evaluate(
     samples_path: str | Path,
     *,
@@ -231,6 +243,8 @@ def evaluate(
             raise ConfigError(f"{samples_path}: labels are not integers ({e}); pass --labels to override") from e
         if len(y) != n:
             raise ConfigError(f"{samples_path}: {len(y)} labels for {n} samples")
+    elif _file_meta(data).get("prompts"):
+        y = _digits_of(samples_path, _file_meta(data)["prompts"], n)
     else:
         y = None
     if y is not None and (y.min() < 0 or y.max() >= NUM_CLASSES):

@@ -35,6 +35,23 @@ REFERENCE_UNET = dict(
 )
 # clip_sample does not enter training (only ᾱ_t does). It is off because clipping x̂_0 while the DDIM
 # direction keeps the unclipped guided ε breaks classifier-free guidance on this model (model card).
+# The text pipeline (`reference-text`): the same UNet widths, with self- and cross-attention (4 heads of 32) at
+# 4×4 instead of self-attention alone, conditioned on a small CLIP text encoder trained with it from scratch.
+REFERENCE_TEXT_UNET = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+    cross_attention_dim=64,
+    attention_head_dim=4,  # UNet2DConditionModel reads it as the number of heads
+)
+REFERENCE_TEXT_ENCODER = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16
+)
 REFERENCE_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
 
 
@@ -52,6 +69,11 @@ class DiffusionTrainConfig:
     device: str = "cpu"
     checkpoint_every: int = 1000
     log_every: int = 50
+
+
+# The text pipeline's steps cost about 1.5× the class model's (the transformer blocks); its defaults keep
+# training near an hour on two CPU cores.
+TEXT_TRAIN = DiffusionTrainConfig(steps=6000, batch_size=96)
 
 
 @dataclass(frozen=True)
@@ -77,17 +99,106 @@ def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+class _ClassTask:
+    """The class-conditional model: labels, with the null class for dropped conditions."""
+
+    text = False
+
+    def __init__(self, dev, out: Path) -> None:
+        self.null = REFERENCE_UNET["num_class_embeds"] - 1
+
+    def build(self):
+        from diffusers import UNet2DModel
+
+        from tools.reference.denoisers import ClassDenoiser
+
+        return ClassDenoiser(UNet2DModel(**REFERENCE_UNET))
+
+    def condition(self, y, drop, gen):
+        y = y.clone()
+        y[drop] = self.null
+        return y
+
+    def save(self, model, scheduler, root: Path) -> None:
+        _save_pipeline({"unet": model.unet}, scheduler, root)
+
+    def describe(self) -> dict:
+        return {"unet": _listed(REFERENCE_UNET)}
+
+
+class _TextTask:
+    """The text-conditioned pipeline: a random training template names each image's digit; a dropped condition is
+    the empty prompt (what the sampler's negative prompt defaults to)."""
+
+    text = True
+
+    def __init__(self, dev, out: Path) -> None:
+        import torch
+        from transformers import CLIPTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from tools.reference.prompts import MAX_LENGTH, TRAIN_TEMPLATES, prompt, save_tokenizer
+
+        hf_logging.disable_progress_bar()
+        self.tok_dir = save_tokenizer(out / ".tokenizer")
+        tok = CLIPTokenizer.from_pretrained(str(self.tok_dir), local_files_only=True)
+        table = [[prompt(t, d) for d in range(10)] for t in TRAIN_TEMPLATES]
+        ids = [tok(row, padding="max_length", max_length=MAX_LENGTH).input_ids for row in table]
+        self.ids = torch.tensor(ids, dtype=torch.int64, device=dev)  # (templates, 10, L)
+        self.null = torch.tensor(tok("", padding="max_length", max_length=MAX_LENGTH).input_ids, device=dev)
+        self.vocab = len(tok)
+
+    def encoder_config(self):
+        from transformers import CLIPTextConfig
+
+        v = self.vocab
+        return CLIPTextConfig(vocab_size=v, bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1,
+                              **REFERENCE_TEXT_ENCODER)  # fmt: skip
+
+    def build(self):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from tools.reference.denoisers import TextDenoiser
+
+        return TextDenoiser(UNet2DConditionModel(**REFERENCE_TEXT_UNET), CLIPTextModel(self.encoder_config()))
+
+    def condition(self, y, drop, gen):
+        import torch
+
+        template = torch.randint(0, self.ids.shape[0], (len(y),), generator=gen).to(y.device)
+        ids = self.ids[template, y]
+        ids[drop] = self.null
+        return ids
+
+    def save(self, model, scheduler, root: Path) -> None:
+        _save_pipeline({"unet": model.unet, "text_encoder": model.text_encoder}, scheduler, root, self.tok_dir)
+
+    def describe(self) -> dict:
+        from tools.reference.prompts import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+
+        encoder = REFERENCE_TEXT_ENCODER | {"vocab_size": self.vocab}
+        return {"unet": _listed(REFERENCE_TEXT_UNET), "text_encoder": encoder, "train_templates": list(TRAIN_TEMPLATES),
+                "held_out_templates": list(HELD_OUT_TEMPLATES)}  # fmt: skip
+
+
+def _listed(config: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
 def train_diffusion(
     out_dir: str | Path,
     cfg: DiffusionTrainConfig = DiffusionTrainConfig(),
     progress: bool = True,
     stop_after: int | None = None,
+    text: bool = False,
 ) -> Path:
-    """Train the reference DDPM; writes out_dir/{unet,scheduler}/ (EMA weights, save_pretrained layout),
-    out_dir/train_log.jsonl and out_dir/training.json. Resumes from out_dir/checkpoint.pt if present
+    """Train the reference DDPM (`text`: the text-conditioned pipeline, UNet and text encoder together); writes
+    out_dir/{unet,scheduler}/ (+ text_encoder/, tokenizer/, model_index.json for `text`; EMA weights, save_pretrained
+    layout), out_dir/train_log.jsonl and out_dir/training.json. Resumes from out_dir/checkpoint.pt if present
     (same configuration only); `stop_after` checkpoints and returns early at that step."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     from tools.reference.digits import load_digits_split
@@ -99,10 +210,10 @@ def train_diffusion(
     train, _ = load_digits_split()
     x_all = torch.from_numpy(train.images).to(dev)
     y_all = torch.from_numpy(train.labels).to(dev)
-    null = REFERENCE_UNET["num_class_embeds"] - 1
+    task = (_TextTask if text else _ClassTask)(dev, out)
 
-    model = UNet2DModel(**REFERENCE_UNET).to(dev).train()
-    ema = UNet2DModel(**REFERENCE_UNET).to(dev).eval().requires_grad_(False)
+    model = task.build().to(dev).train()
+    ema = task.build().to(dev).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
@@ -114,33 +225,34 @@ def train_diffusion(
     start, seconds = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=dev, weights_only=True)
+        saved = state.get("config")
+        if saved is not None and _trajectory(json.loads(saved)) != _trajectory(asdict(cfg) | {"text": text}):
+            raise ConfigError(
+                f"{ckpt} was written with {json.loads(saved)}; resume with the same configuration "
+                "or train into a new directory"
+            )
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start, seconds = int(state["step"]), float(state["seconds"])
-        saved = state.get("config")
-        if saved is not None and _trajectory(json.loads(saved)) != _trajectory(asdict(cfg)):
-            raise ConfigError(
-                f"{ckpt} was written with {json.loads(saved)}; resume with the same configuration "
-                "or train into a new directory"
-            )
     _truncate_log(out / "train_log.jsonl", start)
 
     log = (out / "train_log.jsonl").open("a")
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train diffusion", disable=not progress)
+    desc = "train text diffusion" if text else "train diffusion"
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, disable=not progress)
     t0, running = time.perf_counter(), (state.get("running") if start else None)
     for step in bar:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(dev)
-        x0, y = x_all[idx], y_all[idx].clone()
+        x0, y = x_all[idx], y_all[idx]
         drop = torch.rand(cfg.batch_size, generator=gen).to(dev) < cfg.class_dropout
-        y[drop] = null
+        c = task.condition(y, drop, gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(dev)
         eps = torch.randn(x0.shape, generator=gen).to(dev)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = torch.nn.functional.mse_loss(model(xt, t, class_labels=y).sample, eps)
+        loss = torch.nn.functional.mse_loss(model(xt, t, c), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -180,12 +292,12 @@ def train_diffusion(
                     "step": done,
                     "seconds": elapsed,
                     "running": running,
-                    "config": json.dumps(asdict(cfg)),
+                    "config": json.dumps(asdict(cfg) | {"text": text}),
                 },
                 tmp,
             )
             os.replace(tmp, ckpt)
-            _save_pipeline(ema, scheduler, out / f"step_{done}")
+            task.save(ema, scheduler, out / f"step_{done}")
         if done == stop_after:
             log.close()
             return out
@@ -193,14 +305,15 @@ def train_diffusion(
     elapsed = seconds + time.perf_counter() - t0
     final = out / f"step_{cfg.steps}"
     if not final.exists():
-        _save_pipeline(ema, scheduler, final)
-    for sub in ("unet", "scheduler"):
-        if (out / sub).exists():
-            shutil.rmtree(out / sub)
-        shutil.copytree(final / sub, out / sub)
+        task.save(ema, scheduler, final)
+    for entry in final.iterdir():
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target)
     meta = {
         "config": asdict(cfg),
-        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in REFERENCE_UNET.items()},
+        **task.describe(),
         "scheduler": REFERENCE_SCHEDULER,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_images": len(x_all),
@@ -215,7 +328,7 @@ def train_diffusion(
 
 def _trajectory(cfg: dict) -> dict:
     """The fields that decide the weights (not where or how often they are written)."""
-    return {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "log_every", "device")}
+    return {"text": False} | {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "log_every", "device")}
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -226,10 +339,26 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(x + "\n" for x in keep))
 
 
-def _save_pipeline(unet, scheduler, root: Path) -> None:
+def _save_pipeline(modules: dict, scheduler, root: Path, tokenizer: Path | None = None) -> None:
+    """modules ({folder: module}), the scheduler and, for a text pipeline, the tokenizer files and
+    model_index.json and its prompt files, published whole at `root`."""
+    from tools.reference.prompts import write_prompt_files
+
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    for folder, module in modules.items():
+        module.save_pretrained(tmp / folder, safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
+    if tokenizer is not None:
+        shutil.copytree(tokenizer, tmp / "tokenizer")
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        write_prompt_files(tmp)
     _publish(tmp, root)
 
 

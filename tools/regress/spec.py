@@ -210,10 +210,10 @@ def _case(name: str, body, path: Path, need_baselines: bool) -> Case:
 def _default_guidance(model: str | None, bundle: str | None, path: Path) -> float:
     """The guidance a case samples at unless it says: the reference model card's, a ready bundle's calibrated
     one, else 1 (none)."""
-    from tools.reference.model import KEYWORD, REFERENCE_GUIDANCE
+    from tools.reference.model import card_guidance
 
-    if model == KEYWORD:
-        return REFERENCE_GUIDANCE
+    if card_guidance(model) is not None:
+        return card_guidance(model)
     if bundle is not None:
         try:
             manifest = json.loads((path.parent / bundle / "manifest.json").read_text())  # relative to the spec
