@@ -61,6 +61,8 @@ def run_demo(
     calib_prompts = tuple(read_prompts(default_calib_prompts(name), "--calib-prompts")) if text else ()
     model = load_model(model_dir, prompts=calib_prompts)
     params = sum(p.numel() for p in model.unet.parameters())
+    if model.text is not None:  # the pipeline's text encoder is part of what the demo compiles
+        params += sum(p.numel() for p in model.text.encoder.parameters())
     calib_timesteps = min(20, steps)
     if not 1 <= groups <= calib_timesteps:
         raise ConfigError(f"--groups {groups}: between 1 and the {calib_timesteps} calibrated steps")
