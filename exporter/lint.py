@@ -455,4 +455,24 @@ def lint_bundle(bundle_dir: str | Path, target: str | None = None) -> dict:
         found = lint_single_engine(graph, tables, target)
         report.setdefault("single_engines", {})[",".join(map(str, ids))] = found
         report["violations"] += sum(len(v) for v in found.values())
+    if get_profile(target).backend == "trt":
+        report["trt_refit"] = trt_refit_report(bundle)
     return report
+
+
+def trt_refit_report(bundle) -> dict:
+    """{"g1,g2,…": "refit" or why not} for each precision with several groups: whether one TensorRT plan can
+    serve them by refitting its Q/DQ scales (runtime.trt_refit). Not a violation: `dqc build` falls back to a
+    plan per group."""
+    from runtime.tensorrt import BuildError
+    from runtime.trt_refit import precision_groups, refit_tables
+
+    out = {}
+    for ids in precision_groups(bundle):
+        if len(ids) > 1:
+            try:
+                _, tables = refit_tables(bundle, ids)
+                out[",".join(map(str, ids))] = f"refit: {len(tables)} Q/DQ scales per group"
+            except BuildError as e:
+                out[",".join(map(str, ids))] = f"per-group: {e}"
+    return out

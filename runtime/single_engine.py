@@ -115,17 +115,10 @@ def _values(model) -> dict[str, tuple]:
     return out
 
 
-def single_graph(bundle, groups: list[int] | None = None):
-    """(ModelProto, tables) serving every group in `groups` (default: all): group 0's graph with the integer
-    layers fused and each initializer that differs between groups turned into a graph input; `tables` holds
-    those inputs' values, {name: array [G, ...]} in the order of `groups`."""
-    import onnx
-    from onnx import helper
-
-    if bundle.manifest["target"] != "ort-cpu":
-        raise BundleError(f"{bundle.root}: one engine for all groups needs an ort-cpu bundle (this one is "
-                          f"{bundle.manifest['target']})")  # fmt: skip
-    groups = sorted(g["id"] for g in bundle.manifest["groups"]) if groups is None else groups
+def varying_initializers(bundle, groups: list[int]) -> tuple[object, list[str], list[dict]]:
+    """(group `groups[0]`'s ModelProto, the initializers whose values differ between the groups, each group's
+    {name: (array or None, external key)}). Refuses groups whose graphs differ in structure or in which external
+    weights they read: one engine can serve only groups that differ in inline constants."""
     models = [bundle.group_model(g) for g in groups]
     values = [_values(m) for m in models]
     base = models[0]
@@ -143,6 +136,21 @@ def single_graph(bundle, groups: list[int] | None = None):
             elif arr.shape != other.shape or arr.dtype != other.dtype or not np.array_equal(arr, other):
                 differ.append(name)
                 break
+    return base, differ, values
+
+
+def single_graph(bundle, groups: list[int] | None = None):
+    """(ModelProto, tables) serving every group in `groups` (default: all): group 0's graph with the integer
+    layers fused and each initializer that differs between groups turned into a graph input; `tables` holds
+    those inputs' values, {name: array [G, ...]} in the order of `groups`."""
+    import onnx
+    from onnx import helper
+
+    if bundle.manifest["target"] != "ort-cpu":
+        raise BundleError(f"{bundle.root}: one engine for all groups needs an ort-cpu bundle (this one is "
+                          f"{bundle.manifest['target']})")  # fmt: skip
+    groups = sorted(g["id"] for g in bundle.manifest["groups"]) if groups is None else groups
+    base, differ, values = varying_initializers(bundle, groups)
     model = onnx.ModelProto()
     model.CopyFrom(base)
     counts = fuse_integer_layers(model)

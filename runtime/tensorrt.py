@@ -271,8 +271,38 @@ def trt_engine_set(bundle, route: np.ndarray | None = None, *, max_resident: int
             f"{bundle.root}: plans built by TensorRT {entry.get('tensorrt_version')}, this is TensorRT {version}; "
             f"a plan loads only in the TensorRT version that built it: run dqc build {bundle.root} --backend trt"
         )
+    factories = engine_factories(bundle, plans, entry)
+    return EngineSet(factories, bundle.group_of_t if route is None else route, bundle.spec, max_resident=max_resident)
+
+
+def engine_factories(bundle, plans: dict[int, Path], entry: dict) -> dict:
+    """{group: () → Engine} over one SharedScratch. Per-group plans: an engine each. Refitted plans (entry "mode"
+    "refit", runtime.trt_refit): the groups of one plan share one RefitEngine, created on first use, its
+    per-group scales read from the bundle's group graphs then."""
     spec, scratch = bundle.spec, SharedScratch()
     batches = entry.get("batch_sizes")
     batch_range = (int(batches[0]), int(batches[-1])) if batches else None  # None: read from the plan
-    factories = {g: (lambda g=g: TrtEngine(plans[g], spec, scratch=scratch, batch_range=batch_range)) for g in plans}
-    return EngineSet(factories, bundle.group_of_t if route is None else route, spec, max_resident=max_resident)
+
+    def engine(path: Path) -> TrtEngine:
+        return TrtEngine(path, spec, scratch=scratch, batch_range=batch_range)
+
+    if entry.get("mode", "per-group") == "per-group":
+        return {g: (lambda g=g: engine(plans[g])) for g in plans}
+    if entry["mode"] != "refit":
+        raise BuildError(f"{bundle.root}: TensorRT engine mode {entry['mode']!r} is unknown to this dqc; rebuild "
+                         f"with dqc build {bundle.root}")  # fmt: skip
+    shared: dict = {}
+    by_plan: dict[Path, list[int]] = {}
+    for g, path in sorted(plans.items()):
+        by_plan.setdefault(path, []).append(g)
+
+    def refit(g: int):
+        from runtime.trt_refit import RefitEngine, refit_tables
+
+        path = plans[g]
+        if path not in shared:
+            _, tables = refit_tables(bundle, by_plan[path])
+            shared[path] = RefitEngine(engine(path), tables, by_plan[path])
+        return shared[path].for_group(g)
+
+    return {g: (lambda g=g: refit(g)) for g in plans}

@@ -30,6 +30,7 @@ from runtime.tensorrt import (
     _import_trt,
     _logger,
 )
+from runtime.trt_refit import ENGINE_MODES
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,17 @@ class BuildConfig:
     opt_batch: int | None = None
     workspace_mb: int = 4096
     verify_int8: bool = True
+    engines: str = "auto"  # runtime.trt_refit.ENGINE_MODES: refit one plan per precision, or a plan per group
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r} (--backend): dqc build supports {list(BACKENDS)}")
+        if self.engines not in ENGINE_MODES:
+            raise ConfigError(
+                f"engines={self.engines!r} (--trt-engines): use refit (one plan per precision, its Q/DQ scales "
+                "refitted at each group switch), per-group (a plan per group) or auto (refit where the groups "
+                "differ only in Q/DQ scales)"
+            )
         sizes = tuple(self.batch_sizes) if isinstance(self.batch_sizes, (list, tuple)) else ()
         if not sizes or not all(_is_int(b) and b >= 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
             raise ConfigError(
@@ -172,8 +180,10 @@ class PlanBuilder:
             self._builder = trt.Builder(_logger(trt))
         return trt
 
-    def build(self, model: bytes, path: Path, what: str) -> bytes:
-        """Plan of a serialized ONNX model whose external data lies next to `path`."""
+    def build(self, model: bytes, path: Path, what: str, refittable: list[str] | tuple = ()) -> bytes:
+        """Plan of a serialized ONNX model whose external data lies next to `path`. `refittable`: initializer names
+        (Q/DQ scales, runtime.trt_refit) the plan must let a Refitter change; every other weight stays a constant
+        TensorRT may fold (BuilderFlag.REFIT_INDIVIDUAL)."""
         trt = self._activate()
         typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # absent: always strongly typed
         network = self._builder.create_network(0 if typed is None else 1 << int(typed))
@@ -182,6 +192,13 @@ class PlanBuilder:
             raise BuildError(f"{what}: TensorRT cannot parse the graph: {_parser_errors(parser)}; check the graph "
                              "with `dqc lint BUNDLE --target trt`")  # fmt: skip
         config = self._builder.create_builder_config()
+        if refittable:
+            unmarked = [name for name in refittable if not network.mark_weights_refittable(name)]
+            if unmarked:
+                raise BuildError(f"{what}: TensorRT does not hold {len(unmarked)} per-group scales as named weights "
+                                 f"(first: {unmarked[:3]}), so they cannot be refitted; build per-group plans with "
+                                 "`dqc build BUNDLE --trt-engines per-group`")  # fmt: skip
+            config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.config.workspace_mb << 20)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # int8_fallbacks reads per-layer formats
         self._use_timing_cache(config)

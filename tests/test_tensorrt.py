@@ -244,7 +244,8 @@ def test_commit_replaces_engines_and_manifest_entries(trt_bundle):
     assert sorted(p.name for p in (trt_bundle / "engines" / "trt").iterdir()) == ["build.json", "group_0.plan",
                                                                                   "timing.cache"]  # fmt: skip
     assert not [f for f in bundle.manifest["files"] if f.endswith("group_9.plan")]  # the stale entry is gone
-    assert bundle.manifest["engines"]["trt"] == {"plans": {"0": "engines/trt/group_0.plan"}, "batch_sizes": [1, 4],
+    assert bundle.manifest["engines"]["trt"] == {"mode": "per-group", "plans": {"0": "engines/trt/group_0.plan"},
+        "batch_sizes": [1, 4],
         "opt_batch": 4, "tensorrt_version": "10.0.0", "build": "engines/trt/build.json"}  # fmt: skip
     assert sorted(p.name for p in (trt_bundle / "engines").iterdir()) == ["trt"]
 

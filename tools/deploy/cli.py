@@ -222,6 +222,8 @@ def _lint(a: argparse.Namespace) -> int:
                 for v in violations:
                     print(f"  {'graph' if where == 'graph' else f'as group {where}'}  [{v['rule']}] {v['node']}: "
                           f"{v['message']}")  # fmt: skip
+        for ids, verdict in report.get("trt_refit", {}).items():
+            print(f"TensorRT, groups {ids}: {verdict}")
         print(f"{report['violations']} violations" if report["violations"] else "no violations")
     return 1 if report["violations"] else 0
 
@@ -232,12 +234,14 @@ def _build(a: argparse.Namespace) -> None:
     sizes = int_list(a.batch_sizes, "--batch-sizes") or None
     report = run_build(a.bundle, backend=a.backend, **({"batch_sizes": sizes} if sizes else {}), opt_batch=a.opt_batch,
                        workspace_mb=a.workspace_mb, timing_cache=a.timing_cache, verify_int8=a.verify_int8,
-                       progress=not a.quiet)  # fmt: skip
+                       engines=a.trt_engines, progress=not a.quiet)  # fmt: skip
     if a.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"built {len(report.get('groups', {}))} TensorRT plans in {a.bundle}/engines/trt (TensorRT "
-              f"{report.get('tensorrt_version')}, batch {report.get('batch_sizes')})")  # fmt: skip
+        how = "refitted per group" if report["mode"] == "refit" else "one per group"
+        print(f"built {report['plans']} TensorRT plans ({how}) for {len(report['groups'])} groups in "
+              f"{a.bundle}/engines/trt (TensorRT {report['tensorrt_version']}, engine-call batch "
+              f"{report['profile']['min']}-{report['profile']['max']})")  # fmt: skip
 
 
 def register(sub) -> None:
@@ -439,9 +443,10 @@ def register(sub) -> None:
     bd = sub.add_parser(
         "build",
         help="build TensorRT engines for a bundle",
-        description="Build one TensorRT plan per group graph of a bundle compiled with --target trt (strongly "
-        "typed network, one optimization profile over the batch, a timing cache shared by the group builds) into "
-        "BUNDLE/engines/trt, and fail when a Q/DQ-annotated layer runs in float. Needs TensorRT and an NVIDIA GPU.",
+        description="Build TensorRT plans for a bundle compiled with --target trt (strongly typed network, one "
+        "optimization profile over the batch, a timing cache shared by the builds) into BUNDLE/engines/trt: one "
+        "plan per precision whose Q/DQ scales are refitted at each group switch, or one plan per group "
+        "(--trt-engines); fail when a Q/DQ-annotated layer runs in float. Needs TensorRT and an NVIDIA GPU.",
     )
     bd.add_argument("bundle", help="bundle directory (compiled with --target trt)")
     bd.add_argument("--backend", default="trt", choices=["trt"], help="engine backend (default trt)")
@@ -452,6 +457,10 @@ def register(sub) -> None:
     bd.add_argument("--timing-cache", metavar="FILE", help="timing cache to start from (default: the bundle's own)")
     bd.add_argument("--verify-int8", action=argparse.BooleanOptionalAction, default=True,
                     help="fail the build when a quantized layer falls back to float (default: on)")  # fmt: skip
+    bd.add_argument("--trt-engines", choices=["auto", "refit", "per-group"], default="auto",
+                    help="refit: one plan per precision whose Q/DQ scales are rewritten at each group switch (one "
+                    "copy of the weights on the GPU; checked at build); per-group: a plan per group; auto (default): "
+                    "refit where a precision's groups differ only in Q/DQ scales, else per-group")  # fmt: skip
     bd.add_argument("--json", action="store_true", help="print the build report as JSON")
     bd.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     bd.set_defaults(func=_build)
