@@ -67,10 +67,11 @@ class Family:
 
 
 def families() -> dict[str, Family]:
+    from calibration.families.dit import DiT
     from calibration.families.text_unet import TextUNet
     from calibration.families.unet import PixelUNet
 
-    return {f.name: f for f in (PixelUNet(), TextUNet())}
+    return {f.name: f for f in (PixelUNet(), TextUNet(), DiT())}
 
 
 def supported_classes() -> tuple[str, ...]:

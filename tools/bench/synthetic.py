@@ -56,6 +56,37 @@ def save_pipeline(unet, root: str | Path, clip_sample: bool = True) -> Path:
     return root
 
 
+# Diffusion transformers (diffusers DiTTransformer2DModel, class-conditional, adaLN-Zero). "dit-xl2": DiT-XL/2
+# (depth 28, width 1152, 16 heads, patch 2, 4 latent channels with the learned variance, 32×32 latents).
+DIT_SHAPES = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=2, num_layers=2,
+                 sample_size=8, patch_size=2, num_embeds_ada_norm=10),
+    "dit-xl2": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                    sample_size=32, patch_size=2, num_embeds_ada_norm=1000),
+}  # fmt: skip
+
+
+def save_dit_pipeline(root: str | Path, shape: str = "tiny", seed: int = 0) -> Path:
+    """A DiT pipeline directory (transformer/ + scheduler/, DDPM linear schedule, T = 1000), random weights."""
+    import torch
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+    if shape not in DIT_SHAPES:
+        raise ValueError(f"unknown DiT shape {shape!r}; use one of {sorted(DIT_SHAPES)}")
+    root = Path(root)
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(**DIT_SHAPES[shape]).eval()
+    with torch.no_grad():  # adaLN-Zero starts every block at the identity: give the random model some signal
+        for name, p in model.named_parameters():
+            if "norm1.linear" in name or "proj_out" in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(root / "transformer", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False).save_pretrained(
+        root / "scheduler"
+    )
+    return root
+
+
 # Text-to-image pipelines (diffusers' Stable Diffusion layout). "sd15": Stable Diffusion 1.5's UNet
 # (block widths 320/640/1280/1280, cross-attention width 768, 8 heads, 4 latent channels) at 32×32 latents.
 TEXT_SHAPES = {
