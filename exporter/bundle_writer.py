@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from onnx import shape_inference
 from tqdm.auto import tqdm
 
+from calibration.config import parse_bits
 from calibration.model_io import LoadedModel
 from calibration.profiles import get_profile
 from calibration.quantizers import quantize_bias
@@ -127,8 +128,9 @@ def residual_table(result: CalibrationResult, group: int) -> dict:
 
 
 def _group_graph(
-    fp: onnx.ModelProto, table: dict[str, LayerQuant], residuals: dict, result: CalibrationResult
-) -> tuple[onnx.ModelProto, dict]:
+    fp: onnx.ModelProto, table: dict[str, LayerQuant], residuals: dict, result: CalibrationResult,
+    w4_linear: str = "int8",
+) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
     profile = get_profile(result.config.target)
     graph = gs.import_onnx(fp)
     report = insert_qdq(graph, table, profile)
@@ -137,9 +139,32 @@ def _group_graph(
     model.opset_import[0].version = fp.opset_import[0].version
     model.ir_version = fp.ir_version
     model = to_float_type(model, profile.float_type)
+    if w4_linear != "int8":  # 4-bit Linear weights packed for ONNX Runtime's MatMulNBits (exporter.nbits)
+        from exporter.nbits import to_matmul_nbits
+
+        report["w4_linear"] = to_matmul_nbits(model, parse_bits(result.config.bits).weight,
+                                              accuracy_level=W4_LINEAR[w4_linear])  # fmt: skip
     if fits_in_protobuf(model):  # a larger one is checked as written, weights in weights.bin (check_staged)
         check_graph(model, profile)
     return model, report
+
+
+W4_LINEAR = {"int8": None, "nbits": 0, "nbits-int8": 4}  # --w4-linear → MatMulNBits accuracy_level
+
+
+def check_w4_linear(choice: str, configs: list) -> None:
+    """Refuse a --w4-linear choice the bundle cannot take, before any work."""
+    if choice not in W4_LINEAR:
+        raise ExportError(f"--w4-linear {choice!r}: use one of {list(W4_LINEAR)}")
+    if choice == "int8":
+        return
+    for cfg in configs:
+        if parse_bits(cfg.bits).weight != 4:
+            raise ExportError(f"--w4-linear {choice}: --bits {cfg.bits} has {parse_bits(cfg.bits).weight}-bit weights; "
+                              "MatMulNBits packs 4-bit weights (W4A8, W4A4)")  # fmt: skip
+        if cfg.target != "ort-cpu":
+            raise ExportError(f"--w4-linear {choice}: target {cfg.target}; MatMulNBits is an ONNX Runtime kernel "
+                              "(--target ort-cpu)")  # fmt: skip
 
 
 def check_graph(model: onnx.ModelProto | Path, profile) -> None:
@@ -199,6 +224,7 @@ def _manifest(model: LoadedModel, results: list[CalibrationResult], groups: list
         "quantized_nodes": report["quantized"],
         "float_nodes": report["float"] + result.skipped,
         "shared_input_qdq": report.get("shared_inputs", {}),  # layer → the layer whose input Q/DQ it reads
+        "w4_linear": report.get("w4_linear"),  # MatMulNBits layers (exporter.nbits), None: int8 containers
         "files": files,
     }
 
@@ -249,15 +275,20 @@ def write_bundle(
     progress: bool = True,
     before_publish: Callable[[Path], object] | None = None,
     text_encoder: str = "fp32",
+    w4_linear: str = "int8",
 ) -> Path:
     """Export one Q/DQ graph per group and write the bundle directory atomically (exporter.publish): it
     appears whole or not at all, and never over anything but a bundle it was told to replace. A list of
     results writes one engine set per precision (step-aware mixed precision): the first is the bundle's main
     precision, every graph after group 0 an overlay of it, and the weights must be the same in all of them.
     `before_publish(staged_dir)` completes the staged bundle (e.g. PTQD statistics) before it appears.
-    `text_encoder`: the precision of a text pipeline's text encoder, fp32 or w8a8 (exporter.components)."""
+    `text_encoder`: the precision of a text pipeline's text encoder, fp32 or w8a8 (exporter.components).
+    `w4_linear` (4-bit weights, ort-cpu): int8 (weights on the 4-bit grid in int8 containers), nbits (packed 4-bit
+    MatMulNBits, float32 compute) or nbits-int8 (the same, activations requantized to int8 per block at run time)
+    for every Linear (exporter.nbits)."""
     results = result if isinstance(result, list) else [result]
     out = Path(out)
+    check_w4_linear(w4_linear, [r.config for r in results])
     for r in results:
         if r.model["weight_sha256"] != model.weight_sha256:
             raise ExportError(
@@ -281,7 +312,7 @@ def write_bundle(
         shared, groups, graphs, report = SharedWeights(), [], [], {}
         jobs = [(r, g) for r in results for g in range(r.num_groups)]
         for r, g in tqdm(jobs, desc="export", disable=not progress, leave=False):
-            graph, report = _group_graph(fp, layer_table(model, r, g), residual_table(r, g), r)
+            graph, report = _group_graph(fp, layer_table(model, r, g), residual_table(r, g), r, w4_linear)
             graphs.append(graph)
             groups.append({"id": len(groups), "bits": r.config.bits})
         try:

@@ -78,6 +78,11 @@ _FUSED_INPUT = {"QLinearConv": (1, 2), "QGemm": (1, 2), "MatMulIntegerToFloat": 
 _FLOAT32_PARAMS = {("Resize", 1), ("Resize", 2)}  # roi / scales: ONNX wants float32 there in any graph
 
 
+def _nbits_bias(ix: GraphIndex, node: onnx.NodeProto, slot: int) -> bool:
+    """Whether input `slot` of `node` is a Gemm's bias added after its MatMulNBits (exporter.nbits)."""
+    return node.op_type == "Add" and _produced_by(ix, node.input[1 - slot], "MatMulNBits") is not None
+
+
 def rule_qdq_type(ix: GraphIndex) -> list[Violation]:
     """Activation Q/DQ in the profile's type (int8 symmetric or uint8), weights int8, int32 biases where allowed."""
     p, out = ix.profile, []
@@ -94,7 +99,8 @@ def rule_qdq_type(ix: GraphIndex) -> list[Violation]:
         if src is None or src.data_type == INT8:
             continue  # fed by a Q (checked above) or by a computed tensor (qdq-pair)
         users = ix.consumers.get(dq.output[0], [])
-        bias = bool(users) and all(c.op_type in ("Conv", "ConvTranspose", "Gemm") and s == 2 for c, s in users)
+        bias = bool(users) and all(c.op_type in ("Conv", "ConvTranspose", "Gemm") and s == 2 or _nbits_bias(ix, c, s)
+                                   for c, s in users)  # fmt: skip
         if src.data_type == INT32 and bias and p.quantize_bias:
             continue
         fix = "keep the bias a float initializer" if src.data_type == INT32 and bias else "quantize it to int8"
@@ -404,6 +410,8 @@ def lint_single_engine(model: onnx.ModelProto, tables: dict[str, np.ndarray], ta
     for name in tables:
         for node, slot in ix.consumers.get(name, []):
             ok = slot in (1, 2) if node.op_type in (*_QDQ, "Clip") else slot in _FUSED.get(node.op_type, ())
+            ok = ok or (node.op_type == "DequantizeLinear" and slot == 0 and tables[name].dtype == np.int32
+                        and all(_nbits_bias(ix, c, s) for c, s in ix.consumers.get(node.output[0], [])))  # fmt: skip
             if not ok:
                 msg = f"per-group input {name} feeds input {slot} of {node.op_type}, not a quantization parameter"
                 graph.append(_at("single-engine", node, msg + "; only scales, zero points and biases may vary"))

@@ -118,3 +118,66 @@ def test_transformer_classes_dqc_does_not_compile_are_refused_by_name(dit_dir, t
     (d / "transformer" / "config.json").write_text(json.dumps(config | {"norm_type": "ada_norm_single"}))
     with pytest.raises(ModelLoadError, match="cannot load DiTTransformer2DModel.*ada_norm_single"):
         load_model(d)  # diffusers' own refusal, with the folder named
+
+
+@pytest.mark.parametrize("w4_linear", ["nbits", "nbits-int8"])
+def test_4_bit_linear_weights_ship_packed_for_matmulnbits(dit, w4_linear, tmp_path):
+    """W4: every Linear's weights packed two per byte for ONNX Runtime's MatMulNBits, the same weights as the
+    int8-container graph's (float32 compute: equal to float rounding; int8 compute: activations requantized per
+    block, close), the weights file smaller, the graph lint-clean."""
+    import onnx
+
+    from exporter.lint import lint_bundle
+
+    result = calibrate(dit, CalibrationConfig(bits="W4A8", **CALIB), progress=False)
+    int8 = write_bundle(dit, result, tmp_path / "int8", progress=False)
+    packed = write_bundle(dit, result, tmp_path / "packed", progress=False, w4_linear=w4_linear)
+    manifest = load_bundle(packed).manifest
+    linears = sum(1 for n in result.weights if n != "pos_embed.proj")
+    assert manifest["w4_linear"] == {"MatMulNBits": linears}
+    ops = [n.op_type for n in onnx.load(str(packed / "group_0.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == linears and "MatMul" in ops  # the attention's activation products stay
+    assert (packed / "weights.bin").stat().st_size < 0.7 * (int8 / "weights.bin").stat().st_size
+    assert lint_bundle(packed)["violations"] == 0
+    a, b = load_bundle(int8).engines(backend="ort"), load_bundle(packed).engines(backend="ort")
+    for t in (5, 500, 950):
+        feeds = noised_inputs(dit.spec, dit.schedule, t, n=4, seed=0)
+        args = (feeds["sample"], feeds["timestep"], feeds["class_labels"])
+        ref, got = a.for_timestep(t).infer(*args), b.for_timestep(t).infer(*args)
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert rel < (1e-5 if w4_linear == "nbits" else 0.05), (t, rel)
+
+
+def test_4_bit_linear_refuses_what_it_cannot_pack(dit, tmp_path):
+    from runtime.errors import ExportError
+
+    w8 = calibrate(dit, CalibrationConfig(**CALIB), progress=False)
+    with pytest.raises(ExportError, match="--w4-linear nbits: --bits W8A8 has 8-bit weights"):
+        write_bundle(dit, w8, tmp_path / "b", progress=False, w4_linear="nbits")
+    assert not (tmp_path / "b").exists()
+
+
+def test_4_bit_linear_serves_every_group_from_one_session_and_on_openvino(dit_dir, tmp_path):
+    """A two-group W4A8 bundle with MatMulNBits: the one-session engine (the Gemm biases, int32 per group, feed
+    DQ → Add) lints clean and samples what the per-group sessions sample; OpenVINO samples the same."""
+    from exporter.lint import lint_bundle
+    from tools.cli import main
+
+    bundle = tmp_path / "b"
+    assert main(["compile", str(dit_dir), "-o", str(bundle), "--bits", "W4A8", "--w4-linear", "nbits", "--groups",
+                 "2", "--group-search", "none", "--steps", "10", "--calib-samples", "8", "--calib-timesteps", "5",
+                 "-q"]) == 0  # fmt: skip
+    report = lint_bundle(bundle)
+    assert report["violations"] == 0 and report["single_engines"]
+    common = ["-n", "4", "--steps", "10", "--class-label", "2", "-q"]
+    runs = {"one": ["--backend", "ort"], "per-group": ["--backend", "ort", "--ort-engines", "per-group"],
+            "openvino": ["--backend", "openvino"]}  # fmt: skip
+    out = {}
+    for name, flags in runs.items():
+        if name == "openvino":
+            pytest.importorskip("openvino")
+        assert main(["sample", str(bundle), "-o", str(tmp_path / f"{name}.npz"), *common, *flags]) == 0
+        out[name] = np.load(tmp_path / f"{name}.npz")["samples"]
+    assert np.array_equal(out["one"], out["per-group"])
+    if "openvino" in out:
+        np.testing.assert_allclose(out["openvino"], out["one"], atol=1e-4)

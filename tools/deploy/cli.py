@@ -55,6 +55,7 @@ def _compile(a: argparse.Namespace) -> None:
         switch_t=a.switch_t,
         calib_prompts=a.calib_prompts,
         text_encoder=a.text_encoder,
+        w4_linear=a.w4_linear,
         progress=not a.quiet,
     )
     print(f"wrote bundle {out}")
@@ -261,6 +262,11 @@ def register(sub) -> None:
                    help="text-to-image pipelines: the bundled text encoder in float (default) or W8A8 (int8 "
                    "per-channel weights, uint8 activations, min-max ranges on the calibration prompts)")  # fmt: skip
     c.add_argument("--bits", default="W8A8", help="weight/activation bit-widths, e.g. W8A8 (default)")
+    c.add_argument("--w4-linear", choices=["int8", "nbits", "nbits-int8"], default="int8",
+                   help="4-bit weights on ort-cpu: every Linear's weights on the 4-bit grid in int8 containers "
+                   "(int8, default: ONNX Runtime's int8 kernels), or packed two per byte for ONNX Runtime's "
+                   "MatMulNBits, multiplying in float32 (nbits: exact) or on activations requantized to int8 "
+                   "per block (nbits-int8)")  # fmt: skip
     c.add_argument(
         "--target",
         default="ort-cpu",

@@ -28,13 +28,15 @@ def compile_model(
     switch_t: int | None = None,
     calib_prompts: str | Path | None = None,
     text_encoder: str = "fp32",
+    w4_linear: str = "int8",
     progress: bool = True,
 ) -> Path:
     """Calibrate + export: a model directory (or an already loaded model) in, a bundle directory out;
     with `ptqd_samples`, also gather PTQD statistics on the written bundle's engines. `mixed_bits` adds a
     second, cheaper precision (step-aware mixed precision): both are calibrated alike, their statistics
     gathered along the same trajectories, and the switch between them chosen by PTQD's SNR criterion
-    (or set with `switch_t`). `text_encoder`: a text pipeline's text encoder in fp32 or w8a8."""
+    (or set with `switch_t`). `text_encoder`: a text pipeline's text encoder in fp32 or w8a8. `w4_linear`: how
+    4-bit Linear weights ship on ONNX Runtime (exporter.bundle_writer.W4_LINEAR)."""
     import dataclasses
 
     from calibration.calibrate import calibrate
@@ -55,6 +57,9 @@ def compile_model(
     from exporter.publish import check_output
 
     check_output(Path(out), overwrite)  # before any work: calibration can take hours
+    from exporter.bundle_writer import check_w4_linear
+
+    check_w4_linear(w4_linear, [cfg] + ([dataclasses.replace(cfg, bits=mixed_bits)] if mixed_bits else []))
     if calibration_out is not None and Path(calibration_out).is_dir():
         raise ConfigError(f"--save-calibration {calibration_out}: is a directory; give a file path")
     from runtime.text import read_prompts
@@ -87,7 +92,8 @@ def compile_model(
                     batch_size=cfg.batch_size, switch_t=switch_t, progress=progress)  # fmt: skip
 
     return write_bundle(model, results, out, overwrite=overwrite, progress=progress,
-                        before_publish=add_statistics if ptqd_samples else None, text_encoder=text_encoder)  # fmt: skip
+                        before_publish=add_statistics if ptqd_samples else None, text_encoder=text_encoder,
+                        w4_linear=w4_linear)  # fmt: skip
 
 
 def gather_ptqd(bundle_dir, model, sampler_cfg, *, samples: int, seed: int, batch_size: int,
