@@ -99,9 +99,10 @@ def to_matmul_nbits(model: onnx.ModelProto, bits: int, accuracy_level: int = 0) 
     if not replace:
         return {"MatMulNBits": 0}
     nodes = [m for x in g.node for m in replace.get(id(x), [x])]
-    used = {i for x in nodes for i in x.input}
+    outputs = {o.name for o in g.output}
+    used = {i for x in nodes for i in x.input} | outputs
     nodes = [x for x in nodes if x.op_type != "DequantizeLinear" or x.output[0] in used]  # the int8 weights' DQs
-    used = {i for x in nodes for i in x.input} | {o.name for o in g.output}
+    used = {i for x in nodes for i in x.input} | outputs
     del g.node[:]
     g.node.extend(nodes)
     keep = [t for t in g.initializer if t.name in used] + new_inits

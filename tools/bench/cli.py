@@ -73,11 +73,11 @@ def _bench(a: argparse.Namespace) -> None:
     if a.quick:
         import dataclasses
 
-        plan = dataclasses.replace(BenchPlan.quick(), memory=a.memory, profile=a.profile)
+        plan = dataclasses.replace(BenchPlan.quick(), memory=a.memory, profile=a.profile, w4=a.w4)
     else:
         models = tuple(csv_list(a.models) or ([a.model] if a.model else ["reference", "cifar10"]))
         batches = int_list(a.batches, "--batches")
-        plan = BenchPlan(models=models, batches=batches, reps=a.reps, memory=a.memory, profile=a.profile)
+        plan = BenchPlan(models=models, batches=batches, reps=a.reps, memory=a.memory, profile=a.profile, w4=a.w4)
     run_bench(plan, out_dir=a.out, progress=not a.quiet)
 
 
@@ -104,7 +104,11 @@ def register(sub) -> None:
     b.add_argument("model", nargs="?", help=MODEL_HELP + " (speed: default reference and cifar10; with --methods: "
                    "reference; with --groups-vs / --ptqd-checks: a bundle)")  # fmt: skip
     b.add_argument("--models", metavar="M1,M2", help="speed: models to measure: reference, cifar10 (35.7 M, "
-                   "random weights), tiny or a model directory (default reference,cifar10)")  # fmt: skip
+                   "random weights), tiny, dit-s2 / dit-xl2 (DiT-S/2- and DiT-XL/2-shaped transformers, 32x32x4 "
+                   "latents, random weights) or a model directory (default reference,cifar10)")  # fmt: skip
+    b.add_argument("--w4", action="store_true", help="speed: also W4A8 bundles (G = 1) with the Linear weights in "
+                   "int8 containers (dqc-W4) and packed for ONNX Runtime's MatMulNBits (dqc-W4-nbits, float32 "
+                   "compute; -int8: int8 compute; -ov: on OpenVINO), with their sizes on disk")  # fmt: skip
     b.add_argument("--batches", default="1,8", help="speed: batch sizes (default 1,8)")
     b.add_argument("--quick", action="store_true", help="speed: a smoke run on the tiny model (batch 1, 3 reps)")
     b.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,

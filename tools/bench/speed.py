@@ -50,10 +50,16 @@ ENGINES = {
     "ov-nncf": ("openvino-default", "ov-nncf"),
     "dqc-G1-ov": ("openvino", "dqc-G1"),
     "dqc-G8-ov": ("openvino", "dqc-G8"),
+    # --w4: W4A8, G = 1, with the weights in int8 containers and packed for MatMulNBits (exporter.nbits)
+    "dqc-W4": ("ort", "dqc-W4"),
+    "dqc-W4-nbits": ("ort", "dqc-W4-nbits"),
+    "dqc-W4-nbits-int8": ("ort", "dqc-W4-nbits-int8"),
+    "dqc-W4-nbits-ov": ("openvino", "dqc-W4-nbits"),
 }
 OURS = ("dqc-G1", "dqc-G8", "dqc-G1-ov", "dqc-G8-ov")
+W4 = ("dqc-W4", "dqc-W4-nbits", "dqc-W4-nbits-int8", "dqc-W4-nbits-ov")
 BASES = ("fp32", "ort-static", "ov-fp32", "ov-nncf")
-MODELS = ("reference", "cifar10", "tiny")
+MODELS = ("reference", "cifar10", "tiny", "dit-s2", "dit-xl2")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,7 @@ class BenchPlan:
     calib_timesteps: int = 8
     memory: bool = True
     profile: bool = False
+    w4: bool = False  # also W4A8 bundles: int8-container weights against MatMulNBits-packed ones
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -220,7 +227,11 @@ def _load(name: str, root: Path):
     if name not in MODELS:
         if Path(name).is_dir():
             return load_model(resolve_model(name)), 1.0
-        raise ConfigError(f"--models {name!r}: use reference, cifar10, tiny or a model directory")
+        raise ConfigError(f"--models {name!r}: use {', '.join(MODELS)} or a model directory")
+    if name.startswith("dit-"):
+        from tools.bench.synthetic import save_dit_pipeline
+
+        return load_model(save_dit_pipeline(root / name, name)), 1.0
     return load_model(save_pipeline(build_unet(name), root / name)), 1.0
 
 
@@ -270,6 +281,15 @@ def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress:
         start = time.perf_counter()
         paths[name] = pipeline.compile_model(model, root / name, cfg, overwrite=True, progress=progress)
         seconds[name] = round(time.perf_counter() - start, 1)
+    if plan.w4:  # one W4A8 calibration, written with each weight layout
+        from calibration.calibrate import calibrate
+        from exporter.bundle_writer import write_bundle
+
+        start = time.perf_counter()
+        result = calibrate(model, CalibrationConfig.for_method("lp", **(common | {"bits": "W4A8"})), progress=progress)
+        seconds["dqc-W4 calibration"] = round(time.perf_counter() - start, 1)
+        for name, layout in (("dqc-W4", "int8"), ("dqc-W4-nbits", "nbits"), ("dqc-W4-nbits-int8", "nbits-int8")):
+            paths[name] = write_bundle(model, result, root / name, overwrite=True, progress=progress, w4_linear=layout)
     return {"paths": paths, "compile_seconds": seconds, "calibration": {"inputs": len(data), **common},
             "skipped": skipped}  # fmt: skip
 
@@ -345,6 +365,11 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
                 guidance,
             ),  # fmt: skip
             "ops": op_counts(paths, root),
+            "disk_mb": {
+                k: round(sum(f.stat().st_size for f in Path(p).glob("*") if f.is_file()) / 2**20, 3)
+                for k, p in paths.items()
+                if Path(p).is_dir()
+            },  # fmt: skip
         }
         report["paths"] = {k: str(v) for k, v in paths.items()}
         del engines
@@ -464,6 +489,14 @@ def format_model(m: dict) -> str:
             words.append(f"dqc-G8-ov {lat['dqc-G8-ov']['median_ms'] / lat['dqc-G1-ov']['median_ms']:.3f}× (vs G1-ov)")
         if words and "dqc-G1" in lat:
             lines.append(f"\nper-step latency at batch {b} against G = 1: " + ", ".join(words))
+    for b, lat in m["latency"].items():
+        if "dqc-W4" in lat:
+            words = [f"{k} {lat['dqc-W4']['median_ms'] / lat[k]['median_ms']:.2f}×" for k in W4[1:] if k in lat]
+            head = f"\n4-bit weights at batch {b}, speed-up against int8 containers (dqc-W4): "
+            lines.append(head + ", ".join(words))
+    disk = m.get("disk_mb", {})
+    if "dqc-W4" in disk:
+        lines.append("\nbundle size on disk: " + ", ".join(f"{k} {v:.2f} MB" for k, v in disk.items()))
     for k, v in m["loop"].items():
         lines.append(f"\nsampling loop, {k}: {v['seconds']:.3f} s for the whole loop (batch 1); the host loop adds "
                      f"{v['loop_overhead']:+.1%} over the bare engine calls ({v['host_share']:.2%} of the run spent "

@@ -56,11 +56,14 @@ def save_pipeline(unet, root: str | Path, clip_sample: bool = True) -> Path:
     return root
 
 
-# Diffusion transformers (diffusers DiTTransformer2DModel, class-conditional, adaLN-Zero). "dit-xl2": DiT-XL/2
-# (depth 28, width 1152, 16 heads, patch 2, 4 latent channels with the learned variance, 32×32 latents).
+# Diffusion transformers (diffusers DiTTransformer2DModel, class-conditional, adaLN-Zero), 4 latent channels with the
+# learned variance at 32×32 latents: "dit-s2" DiT-S/2 (depth 12, width 384, 6 heads, patch 2), "dit-xl2" DiT-XL/2
+# (depth 28, width 1152, 16 heads, patch 2).
 DIT_SHAPES = {
     "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=2, num_layers=2,
                  sample_size=8, patch_size=2, num_embeds_ada_norm=10),
+    "dit-s2": dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
+                   sample_size=32, patch_size=2, num_embeds_ada_norm=1000),
     "dit-xl2": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                     sample_size=32, patch_size=2, num_embeds_ada_norm=1000),
 }  # fmt: skip
