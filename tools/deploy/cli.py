@@ -197,6 +197,8 @@ def _info(a: argparse.Namespace) -> None:
         _print_plan(info["precision_plan"])
     print(f"quantized nodes: {info['quantized_nodes']} ({info['shared_input_qdq']} reading another layer's input "
           f"Q/DQ); left in float: {len(info['float_nodes'])}")  # fmt: skip
+    if info.get("w4_linear"):
+        print(f"4-bit Linear weights packed for ONNX Runtime's MatMulNBits: {info['w4_linear']['MatMulNBits']} layers")
     for f in info["float_nodes"]:
         print(f"  {f['node']} ({f['op']}): {f['reason']}")
     print("files:")

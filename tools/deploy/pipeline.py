@@ -478,6 +478,7 @@ def bundle_info(path: str | Path) -> dict:
         "precision_plan": m.get("precision_plan"),
         "quantized_nodes": len(m.get("quantized_nodes", [])),
         "shared_input_qdq": len(m.get("shared_input_qdq", {})),
+        "w4_linear": m.get("w4_linear"),
         "float_nodes": m.get("float_nodes", []),
         "files": {name: (bundle.root / name).stat().st_size for name in m["files"]},
     }
