@@ -14,6 +14,8 @@ import numpy as np
 
 from runtime.errors import EngineError, EngineInputError
 
+TIMESTEP_TYPES = ("int64", "float32")  # integer training timesteps; flow matching's t = σ·T
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -25,10 +27,13 @@ class InputSpec:
     num_train_timesteps: int
     num_class_embeds: int | None = None
     context_shape: tuple[int, int] | None = None
+    timestep_type: str = "int64"  # float32: flow-matching models, fed t = σ·T in [0, T]
 
     def __post_init__(self) -> None:
         if self.num_class_embeds is not None and self.context_shape is not None:
             raise EngineInputError("an input spec takes class labels or encoder hidden states, not both")
+        if self.timestep_type not in TIMESTEP_TYPES:
+            raise EngineInputError(f"timestep_type {self.timestep_type!r}: use one of {TIMESTEP_TYPES}")
 
     @property
     def condition(self) -> str | None:
@@ -51,13 +56,16 @@ class InputSpec:
         }
         if self.context_shape is not None:
             d["context_shape"] = list(self.context_shape)
+        if self.timestep_type != "int64":
+            d["timestep_type"] = self.timestep_type
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
         context = d.get("context_shape")
         return cls(tuple(d["sample_shape"]), int(d["num_train_timesteps"]), d.get("num_class_embeds"),
-                   None if context is None else tuple(int(v) for v in context))  # fmt: skip
+                   None if context is None else tuple(int(v) for v in context),
+                   d.get("timestep_type", "int64"))  # fmt: skip
 
 
 def _check_cond(spec: InputSpec, cond: Any, batch: int) -> np.ndarray | None:
@@ -120,6 +128,15 @@ def check_inputs(spec: InputSpec, sample: Any, timestep: Any, cond: Any = None):
     timestep = np.asarray(timestep)
     if timestep.ndim == 0:
         timestep = np.full(batch, timestep)
+    if spec.timestep_type == "float32":  # flow matching: t = σ·T, a float in [0, T]
+        T = spec.num_train_timesteps
+        if timestep.shape != (batch,) or not np.issubdtype(timestep.dtype, np.number) or timestep.dtype == bool:
+            raise EngineInputError(f"input 'timestep': expected {batch} timesteps t = σ·T, got shape "
+                                   f"{timestep.shape} dtype {timestep.dtype}")  # fmt: skip
+        if not np.isfinite(timestep).all() or timestep.min() < 0 or timestep.max() > T:
+            raise EngineInputError(f"input 'timestep': values must lie in [0, {T}], got [{timestep.min()}, "
+                                   f"{timestep.max()}]")  # fmt: skip
+        return np.ascontiguousarray(sample), timestep.astype(np.float32), _check_cond(spec, cond, batch)
     if timestep.shape != (batch,) or not np.issubdtype(timestep.dtype, np.integer):
         raise EngineInputError(
             f"input 'timestep': expected {batch} integer training timesteps, got shape {timestep.shape} "
@@ -344,10 +361,15 @@ class EngineSet:
         T = engine.spec.num_train_timesteps
         return cls({0: lambda: engine}, np.zeros(T, np.int64), engine.spec)
 
-    def group_of(self, t: int) -> int:
-        if not 0 <= t < len(self.group_of_t):
-            raise EngineInputError(f"timestep {t}: outside [0, {len(self.group_of_t)})")
-        return int(self.group_of_t[t])
+    def group_of(self, t: float) -> int:
+        """The group serving timestep t: the table's entry for t, or for ⌊t⌋ (capped at T − 1) for a flow model's
+        float t = σ·T in [0, T]."""
+        T = len(self.group_of_t)
+        if self.spec.timestep_type == "float32" and 0 <= t <= T:
+            return int(self.group_of_t[min(int(t), T - 1)])
+        if not 0 <= t < T or int(t) != t:
+            raise EngineInputError(f"timestep {t}: outside [0, {T})")
+        return int(self.group_of_t[int(t)])
 
     def for_timestep(self, t: int) -> Engine:
         g = self.group_of(t)

@@ -1,4 +1,5 @@
-"""Host-side sampler loop: DDPM and DDIM (eta ≥ 0) with classifier-free guidance, on numpy.
+"""Host-side sampler loop: DDPM and DDIM (eta ≥ 0), and the Euler flow solver of flow-matching models, with
+classifier-free guidance, on numpy.
 
 Every sample i draws its initial and per-step noise from its own generator seeded with (seed, i), so a
 bundle and the full-precision model see identical noise whatever the batch size.
@@ -25,7 +26,7 @@ from runtime.errors import SamplerError
 from runtime.ptqd import CNC_ALL, correct_eps
 from runtime.schedule import NoiseSchedule
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "euler")  # euler: flow-matching models (runtime.schedule.FlowSchedule) only
 MAX_GUIDANCE = 100.0  # classifier-free guidance beyond this only amplifies the prediction into overflow
 MAX_SEED = 2**64  # seeds are 0 ≤ s < 2**64 (two 32-bit words of seed material)
 EVALUATION_NOISE: tuple[int, ...] = ()  # the spawn key of `dqc sample`'s noise
@@ -77,6 +78,8 @@ class SamplerConfig:
             raise SamplerError(f"--steps {self.steps}: must be at least 1")
         if not 0 <= self.eta <= 1:  # NaN fails too
             raise SamplerError(f"--eta {self.eta}: must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)")
+        if self.name == "euler" and self.eta != 0:
+            raise SamplerError(f"--eta {self.eta}: the Euler flow sampler is deterministic; drop --eta")
         if not 0 <= self.guidance <= MAX_GUIDANCE:
             raise SamplerError(f"--guidance {self.guidance}: must be finite, in [0, {MAX_GUIDANCE:g}]")
 
@@ -133,13 +136,14 @@ def _guided_eps(engine, x: np.ndarray, t: int, cond, null_cond, guidance: float,
     ε = ε(x, ∅) + w · (ε(x, c) − ε(x, ∅)). `both` (the conditions then their null counterparts, as one array)
     may be passed in by a caller that reuses it across steps."""
     n = x.shape[0]
+    dtype = np.float32 if engine.spec.timestep_type == "float32" else np.int64  # flow: t = σ·T
     if cond is None:
-        return engine.infer(x, np.full(n, t, dtype=np.int64))
+        return engine.infer(x, np.full(n, t, dtype=dtype))
     if guidance == 1.0:
-        return engine.infer(x, np.full(n, t, dtype=np.int64), cond)
+        return engine.infer(x, np.full(n, t, dtype=dtype), cond)
     if both is None:
         both = np.concatenate([cond, null_batch(cond, null_cond)])
-    pred = engine.infer(np.concatenate([x, x]), np.full(2 * n, t, dtype=np.int64), both)
+    pred = engine.infer(np.concatenate([x, x]), np.full(2 * n, t, dtype=dtype), both)
     on, off = pred[:n], pred[n:]
     return off + guidance * (on - off)
 
@@ -265,7 +269,19 @@ def sample(
             raise SamplerError(f"--guidance ≠ 1 needs {null}")
     elif cond is not None:
         raise SamplerError("--class-label given, but the model is unconditional; drop it")
+    flow = getattr(schedule, "kind", None) == "flow"
+    if flow != (cfg.name == "euler"):
+        raise SamplerError(
+            f"--sampler {cfg.name}: a flow-matching model (FlowMatchEulerDiscreteScheduler) is sampled with "
+            "--sampler euler, its Euler flow solver" if flow else "--sampler euler: the Euler flow solver needs "
+            "a flow-matching model (FlowMatchEulerDiscreteScheduler); this one is a DDPM-family diffusion model: "
+            "use ddim or ddpm"
+        )  # fmt: skip
+    if flow and ptqd is not None and ptqd_components:
+        raise SamplerError("PTQD's corrections for flow-matching models are derived (docs/ptqd_flow_matching.md) "
+                           "but not built; sample with --no-ptqd")  # fmt: skip
     ts = schedule.timesteps(cfg.steps)
+    sigmas = schedule.sigmas(cfg.steps) if flow else None
     try:
         run = SampleRun(np.empty((n, *spec.sample_shape), np.float32),
                         cond if spec.num_class_embeds is not None else None, ts)  # fmt: skip
@@ -280,13 +296,14 @@ def sample(
         c = None if cond is None else cond[lo : idx.stop]
         both = np.concatenate([c, null_batch(c, null_cond)]) if c is not None and cfg.guidance != 1.0 else None
         for i, t in enumerate(ts):
-            engine = engines.for_timestep(int(t))
+            t = float(t) if flow else int(t)
+            engine = engines.for_timestep(t)
             start = time.perf_counter()
-            eps = _guided_eps(engine, x, int(t), c, null_cond, cfg.guidance, both)
+            eps = _guided_eps(engine, x, t, c, null_cond, cfg.guidance, both)
             run.engine_seconds += time.perf_counter() - start
             run.engine_calls += 1
             if lo == 0:
-                run.step_groups.append(engines.group_of(int(t)))
+                run.step_groups.append(engines.group_of(t))
             prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
             sigma_q = None
             if use:
@@ -298,8 +315,11 @@ def sample(
                     sigma_q = sq * gain if gain is not None else (sq / (1.0 + k) if "cnc" in use else sq)
                 run.ptqd_seconds += time.perf_counter() - start
             if observe is not None:
-                observe(i, int(t), x, eps, c)
-            x = _step(schedule, cfg, x, eps, int(t), prev, noise, sigma_q)
+                observe(i, t, x, eps, c)
+            if flow:  # Euler on the velocity: x ← x + (σ_next − σ) v (FlowMatchEulerDiscreteScheduler.step)
+                x = (x + (sigmas[i + 1] - sigmas[i]) * eps).astype(np.float32)
+            else:
+                x = _step(schedule, cfg, x, eps, int(t), prev, noise, sigma_q)
             if not np.isfinite(x).all():
                 bad = "the engine's prediction" if not np.isfinite(eps).all() else "the update"
                 raise SamplerError(

@@ -111,6 +111,81 @@ class NoiseSchedule:
         return cls(**(d | {"betas": tuple(float(b) for b in d["betas"])}))
 
 
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# FlowMatchEulerDiscreteScheduler options dqc does not run, with the value that is the plain Euler flow
+_FLOW_UNSUPPORTED = {
+    "use_dynamic_shifting": False,  # the shift would depend on the image size at request time
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "stochastic_sampling": False,
+}
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Flow matching (rectified flow): x_σ = (1 − σ) x_0 + σ ε for σ ∈ [0, 1], the network predicts the velocity
+    v = ε − x_0 at t = σ·T, and a deterministic Euler solver steps x ← x + (σ_next − σ) v (diffusers'
+    FlowMatchEulerDiscreteScheduler, static `shift`; docs/ptqd_flow_matching.md)."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    prediction_type: str = "flow"  # what the model predicts: the velocity ε − x_0
+    kind: str = "flow"
+
+    def __post_init__(self) -> None:
+        T = self.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+            raise ModelLoadError(f"flow schedule: num_train_timesteps={T!r} must be an integer ≥ 2")
+        if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
+            raise ModelLoadError(f"flow schedule: shift={self.shift!r} must be a positive number")
+
+    def _shifted(self, sigmas: np.ndarray) -> np.ndarray:
+        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+
+    def sigmas(self, steps: int) -> np.ndarray:
+        """σ_1 > … > σ_steps, then 0 (float32, `steps` + 1 entries), as FlowMatchEulerDiscreteScheduler.set_timesteps
+        computes them: a linear ramp in t between the ends of the shifted training table, shifted again."""
+        T = self.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise SamplerError(f"--steps {steps}: must be between 1 and the {T} training timesteps")
+        table = self._shifted(np.linspace(1, T, T, dtype=np.float32)[::-1] / np.float32(T)).astype(np.float32)
+        ramp = np.linspace(float(table[0]) * T, float(table[-1]) * T, steps) / T
+        return np.concatenate([self._shifted(ramp).astype(np.float32), np.zeros(1, np.float32)])
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """t = σ·T of the visited steps, descending (float32): the network's timestep input."""
+        return (self.sigmas(steps)[:-1] * np.float32(self.num_train_timesteps)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FlowSchedule:
+        return cls(int(d["num_train_timesteps"]), float(d["shift"]))
+
+
+def _flow_schedule(cfg: dict, path: Path) -> FlowSchedule:
+    for key, plain in _FLOW_UNSUPPORTED.items():
+        if cfg.get(key, plain) not in (plain, None, False) or (plain is None and cfg.get(key)):
+            raise ModelLoadError(f"{path}: {FLOW_SCHEDULER} with {key}={cfg.get(key)!r} is not supported; dqc runs "
+                                 f"the Euler flow with a static shift (set {key} to {plain})")  # fmt: skip
+    shift = cfg.get("shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+        raise ModelLoadError(f"{path}: shift={shift!r} must be a number")
+    try:
+        return FlowSchedule(cfg.get("num_train_timesteps", 1000), float(shift))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+
+
+def schedule_from_dict(d: dict):
+    """The schedule a manifest records: a NoiseSchedule, or a FlowSchedule (kind "flow")."""
+    return FlowSchedule.from_dict(d) if d.get("kind") == "flow" else NoiseSchedule.from_dict(d)
+
+
 def _betas(cfg: dict, path: Path) -> tuple[np.ndarray, str]:
     if cfg.get("trained_betas") is not None:
         return np.asarray(cfg["trained_betas"], dtype=np.float64), "trained_betas"
@@ -152,6 +227,11 @@ def load_schedule(path: str | Path) -> NoiseSchedule:
         raise ModelLoadError(f"{path}: not valid JSON ({e}); re-save it with scheduler.save_pretrained") from e
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path}: expected a JSON object with the scheduler config")
+    if cfg.get("_class_name") == FLOW_SCHEDULER:
+        return _flow_schedule(cfg, path)
+    if "Flow" in str(cfg.get("_class_name", "")):
+        raise ModelLoadError(f"{path}: scheduler {cfg['_class_name']} is not supported; dqc runs {FLOW_SCHEDULER} "
+                             "flows and the DDPM/DDIM family")  # fmt: skip
     pred = cfg.get("prediction_type", "epsilon")
     if pred not in PREDICTION_TYPES:
         raise ModelLoadError(f"{path}: prediction_type={pred!r} is not supported; dqc runs {PREDICTION_TYPES}")

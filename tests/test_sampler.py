@@ -103,7 +103,9 @@ def test_noise_is_per_sample_so_batch_size_does_not_matter(tmp_path):
     assert not np.allclose(a, c)
 
 
-@pytest.mark.parametrize("kw", [dict(name="euler"), dict(steps=0), dict(eta=-1.0), dict(guidance=-2.0)])
+@pytest.mark.parametrize(
+    "kw", [dict(name="heun"), dict(name="euler", eta=0.5), dict(steps=0), dict(eta=-1.0), dict(guidance=-2.0)]
+)
 def test_bad_sampler_config(kw):
     with pytest.raises(SamplerError):
         SamplerConfig(**kw)

@@ -1,5 +1,7 @@
 """The diffusion-transformer family: diffusers `DiTTransformer2DModel` (class-conditional, adaLN-Zero), as DiT
-pipelines save it in `transformer/` beside `scheduler/`.
+pipelines save it in `transformer/` beside `scheduler/`: a DDPM-family scheduler (ε prediction, integer
+timesteps), or FlowMatchEulerDiscreteScheduler for a DiT trained with flow matching (velocity prediction, fed
+t = σ·T as a float; sampled in full precision so far: compiling flow models is not built).
 
 Engine inputs: sample (B, C, H, W), timestep (B,), class_labels (B,). The label table holds the classes and,
 last, the null class of guidance (DiT's class dropout), so `num_class_embeds` is num_embeds_ada_norm + 1. DiT
@@ -52,7 +54,9 @@ class DiT(Family):
                                  f"or ε and the learned variance ({2 * channels})")  # fmt: skip
         size = config.sample_size
         hw = (size, size) if isinstance(size, int) else tuple(size)
-        return InputSpec((channels, *hw), schedule.num_train_timesteps, int(config.num_embeds_ada_norm) + 1)
+        flow = getattr(schedule, "kind", None) == "flow"  # flow matching: fed t = σ·T, a float
+        return InputSpec((channels, *hw), schedule.num_train_timesteps, int(config.num_embeds_ada_norm) + 1,
+                         timestep_type="float32" if flow else "int64")  # fmt: skip
 
     def wrapper(self, module: nn.Module) -> nn.Module:
         return DiTForward(module, module.config.in_channels)

@@ -380,7 +380,8 @@ def register(sub) -> None:
     s.add_argument("-o", "--output", required=True, help="output .npz (samples: float32 (N, C, H, W) in [−1, 1])")
     s.add_argument("--png", help="also write a PNG grid of the samples")
     s.add_argument("--steps", type=int, help="sampling steps (default: the bundle's calibrated steps, else 100)")
-    s.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the bundle's calibrated sampler, else ddim")
+    s.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], help="default: the bundle's calibrated sampler, "
+                   "euler for a flow-matching model directory (its Euler flow solver), else ddim")  # fmt: skip
     s.add_argument("--eta", type=float, help="DDIM eta (default: calibrated, else 0)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     s.add_argument("--class-label", help="label or comma list for class-conditional models (default: cycle classes)")
