@@ -61,6 +61,7 @@ MANIFEST_V1 = Record(
             }
         ),  # fmt: skip
         "null_class?": (INT, None),
+        "w4_linear?": (Record({"MatMulNBits": INT}), None),
         "groups": ListOf(_GROUP),
         "timestep_to_group": ListOf(INT),
         "files": DictOf(STR),
