@@ -287,10 +287,15 @@ class Bundle:
                 raise BundleError(f"{self.root}: one engine for all groups needs an ort-cpu bundle (this one is "
                                   f"{self.manifest['target']}); use the per-group engines")  # fmt: skip
             return {}
+        return {g: ids for ids in self.precision_groups() if len(ids) > 1 for g in ids}
+
+    def precision_groups(self) -> list[list[int]]:
+        """The groups by precision (bits), each sorted: the sets one engine can serve (ORT's single session,
+        a refitted TensorRT plan)."""
         by_bits: dict[str, list[int]] = {}
         for g in self.manifest["groups"]:
             by_bits.setdefault(g.get("bits", self.manifest["bits"]), []).append(g["id"])
-        return {g: sorted(ids) for ids in by_bits.values() if len(ids) > 1 for g in ids}
+        return [sorted(ids) for ids in by_bits.values()]
 
 
 class SharedInitializers:

@@ -65,11 +65,8 @@ def refit_tables(bundle, groups: list[int]) -> tuple[object, dict[str, np.ndarra
 
 
 def precision_groups(bundle) -> list[list[int]]:
-    """The bundle's groups by precision (bits), each sorted: the sets one refitted engine can serve."""
-    by_bits: dict[str, list[int]] = {}
-    for g in bundle.manifest["groups"]:
-        by_bits.setdefault(g.get("bits", bundle.manifest["bits"]), []).append(g["id"])
-    return [sorted(ids) for ids in by_bits.values()]
+    """The bundle's groups by precision (Bundle.precision_groups): the sets one refitted engine can serve."""
+    return bundle.precision_groups()
 
 
 _DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16"}
