@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from calibration.quantizers import ActParams
+from runtime.engine import timestep_key
 
 
 def activation_error(model, layers, data, cfg, acts: dict[str, list[ActParams]], group_of_t: np.ndarray) -> float:
@@ -48,7 +49,7 @@ def activation_error(model, layers, data, cfg, acts: dict[str, list[ActParams]],
     try:
         with torch.inference_mode():
             for x, t, c in data.batches(cfg.batch_size, cfg.device):
-                current["g"] = table[t.cpu()].to(t.device)
+                current["g"] = table[timestep_key(t.cpu())].to(t.device)
                 forward(x, t, c)
     finally:
         for h in handles:

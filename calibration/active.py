@@ -20,6 +20,7 @@ from calibration.groups import (
     snapshot,
 )
 from calibration.objective import loss_weights
+from runtime.engine import timestep_key
 
 if TYPE_CHECKING:
     from calibration.collect import CalibrationData
@@ -59,7 +60,7 @@ def run_active_search(model, layers, weights: dict, cfg, *, groups: int, rounds:
 
     from calibration.collect import concat, record_at
 
-    candidates = [int(t) for t in model.schedule.timesteps(cfg.steps)]
+    candidates = [int(t) for t in timestep_key(model.schedule.timesteps(cfg.steps))]
     if not 1 <= groups <= rounds:
         raise ValueError(f"groups={groups}: active selection needs at least one round per group (rounds={rounds})")
     if rounds > 4 * len(candidates):

@@ -140,7 +140,8 @@ def example_inputs(model: LoadedModel, batch: int = 2, seed: int = 0) -> tuple:
     rng = np.random.default_rng([seed, 11])
     device = next(model.unet.parameters()).device
     x = torch.from_numpy(rng.standard_normal((batch, *spec.sample_shape), dtype=np.float32)).to(device)
-    t = torch.from_numpy(np.linspace(0, spec.num_train_timesteps - 1, batch + 2)[1:-1].astype(np.int64)).to(device)
+    dtype = np.float32 if spec.timestep_type == "float32" else np.int64  # flow models take t = σ·T
+    t = torch.from_numpy(np.linspace(0, spec.num_train_timesteps - 1, batch + 2)[1:-1].astype(dtype)).to(device)
     cond = example_cond(spec, batch, rng)
     return x, t, None if cond is None else torch.from_numpy(cond).to(device)
 

@@ -10,13 +10,14 @@ import torch
 
 from calibration.config import CalibrationConfig
 from calibration.model_io import LoadedModel
-from runtime.engine import Engine, EngineSet, TorchEngine
+from runtime.engine import Engine, EngineSet, TorchEngine, timestep_key
 from runtime.sampler import calibration_noise, sample
 
 
 @dataclass
 class CalibrationData:
-    """Recorded engine inputs; each entry is one engine call (a batch at one timestep)."""
+    """Recorded engine inputs; each entry is one engine call (a batch at one timestep). `timesteps` are what the
+    model is fed (int64, or a flow model's float32 t = σ·T); keys() gives the integer timesteps that key tables."""
 
     samples: list[np.ndarray]
     timesteps: list[np.ndarray]
@@ -35,10 +36,14 @@ class CalibrationData:
         cat = lambda parts: None if parts[0] is None else [np.concatenate(parts)[keep]]  # noqa: E731
         return CalibrationData(cat(self.samples), cat(self.timesteps), cat(self.labels) or [None])
 
+    def keys(self) -> np.ndarray:
+        """(rows,) int64: each row's timestep key (runtime.engine.timestep_key)."""
+        return timestep_key(np.concatenate(self.timesteps))
+
     def at_timesteps(self, keep: set[int]) -> CalibrationData:
-        """The recorded inputs whose timestep is in `keep`."""
+        """The recorded inputs whose timestep key is in `keep`."""
         t = np.concatenate(self.timesteps)
-        rows = np.isin(t, np.fromiter(keep, np.int64))
+        rows = np.isin(self.keys(), np.fromiter(keep, np.int64))
         if not rows.any():
             raise ValueError(f"no calibration inputs at timesteps {sorted(keep)}")
         labels = None if self.labels[0] is None else np.concatenate(self.labels)[rows]
@@ -63,16 +68,17 @@ class _Reached(Exception):
 
 
 class _Recorder:
-    """An engine that forwards to another and keeps the inputs of the selected timesteps."""
+    """An engine that forwards to another and keeps the inputs of the selected timesteps (keys)."""
 
     def __init__(self, engine: Engine, keep: set[int], data: CalibrationData, stop_after: int | None = None) -> None:
         self.engine, self.spec, self.keep, self.data, self.stop_after = engine, engine.spec, keep, data, stop_after
 
     def infer(self, sample, timestep, cond=None):
-        t = int(timestep[0])
+        t = timestep_key(timestep[0])
         if t in self.keep:
             self.data.samples.append(sample.copy())
-            self.data.timesteps.append(np.asarray(timestep, np.int64).copy())
+            flow = self.spec.timestep_type == "float32"
+            self.data.timesteps.append(np.asarray(timestep, np.float32 if flow else np.int64).copy())
             self.data.labels.append(None if cond is None else np.array(cond, copy=True))
         if t == self.stop_after:
             raise _Reached
@@ -106,8 +112,8 @@ def normal_timesteps(timesteps: np.ndarray, count: int, seed: int, num_train_tim
 
 
 def select_timesteps(model: LoadedModel, cfg: CalibrationConfig) -> set[int]:
-    """The sampling steps whose inputs feed calibration, by the configured strategy."""
-    timesteps = model.schedule.timesteps(cfg.steps)
+    """The sampling steps (their timestep keys) whose inputs feed calibration, by the configured strategy."""
+    timesteps = timestep_key(model.schedule.timesteps(cfg.steps))
     if cfg.timestep_selection == "random":
         return random_timesteps(timesteps, cfg.calib_timesteps, cfg.seed)
     if cfg.timestep_selection == "normal":

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from runtime.engine import timestep_key
+
 
 def per_group_loss(search) -> np.ndarray:
     """L[k, g]: mean squared ε error (summed over elements) of calibrated timestep k's inputs with group
@@ -21,7 +23,7 @@ def per_group_loss(search) -> np.ndarray:
     sums = torch.zeros(len(mixer.timesteps), groups, dtype=torch.float64)
     counts = torch.zeros(len(mixer.timesteps), dtype=torch.float64)
     x_all, t_all, c_all, target_all = search.rows
-    rows = torch.tensor([mixer.row[int(t)] for t in t_all.tolist()])
+    rows = torch.tensor([mixer.row[int(t)] for t in timestep_key(t_all).tolist()])
     size = search.cfg.batch_size
     try:
         with torch.no_grad():

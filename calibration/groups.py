@@ -32,6 +32,7 @@ from torch import nn
 from calibration.adaround import apply_layer
 from calibration.objective import loss_weights
 from calibration.quantizers import ActParams, LsqQuantizer
+from runtime.engine import timestep_key
 
 
 class GroupMixer(nn.Module):
@@ -71,7 +72,7 @@ class GroupMixer(nn.Module):
             self.current[:, self.forced] = 1.0
             self.current_group = torch.full((len(t),), self.forced, device=self.alpha.device)
             return self.current
-        rows = torch.tensor([self.row[int(x)] for x in t.tolist()], device=self.alpha.device)
+        rows = torch.tensor([self.row[int(x)] for x in timestep_key(t).tolist()], device=self.alpha.device)
         if self.fixed:
             self.current = self.alpha[rows].detach()
         else:
@@ -200,7 +201,7 @@ class _Optimizer:
         sigma = self.mixer.set_batch(t)
         per_row = (forward(x, t, c) - target).pow(2).flatten(1).sum(1)
         if self.weight_of_t is not None:  # what an ε error at each input's timestep costs (calibration.objective)
-            per_row = per_row * self.weight_of_t[t]
+            per_row = per_row * self.weight_of_t[timestep_key(t)]
         rec = per_row.mean()
         loss = rec + self.entropy_weight * GroupMixer.entropy(sigma)
         self.opt.zero_grad(set_to_none=True)
@@ -352,7 +353,7 @@ def run_group_search(model, layers, weights: dict, data, cfg, *, groups: int, ep
     """Search G groups on the recorded calibration data of `model` (a LoadedModel with `weights` from
     calibration). G equal to the number of calibrated timesteps gives each its own quantizers (no search).
     Returns (GroupSearchResult, {point: [ActParams per group]})."""
-    timesteps = sorted({int(t) for ts in data.timesteps for t in ts})
+    timesteps = sorted({int(t) for t in data.keys()})
     if not 1 <= groups <= len(timesteps):
         raise ValueError(f"groups={groups}: must be between 1 and the {len(timesteps)} calibrated timesteps")
     init = contiguous_assignment(timesteps, groups)

@@ -5,11 +5,17 @@ k = ⟨Δε, ε_FP⟩ / ⟨ε_FP, ε_FP⟩; the residual Δε' = Δε − k ε_F
 over (samples, positions), and the rest is the residual noise with variance σ_q² = Var(Δε' − b).
 (The public PTQD code takes the bias from the total Δε; here it is the residual's, so k and b do not
 count the same error twice.)
+
+A flow model's velocity v = ε − x_0 is not zero-mean (its mean is minus the data's), so there the slope through the
+origin would count a bias as correlation (k absorbs b·v̄/E[v²]); its k is fitted jointly with the per-channel bias,
+the least-squares slope of Δv on v about the channel means (docs/ptqd_flow_matching.md, Eq. 4).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from runtime.engine import timestep_key
 
 
 def step_statistics(eps_q: np.ndarray, eps_fp: np.ndarray) -> tuple[float, np.ndarray, float]:
@@ -44,11 +50,15 @@ class StepAccumulator:
             self.sums[key] += v.sum(axis=axes)
         self.count += q.size // q.shape[1]
 
-    def result(self) -> tuple[float, np.ndarray, float, float]:
-        """(k, bias per channel, σ_q, E[ε_FP²])."""
+    def result(self, centered: bool = False) -> tuple[float, np.ndarray, float, float]:
+        """(k, bias per channel, σ_q, E[ε_FP²]); `centered`: k about the channel means (flow models)."""
         s, n = self.sums, self.count
         ff = s["ff"].sum()
-        k = float(s["df"].sum() / ff) if ff > 0 else 0.0
+        if centered:
+            var = float(np.sum(s["ff"] - s["f"] ** 2 / n))
+            k = float(np.sum(s["df"] - s["d"] * s["f"] / n) / var) if var > 0 else 0.0
+        else:
+            k = float(s["df"].sum() / ff) if ff > 0 else 0.0
         bias = (s["d"] - k * s["f"]) / n  # mean of Δε − k ε_FP per channel
         # Σ (Δε − k ε_FP)² per channel, then the variance about each channel's bias
         resid_sq = s["dd"] - 2 * k * s["df"] + k * k * s["ff"]
@@ -93,8 +103,9 @@ def gather(model, engines, sampler_cfg, *, n: int, seed: int, batch_size: int, p
     ts = _paired(model, sets, sampler_cfg, n=n, seed=seed, batch_size=batch_size, progress=progress,
                  consume=lambda key, i, q, fp: acc[key][i].add(q, fp), purpose="ptqd")  # fmt: skip
     out = {}
+    centered = model.schedule.prediction_type == "flow"
     for key, rows in acc.items():
-        k, bias, sq, power = zip(*(a.result() for a in rows), strict=True)
+        k, bias, sq, power = zip(*(a.result(centered) for a in rows), strict=True)
         out[key] = PtqdTables.checked(ts, k, np.stack(bias), sq, sampler=sampler_cfg.name, steps=sampler_cfg.steps,
                                       eta=sampler_cfg.eta, channels=channels, eps_power=power)  # fmt: skip
     return out if isinstance(engines, dict) else out[""]
@@ -117,7 +128,7 @@ def residual_checks(model, engines, tables, sampler_cfg, *, n: int, seed: int, b
         delta = (q.astype(np.float64) - fp).reshape(len(q), q.shape[1], -1)
         f = fp.astype(np.float64).reshape(delta.shape)
         sums[i] += (np.sum(delta * f), np.sum(delta * delta), np.sum(f * f))
-        k, bias, _ = tables.at(int(ts_all[i]))
+        k, bias, _ = tables.at(timestep_key(ts_all[i]))
         resid = delta - k * f - bias.reshape(1, -1, 1)
         take = min(max(1, round(keep * len(q) / n)), resid.size)
         kept[i].append(rng.choice(resid.ravel(), size=take, replace=False))
@@ -125,7 +136,7 @@ def residual_checks(model, engines, tables, sampler_cfg, *, n: int, seed: int, b
     ts_all = model.schedule.timesteps(sampler_cfg.steps)
     _paired(model, {"q": engines}, sampler_cfg, n=n, seed=seed, batch_size=batch_size, progress=progress,
             consume=consume, purpose="ptqd-checks")  # fmt: skip
-    out = {"timesteps": [int(t) for t in ts_all], "normaltest_p": [], "skew": [], "excess_kurtosis": [],
+    out = {"timesteps": [int(t) for t in timestep_key(ts_all)], "normaltest_p": [], "skew": [], "excess_kurtosis": [],
            "pearson_r": (sums[:, 0] / np.sqrt(sums[:, 1] * sums[:, 2])).tolist(), "elements_per_step": 0}  # fmt: skip
     for values in kept:
         r = np.concatenate(values)

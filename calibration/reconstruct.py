@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -212,7 +211,7 @@ def reconstruct(
     bits = cfg.parsed_bits.weight
     data = data.subset(cfg.adaround_samples, cfg.seed)
     rows = len(data)
-    row_t_np = np.concatenate(data.timesteps)
+    row_t_np = data.keys()
     row_t = torch.from_numpy(row_t_np).to(cfg.device)
     act_weight = None if weight_of_t is None else weight_of_t.to(cfg.device)[row_t]
     split = None

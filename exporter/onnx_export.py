@@ -18,13 +18,14 @@ OPSET = 17
 
 
 def export_float(model: LoadedModel) -> onnx.ModelProto:
-    """The float graph: inputs sample, timestep (int64), and the condition the spec names: class_labels
-    (int64) or encoder_hidden_states (float, (B, L, D)); output eps (the prediction, whatever its type).
-    Exported through a temporary file, so models past 2 GiB come back whole (torch writes their weights as
+    """The float graph: inputs sample, timestep (int64; float32 for a flow model), and the condition the spec
+    names: class_labels (int64) or encoder_hidden_states (float, (B, L, D)); output eps (the prediction, whatever
+    its type). Exported through a temporary file, so models past 2 GiB come back whole (torch writes their weights as
     external data; they are loaded into memory)."""
     c, h, w = model.spec.sample_shape
     forward = model.wrapper().cpu().eval()  # moves the model to the CPU: export traces there
-    args = [torch.zeros(2, c, h, w), torch.tensor([1, 2], dtype=torch.int64)]
+    flow = model.spec.timestep_type == "float32"
+    args = [torch.zeros(2, c, h, w), torch.tensor([1.5, 2.5]) if flow else torch.tensor([1, 2], dtype=torch.int64)]
     names = model.spec.names
     if model.spec.condition == "class_labels":
         args.append(torch.tensor([0, 1], dtype=torch.int64))

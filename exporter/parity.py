@@ -118,14 +118,18 @@ def layer_parity(
 
 
 def noised_inputs(spec, schedule, t: int, n: int, seed: int) -> dict[str, np.ndarray]:
-    """x_t = √ā_t x_0 + √(1−ā_t) ε with x_0 uniform in [−1, 1]: inputs on the diffusion marginal's scale."""
+    """x_t = √ā_t x_0 + √(1−ā_t) ε (flow: x_σ = (1 − σ) x_0 + σ ε at σ = t/T, fed as float32) with x_0 uniform in
+    [−1, 1]: inputs on the diffusion marginal's scale."""
     rng = np.random.default_rng([seed, t])
-    a = schedule.alphas_cumprod[t]
     x0 = rng.uniform(-1, 1, (n, *spec.sample_shape))
-    feeds = {
-        "sample": (np.sqrt(a) * x0 + np.sqrt(1 - a) * rng.standard_normal(x0.shape)).astype(np.float32),
-        "timestep": np.full(n, t, np.int64),
-    }
+    noise = rng.standard_normal(x0.shape)
+    if getattr(schedule, "kind", None) == "flow":
+        sigma = t / schedule.num_train_timesteps
+        x, dtype = (1 - sigma) * x0 + sigma * noise, np.float32
+    else:
+        a = schedule.alphas_cumprod[t]
+        x, dtype = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise, np.int64
+    feeds = {"sample": x.astype(np.float32), "timestep": np.full(n, t, dtype)}
     if spec.condition is not None:
         feeds[spec.condition] = example_cond(spec, n, rng)
     return feeds

@@ -12,7 +12,7 @@ import numpy as np
 from runtime import manifest_schema
 from runtime.engine import EngineSet, InputSpec, OrtEngine, example_cond
 from runtime.errors import BundleError, DqcError
-from runtime.schedule import NoiseSchedule
+from runtime.schedule import FlowSchedule, NoiseSchedule, schedule_from_dict
 
 BUNDLE_FORMAT = "dqc-bundle"
 BUNDLE_VERSION = 1
@@ -84,8 +84,8 @@ class Bundle:
         return InputSpec.from_dict(self.manifest["input_spec"])
 
     @property
-    def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_dict(self.manifest["schedule"])
+    def schedule(self) -> NoiseSchedule | FlowSchedule:
+        return schedule_from_dict(self.manifest["schedule"])
 
     @property
     def group_of_t(self) -> np.ndarray:
@@ -477,7 +477,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{mpath}: missing fields {missing}; recompile the bundle")
     manifest_schema.check(manifest, mpath)  # every field typed before anything reads it
     try:
-        NoiseSchedule.from_dict(manifest["schedule"])
+        schedule_from_dict(manifest["schedule"])
     except (DqcError, TypeError, ValueError) as e:
         raise BundleError(f"{mpath}: schedule: {e}; recompile the bundle") from None
     if manifest["format"] != BUNDLE_FORMAT or manifest["format_version"] != BUNDLE_VERSION:

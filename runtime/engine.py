@@ -17,6 +17,21 @@ from runtime.errors import EngineError, EngineInputError
 TIMESTEP_TYPES = ("int64", "float32")  # integer training timesteps; flow matching's t = σ·T
 
 
+def timestep_key(t):
+    """The integer timestep that keys a timestep in group tables, calibration data and PTQD statistics: t itself
+    for integer timesteps; ⌈t⌉ − 1 (at least 0) for a flow model's float t = σ·T ∈ [0, T], so the unit bins
+    (k, k + 1] map to k = 0..T − 1 (σ = 1, t = T, is the last). A Python or numpy scalar gives an int; a numpy
+    array or a torch tensor gives int64 of its shape."""
+    if hasattr(t, "is_floating_point"):  # a torch tensor (runtime does not import torch)
+        return (t.ceil() - 1).clamp_min(0).long() if t.is_floating_point() else t.long()
+    a = np.asarray(t)
+    if a.dtype.kind in "iub":
+        key = a.astype(np.int64)
+    else:
+        key = np.maximum(np.ceil(a) - 1, 0).astype(np.int64)
+    return int(key) if key.ndim == 0 else key
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What every engine of a model accepts: sample (B, C, H, W) float32, timestep (B,) int64 in [0, T),
@@ -362,11 +377,11 @@ class EngineSet:
         return cls({0: lambda: engine}, np.zeros(T, np.int64), engine.spec)
 
     def group_of(self, t: float) -> int:
-        """The group serving timestep t: the table's entry for t, or for ⌊t⌋ (capped at T − 1) for a flow model's
-        float t = σ·T in [0, T]."""
+        """The group serving timestep t: the table's entry for t, or for timestep_key(t) = ⌈t⌉ − 1 for a flow
+        model's float t = σ·T in [0, T]."""
         T = len(self.group_of_t)
         if self.spec.timestep_type == "float32" and 0 <= t <= T:
-            return int(self.group_of_t[min(int(t), T - 1)])
+            return int(self.group_of_t[timestep_key(float(t))])
         if not 0 <= t < T or int(t) != t:
             raise EngineInputError(f"timestep {t}: outside [0, {T})")
         return int(self.group_of_t[int(t)])

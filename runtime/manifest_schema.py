@@ -31,6 +31,15 @@ class Record:
     open: bool = True  # other fields allowed
 
 
+@dataclass(frozen=True)
+class Tagged:
+    """An object whose schema is chosen by the value of one of its fields (absent: `default`)."""
+
+    key: str
+    choices: dict  # value of `key` → schema
+    default: str
+
+
 INT, NUM, STR, BOOL = "int", "number", "str", "bool"
 
 _GROUP = Record({"id": INT, "file": STR, "base?": STR, "bits?": STR})
@@ -47,18 +56,26 @@ MANIFEST_V1 = Record(
                 "num_class_embeds?": (INT, None),
                 "inputs?": ListOf(STR),
                 "context_shape?": (ListOf(INT, 2), None),
+                "timestep_type?": STR,
             }
         ),
-        "schedule": Record(
+        "schedule": Tagged(
+            "kind",
             {
-                "betas": ListOf(NUM),
-                "beta_schedule": STR,
-                "clip_sample?": BOOL,
-                "clip_sample_range?": NUM,
-                "set_alpha_to_one?": BOOL,
-                "steps_offset?": INT,
-                "timestep_spacing?": STR,
-            }
+                "diffusion": Record(
+                    {
+                        "betas": ListOf(NUM),
+                        "beta_schedule": STR,
+                        "clip_sample?": BOOL,
+                        "clip_sample_range?": NUM,
+                        "set_alpha_to_one?": BOOL,
+                        "steps_offset?": INT,
+                        "timestep_spacing?": STR,
+                    }
+                ),
+                "flow": Record({"num_train_timesteps": INT, "shift": NUM}),
+            },
+            default="diffusion",
         ),  # fmt: skip
         "null_class?": (INT, None),
         "w4_linear?": (Record({"MatMulNBits": INT}), None),
@@ -107,7 +124,7 @@ def _name(kind) -> str:
         return "null"
     if isinstance(kind, ListOf):
         return "a list"
-    if isinstance(kind, (DictOf, Record)):
+    if isinstance(kind, (DictOf, Record, Tagged)):
         return "an object"
     return kind
 
@@ -120,6 +137,13 @@ def _walk(value, schema, path: str) -> str | None:
             shallow = [e for e, s in zip(errors, schema, strict=True) if not _shallow_mismatch(value, s)]
             return shallow[0] if shallow else f"{path}: expected {_name(schema)}, got {_typename(value)}"
         return None
+    if isinstance(schema, Tagged):
+        if not isinstance(value, dict):
+            return f"{path}: expected an object, got {_typename(value)}"
+        tag = value.get(schema.key, schema.default)
+        if tag not in schema.choices:
+            return f"{path}.{schema.key}: {tag!r} is not one of {sorted(schema.choices)}"
+        return _walk(value, schema.choices[tag], path)
     if isinstance(schema, ListOf):
         if not isinstance(value, list):
             return f"{path}: expected a list, got {_typename(value)}"
@@ -149,7 +173,7 @@ def _shallow_mismatch(value, schema) -> bool:
     """Whether `value` is not even of `schema`'s outer kind (so its inner errors are not the story)."""
     if isinstance(schema, ListOf):
         return not isinstance(value, list)
-    if isinstance(schema, (DictOf, Record)):
+    if isinstance(schema, (DictOf, Record, Tagged)):
         return not isinstance(value, dict)
     return not _is(value, schema)
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.engine import timestep_key
 from runtime.errors import BundleError
 
 COMPONENTS = ("cnc", "gain", "bc", "vsc")
@@ -58,7 +59,7 @@ class PtqdTables:
         """Validated tables: finite, one row per step, `channels` bias columns, σ_q ≥ 0. A k_t ≤ −1 would
         make (1 + k_t) vanish or flip the sign of ε: that step falls back to k = 0, recorded in
         `k_fallback`."""
-        ts = np.asarray(timesteps, np.int64)
+        ts = np.asarray(timestep_key(np.asarray(timesteps)), np.int64)  # a flow model's float t → its key
         k = np.asarray(k, np.float64)
         bias = np.asarray(bias, np.float64)
         sigma_q = np.asarray(sigma_q, np.float64)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from runtime.engine import EngineSet
+from runtime.engine import EngineSet, timestep_key
 from runtime.errors import SamplerError
 from runtime.ptqd import CNC_ALL, correct_eps
 from runtime.schedule import NoiseSchedule
@@ -205,9 +205,9 @@ def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun, prediction_
         raise SamplerError("--ptqd: gain replaces cnc (both rescale ε); pass one of them")
     if ptqd is None or not components:
         return ()
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise SamplerError(f"--ptqd: PTQD's corrections are derived for ε and v prediction, not {prediction_type} "
-                           "(sample with --no-ptqd)")  # fmt: skip
+    if prediction_type not in ("epsilon", "v_prediction", "flow"):
+        raise SamplerError(f"--ptqd: PTQD's corrections are derived for ε, v and flow-velocity prediction, not "
+                           f"{prediction_type} (sample with --no-ptqd)")  # fmt: skip
     if ptqd.sampler != cfg.name:
         raise SamplerError(
             f"PTQD statistics were gathered for {ptqd.sampler}, not {cfg.name}; sample with --sampler "
@@ -216,6 +216,9 @@ def _ptqd_plan(ptqd, components, cfg: SamplerConfig, run: SampleRun, prediction_
     use = tuple(c for c in COMPONENTS if c in components) + ((CNC_ALL,) if CNC_ALL in components else ())
     if "vsc" in use and cfg.name == "ddim" and cfg.eta == 0:
         run.ptqd_notes.append("VSC does nothing with DDIM eta = 0: the sampler adds no noise to shrink")
+    if "vsc" in use and cfg.name == "euler":  # docs/ptqd_flow_matching.md, Section 3
+        use = tuple(c for c in use if c != "vsc")
+        run.ptqd_notes.append("VSC does nothing with the Euler flow solver: it adds no noise to shrink")
     if ptqd.steps != cfg.steps:
         run.ptqd_notes.append(f"statistics gathered for {ptqd.steps} steps, sampling {cfg.steps}: nearest step's used")
     if ptqd.k_fallback:
@@ -277,9 +280,6 @@ def sample(
             "a flow-matching model (FlowMatchEulerDiscreteScheduler); this one is a DDPM-family diffusion model: "
             "use ddim or ddpm"
         )  # fmt: skip
-    if flow and ptqd is not None and ptqd_components:
-        raise SamplerError("PTQD's corrections for flow-matching models are derived (docs/ptqd_flow_matching.md) "
-                           "but not built; sample with --no-ptqd")  # fmt: skip
     ts = schedule.timesteps(cfg.steps)
     sigmas = schedule.sigmas(cfg.steps) if flow else None
     try:
@@ -308,8 +308,9 @@ def sample(
             sigma_q = None
             if use:
                 start = time.perf_counter()
-                k, bias, sq = ptqd.at(int(t), guard=CNC_ALL not in use)
-                gain = ptqd.gain(int(t)) if "gain" in use else None
+                key = timestep_key(t)
+                k, bias, sq = ptqd.at(key, guard=CNC_ALL not in use)  # flow models: on the velocity (Eq. 5 of
+                gain = ptqd.gain(key) if "gain" in use else None  # docs/ptqd_flow_matching.md)
                 eps = correct_eps(eps, k, bias, cnc="cnc" in use, bc="bc" in use, gain=gain)
                 if "vsc" in use:  # the independent residual std left: σ_q / (1 + k) after CNC, c_t σ_q after the gain
                     sigma_q = sq * gain if gain is not None else (sq / (1.0 + k) if "cnc" in use else sq)

@@ -1,7 +1,7 @@
 """The diffusion-transformer family: diffusers `DiTTransformer2DModel` (class-conditional, adaLN-Zero), as DiT
 pipelines save it in `transformer/` beside `scheduler/`: a DDPM-family scheduler (ε prediction, integer
 timesteps), or FlowMatchEulerDiscreteScheduler for a DiT trained with flow matching (velocity prediction, fed
-t = σ·T as a float; sampled in full precision so far: compiling flow models is not built).
+t = σ·T as a float; calibration data, group tables and PTQD rows key it by runtime.engine.timestep_key).
 
 Engine inputs: sample (B, C, H, W), timestep (B,), class_labels (B,). The label table holds the classes and,
 last, the null class of guidance (DiT's class dropout), so `num_class_embeds` is num_embeds_ada_norm + 1. DiT

@@ -84,6 +84,7 @@ def run_method_table(
     progress: bool = True,
 ) -> dict:
     from calibration.config import METHODS, CalibrationConfig, parse_bits
+    from runtime.schedule import load_schedule
     from tools.plots import line_chart_png
     from tools.reference.metrics import evaluate, psnr_cells
     from tools.reference.model import TEXT_KEYWORD, card_guidance, default_calib_prompts, resolve_model
@@ -103,6 +104,8 @@ def run_method_table(
         raise ConfigError(f"--methods on {model}: quality tables judge digits named by prompts; of the text-to-image "
                           f"pipelines only {TEXT_KEYWORD} has them")  # fmt: skip
     prompt_sets = list(TEMPLATE_SETS) if text else [None]
+    flow = getattr(load_schedule(Path(source) / "scheduler"), "kind", None) == "flow"
+    sampler = "euler" if flow else "ddim"  # the model's own solver: the Euler flow for flow-matching models
     calib_prompts = default_calib_prompts(model)
     calibration = {k: v for k, v in (calibration or {}).items() if v is not None}
     out = Path(out_dir)
@@ -151,7 +154,7 @@ def run_method_table(
         if matches and bool(ptqd_samples) != bool((_load_json(bundle / "manifest.json") or {}).get("ptqd")):
             matches = False
         if not matches:
-            cfg = CalibrationConfig.for_method(method, bits=b, **fields)
+            cfg = CalibrationConfig.for_method(method, bits=b, sampler=sampler, **fields)
             cell.mkdir(exist_ok=True)
             start = time.perf_counter()
             pipeline.compile_model(source, bundle, cfg, overwrite=True, progress=progress, calib_prompts=calib_prompts,
@@ -188,7 +191,7 @@ def run_method_table(
         "model": str(model),
         "n": n,
         "seed": seed,
-        "sampler": "ddim",
+        "sampler": sampler,
         "steps": steps,
         "eta": eta,
         "guidance": guidance,
@@ -206,7 +209,7 @@ def run_method_table(
         out / "fd_vs_bits.png",
         bits,
         series,
-        title=f"FD vs bit-width ({model}, N={n}, DDIM {steps}, eta {eta:g}; lower is better)",
+        title=f"FD vs bit-width ({model}, N={n}, {sampler} {steps}, eta {eta:g}; lower is better)",
         y_label="FD",
         x_label="weight / activation bits",
         hline=("full precision", fp_fd[prompt_sets[0]]),

@@ -18,7 +18,7 @@ def _compile(a: argparse.Namespace) -> None:
         a.method,
         bits=a.bits,
         target=a.target,
-        sampler=a.sampler,
+        sampler=a.sampler or "ddim",
         steps=a.steps,
         eta=a.eta,
         guidance=a.guidance,
@@ -56,6 +56,7 @@ def _compile(a: argparse.Namespace) -> None:
         calib_prompts=a.calib_prompts,
         text_encoder=a.text_encoder,
         w4_linear=a.w4_linear,
+        sampler_given=a.sampler is not None,
         progress=not a.quiet,
     )
     print(f"wrote bundle {out}")
@@ -276,7 +277,8 @@ def register(sub) -> None:
         help="export profile: ort-cpu (ONNX Runtime integer kernels, default); trt (TensorRT explicit quantization, "
         "strongly typed FP16; then dqc build), trt-bf16, trt-fp32 (the trt placement in FP32, runs on ORT too)",
     )
-    c.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="deployment sampler (default ddim)")
+    c.add_argument("--sampler", choices=["ddim", "ddpm", "euler"],
+                   help="deployment sampler (default ddim; euler, the only one, for flow-matching models)")  # fmt: skip
     c.add_argument("--steps", type=int, default=100, help="deployment sampling steps (default 100)")
     c.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import MANIFEST, load_bundle
-from runtime.engine import EngineSet, OrtEngine, TorchEngine
+from runtime.engine import EngineSet, OrtEngine, TorchEngine, timestep_key
 from runtime.errors import ConfigError, DqcError
 from runtime.sampler import SamplerConfig, SampleRun, sample
 
@@ -29,6 +29,7 @@ def compile_model(
     calib_prompts: str | Path | None = None,
     text_encoder: str = "fp32",
     w4_linear: str = "int8",
+    sampler_given: bool = True,
     progress: bool = True,
 ) -> Path:
     """Calibrate + export: a model directory (or an already loaded model) in, a bundle directory out;
@@ -36,7 +37,8 @@ def compile_model(
     second, cheaper precision (step-aware mixed precision): both are calibrated alike, their statistics
     gathered along the same trajectories, and the switch between them chosen by PTQD's SNR criterion
     (or set with `switch_t`). `text_encoder`: a text pipeline's text encoder in fp32 or w8a8. `w4_linear`: how
-    4-bit Linear weights ship on ONNX Runtime (exporter.bundle_writer.W4_LINEAR)."""
+    4-bit Linear weights ship on ONNX Runtime (exporter.bundle_writer.W4_LINEAR). `sampler_given`: cfg.sampler was
+    chosen by the user; if not, a flow-matching model is calibrated for its Euler flow solver instead."""
     import dataclasses
 
     from calibration.calibrate import calibrate
@@ -69,10 +71,8 @@ def compile_model(
     model_dir = resolve_model(model_dir)
     model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir, scheduler, device=cfg.device,
                                                                             prompts=prompts)  # fmt: skip
-    if getattr(model.schedule, "kind", None) == "flow":
-        raise ConfigError(f"{model.source}: a flow-matching model (FlowMatchEulerDiscreteScheduler); compiling flow "
-                          "models is not built yet (calibration, groups and PTQD are keyed by integer timesteps). "
-                          "`dqc sample MODEL_DIR` runs it in full precision with the Euler flow sampler")  # fmt: skip
+    cfg = _flow_sampler(model, cfg, sampler_given)
+    configs = [cfg] + ([dataclasses.replace(cfg, bits=mixed_bits)] if mixed_bits else [])
     if model.text is not None and not model.text.prompts:
         raise ConfigError(f"{model.source}: a text-to-image pipeline is calibrated on prompts; pass --calib-prompts "
                           "FILE (one prompt per line)")  # fmt: skip
@@ -82,7 +82,6 @@ def compile_model(
     if mixed_bits and model.schedule.prediction_type != "epsilon":
         raise ConfigError(f"--mixed-bits: the switch criterion compares ε's SNR with the diffusion's; {model.source} "
                           f"predicts {model.schedule.prediction_type}: compile one precision")  # fmt: skip
-    configs = [cfg] + ([dataclasses.replace(cfg, bits=mixed_bits)] if mixed_bits else [])
     results = [calibrate(model, cfg, progress=progress)]
     for c in configs[1:]:  # same weight bits: reuse the weights (unless BRECQ learns them with the activations)
         same = parse_bits(c.bits).weight == parse_bits(cfg.bits).weight and cfg.weight_rounding != "brecq"
@@ -98,6 +97,30 @@ def compile_model(
     return write_bundle(model, results, out, overwrite=overwrite, progress=progress,
                         before_publish=add_statistics if ptqd_samples else None, text_encoder=text_encoder,
                         w4_linear=w4_linear)  # fmt: skip
+
+
+def _flow_sampler(model, cfg, sampler_given: bool):
+    """cfg for the model's sampler family: a flow-matching model is calibrated for --sampler euler (its Euler flow
+    solver; the default for it), a DDPM-family model for ddim or ddpm."""
+    import dataclasses
+
+    flow = getattr(model.schedule, "kind", None) == "flow"
+    if flow and cfg.sampler != "euler":
+        if sampler_given:
+            raise ConfigError(f"--sampler {cfg.sampler}: {model.source} is a flow-matching model (FlowMatch"
+                              "EulerDiscreteScheduler), sampled with --sampler euler; drop the flag")  # fmt: skip
+        cfg = dataclasses.replace(cfg, sampler="euler", eta=0.0)
+    if flow:  # groups, calibration rows and PTQD rows key a step by timestep_key(t): two steps must not share one
+        keys = timestep_key(model.schedule.timesteps(cfg.steps))
+        if len(set(keys.tolist())) != len(keys):
+            raise ConfigError(f"--steps {cfg.steps}: with shift {model.schedule.shift:g} some Euler steps lie within "
+                              "one training timestep of each other, and dqc keys steps by training timestep; use "
+                              "fewer steps")  # fmt: skip
+        return cfg
+    if not flow and cfg.sampler == "euler":
+        raise ConfigError(f"--sampler euler: the Euler flow solver needs a flow-matching model; {model.source} is a "
+                          "DDPM-family diffusion model: use ddim or ddpm")  # fmt: skip
+    return cfg
 
 
 def gather_ptqd(bundle_dir, model, sampler_cfg, *, samples: int, seed: int, batch_size: int,
@@ -314,7 +337,7 @@ def sample_to_file(
         ptqd_components=ptqd,
     )
     if bundle is not None:
-        run.step_precisions = bundle.precision_of(route[run.timesteps])
+        run.step_precisions = bundle.precision_of(route[timestep_key(run.timesteps)])
     run.engine = engine_report(engines)
     latents = None
     if text and text["decoder"] is not None:  # latent pipeline: decode to images
@@ -457,7 +480,7 @@ def bundle_info(path: str | Path) -> dict:
         if t == len(table) or table[t] != table[start]:
             ranges.append({"group": int(table[start]), "t_from": start, "t_to": t - 1})
             start = t
-    steps = bundle.schedule.timesteps(int(m.get("calibration", {}).get("steps", 100)))
+    steps = timestep_key(bundle.schedule.timesteps(int(m.get("calibration", {}).get("steps", 100))))
     step_ranges, start = [], 0
     for i in range(1, len(steps) + 1):
         if i == len(steps) or table[steps[i]] != table[steps[start]]:
@@ -512,6 +535,9 @@ def ptqd_plot(path: str | Path, schedule, tables) -> None:
 
     ratio = []
     for i, t in enumerate(tables.timesteps):
+        if tables.sampler == "euler":  # the Euler flow solver draws no noise: no VSC ratio
+            ratio.append(None)
+            continue
         prev = int(tables.timesteps[i + 1]) if i + 1 < len(tables.timesteps) else -1
         a_t, a_prev = step_alphas(schedule, tables.sampler, int(t), prev)
         sigma = noise_sigma(tables.sampler, tables.eta, a_t, a_prev, prev)
@@ -519,8 +545,10 @@ def ptqd_plot(path: str | Path, schedule, tables) -> None:
         ratio.append(calibrated_sigma(sigma, eps_coefficient(tables.sampler, a_t, a_prev, sigma), sq) / sigma
                      if sigma > 0 else None)  # fmt: skip
     labels = [str(i) if i % 10 == 0 else "" for i in range(len(tables.timesteps))]
-    line_chart_png(path, labels, {"k_t": tables.k.tolist(), "sigma_q,t": tables.sigma_q.tolist(),
-                                  "VSC sigma'_t / sigma_t": ratio},
+    series = {"k_t": tables.k.tolist(), "sigma_q,t": tables.sigma_q.tolist()}
+    if any(r is not None for r in ratio):
+        series["VSC sigma'_t / sigma_t"] = ratio
+    line_chart_png(path, labels, series,
                    title=f"PTQD statistics ({tables.sampler} {tables.steps} steps, eta {tables.eta:g})",
                    y_label="value", x_label="sampling step (0 = noisiest)")  # fmt: skip
 
@@ -568,7 +596,7 @@ def group_plots(path: str | Path, out_dir: str | Path) -> list[Path]:
         raise ConfigError(f"--plots {out_dir}: is a file; give a directory for the charts")
     bundle = load_bundle(path)
     cal = bundle.manifest.get("calibration", {})
-    steps = bundle.schedule.timesteps(int(cal.get("steps", 100)))
+    steps = timestep_key(bundle.schedule.timesteps(int(cal.get("steps", 100))))
     search = cal.get("stats", {}).get("group_search")
     drawn = {int(t): n for t, n in (search or {}).get("draws", {}).items()}
     out = Path(out_dir)
