@@ -7,9 +7,9 @@ import argparse
 from runtime.errors import ConfigError
 
 MODEL_HELP = (
-    "a diffusers pipeline directory (unet/ + scheduler/, or a text-to-image pipeline), a bare UNet2DModel "
-    "directory with --scheduler, 'reference' for the shipped digits model or 'reference-text' for the shipped "
-    "digits text-to-image pipeline"
+    "a diffusers pipeline directory (unet/ or transformer/ + scheduler/, or a text-to-image pipeline), a bare "
+    "UNet2DModel directory with --scheduler, 'reference' for the shipped digits model, 'reference-text' for the "
+    "shipped digits text-to-image pipeline or 'reference-dit' for the shipped flow-matching digits DiT"
 )
 
 

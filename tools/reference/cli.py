@@ -52,17 +52,21 @@ def _train_reference(a: argparse.Namespace) -> None:
         train_diffusion,
     )
 
-    if a.text:
+    if a.text or a.dit:
         from runtime.errors import ConfigError
-        from tools.reference.train import TEXT_TRAIN
+        from tools.reference.train import DIT_TRAIN, TEXT_TRAIN
 
+        if a.text and a.dit:
+            raise ConfigError("--text and --dit train different models; pick one")
+        flag, kind, defaults = ("--dit", "dit", DIT_TRAIN) if a.dit else ("--text", "text", TEXT_TRAIN)
         if a.part != "all":
-            raise ConfigError("--part is for the class model; --text trains the text pipeline only (it is judged "
-                              "by the class model's classifier)")  # fmt: skip
-        cfg = DiffusionTrainConfig(steps=a.steps or TEXT_TRAIN.steps, batch_size=a.batch_size or TEXT_TRAIN.batch_size,
+            raise ConfigError(f"--part is for the class model; {flag} trains its model only (it is judged by the "
+                              "class model's classifier)")  # fmt: skip
+        cfg = DiffusionTrainConfig(steps=a.steps or defaults.steps, batch_size=a.batch_size or defaults.batch_size,
                                    lr=a.lr, seed=a.seed, device=a.device)  # fmt: skip
-        out = train_diffusion(a.output, cfg, progress=not a.quiet, text=True)
-        print(f"text pipeline: {out} (unet/, text_encoder/, tokenizer/, scheduler/; EMA weights); "
+        out = train_diffusion(a.output, cfg, progress=not a.quiet, kind=kind)
+        parts = "transformer/, scheduler/" if a.dit else "unet/, text_encoder/, tokenizer/, scheduler/"
+        print(f"{'flow-matching DiT' if a.dit else 'text pipeline'}: {out} ({parts}; EMA weights); "
               f"loss log {out}/train_log.jsonl")  # fmt: skip
         return
     if a.part in ("all", "classifier"):
@@ -132,13 +136,16 @@ def register(sub) -> None:
         description="Train the class-conditional DDPM (EMA weights, save_pretrained layout) and the "
         "digits classifier on the scikit-learn digits training split, seeded, with a loss log; with --text, "
         "the text-to-image pipeline `reference-text` instead (UNet2DConditionModel and a CLIP text encoder "
-        "trained together on prompts from the training templates, its tokenizer built from them). Resumes "
-        "from OUTPUT/checkpoint.pt. The shipped models came from the defaults.",
+        "trained together on prompts from the training templates, its tokenizer built from them); with --dit, "
+        "the diffusion transformer `reference-dit` (a class-conditional DiTTransformer2DModel trained with flow "
+        "matching, sampled with the Euler flow solver). Resumes from OUTPUT/checkpoint.pt. The shipped models came "
+        "from the defaults.",
     )
     t.add_argument("-o", "--output", required=True, help="output directory")
     t.add_argument("--text", action="store_true", help="train the text pipeline (reference-text)")
+    t.add_argument("--dit", action="store_true", help="train the flow-matching diffusion transformer (reference-dit)")
     t.add_argument("--part", default="all", choices=["all", "diffusion", "classifier"])
-    t.add_argument("--steps", type=int, help="diffusion training steps (default 8000; --text 6000)")
+    t.add_argument("--steps", type=int, help="diffusion training steps (default 8000; --text 6000; --dit 8000)")
     t.add_argument("--batch-size", type=int, help="diffusion batch size (default 128; --text 96)")
     t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     t.add_argument("--seed", type=int, default=0)

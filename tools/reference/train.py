@@ -53,6 +53,19 @@ REFERENCE_TEXT_ENCODER = dict(
     hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16
 )
 REFERENCE_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+# The transformer reference (`reference-dit`): a class-conditional DiT (adaLN-Zero, 2×2 patches: 16 tokens of an 8×8
+# digit, 6 blocks of width 128 = 4 heads of 32) trained with flow matching, sampled with the Euler flow solver.
+REFERENCE_DIT = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    patch_size=2,
+    num_layers=6,
+    num_attention_heads=4,
+    attention_head_dim=32,
+    num_embeds_ada_norm=10,  # the digits; the label table's 11th row is the null class of guidance
+)
+REFERENCE_FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class DiffusionTrainConfig:
 # The text pipeline's steps cost about 1.5× the class model's (the transformer blocks); its defaults keep
 # training near an hour on two CPU cores.
 TEXT_TRAIN = DiffusionTrainConfig(steps=6000, batch_size=96)
+DIT_TRAIN = DiffusionTrainConfig(steps=8000, batch_size=128)
 
 
 @dataclass(frozen=True)
@@ -99,7 +113,22 @@ def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-class _ClassTask:
+class _DdpmObjective:
+    """DDPM (Ho et al. 2020, eq. 14): x_t = √ā_t x_0 + √(1−ā_t) ε with t uniform over 0..T−1; target ε (drawn in
+    train_diffusion's loop)."""
+
+    kind = "ddpm"
+
+    def scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler(**REFERENCE_SCHEDULER)
+
+    def scheduler_config(self) -> dict:
+        return REFERENCE_SCHEDULER
+
+
+class _ClassTask(_DdpmObjective):
     """The class-conditional model: labels, with the null class for dropped conditions."""
 
     text = False
@@ -126,7 +155,7 @@ class _ClassTask:
         return {"unet": _listed(REFERENCE_UNET)}
 
 
-class _TextTask:
+class _TextTask(_DdpmObjective):
     """The text-conditioned pipeline: a random training template names each image's digit; a dropped condition is
     the empty prompt (what the sampler's negative prompt defaults to)."""
 
@@ -182,6 +211,53 @@ class _TextTask:
                 "held_out_templates": list(HELD_OUT_TEMPLATES)}  # fmt: skip
 
 
+class _DiTTask:
+    """The transformer reference, trained with flow matching (rectified flow; Lipman et al. 2023, Liu et al. 2023):
+    x_σ = (1 − σ) x_0 + σ ε with σ uniform in [0, 1), fed t = σ·T; target the velocity v = ε − x_0. Dropped labels
+    become the null class (the label table's last row); DiT's own label dropout is switched off, so the seeded
+    generator decides every drop."""
+
+    text = False
+    kind = "flow"
+
+    def __init__(self, dev, out: Path) -> None:
+        self.null = REFERENCE_DIT["num_embeds_ada_norm"]
+
+    def build(self):
+        from diffusers import DiTTransformer2DModel
+
+        from tools.reference.denoisers import ClassDenoiser
+
+        dit = DiTTransformer2DModel(**REFERENCE_DIT)
+        for block in dit.transformer_blocks:  # the label embedding's own random drop (training mode)
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+        return ClassDenoiser(dit)
+
+    def condition(self, y, drop, gen):
+        return _ClassTask.condition(self, y, drop, gen)
+
+    def scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(**REFERENCE_FLOW_SCHEDULER)
+
+    def noisy(self, scheduler, x0, eps, gen):
+        import torch
+
+        sigma = torch.rand(len(x0), generator=gen).to(x0.device)
+        s = sigma.view(-1, 1, 1, 1)
+        return (1 - s) * x0 + s * eps, sigma * scheduler.config.num_train_timesteps, eps - x0
+
+    def scheduler_config(self) -> dict:
+        return REFERENCE_FLOW_SCHEDULER
+
+    def save(self, model, scheduler, root: Path) -> None:
+        _save_pipeline({"transformer": model.unet}, scheduler, root)
+
+    def describe(self) -> dict:
+        return {"transformer": _listed(REFERENCE_DIT)}
+
+
 def _listed(config: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
@@ -192,13 +268,15 @@ def train_diffusion(
     progress: bool = True,
     stop_after: int | None = None,
     text: bool = False,
+    kind: str | None = None,
 ) -> Path:
-    """Train the reference DDPM (`text`: the text-conditioned pipeline, UNet and text encoder together); writes
-    out_dir/{unet,scheduler}/ (+ text_encoder/, tokenizer/, model_index.json for `text`; EMA weights, save_pretrained
-    layout), out_dir/train_log.jsonl and out_dir/training.json. Resumes from out_dir/checkpoint.pt if present
-    (same configuration only); `stop_after` checkpoints and returns early at that step."""
+    """Train a reference model: `kind` "class" (the class DDPM, the default), "text" (the text-conditioned
+    pipeline, UNet and text encoder together; `text=True` says the same) or "dit" (the flow-matching DiT). Writes
+    out_dir/{unet,scheduler}/ (+ text_encoder/, tokenizer/, model_index.json for text; transformer/ instead of unet/
+    for dit; EMA weights, save_pretrained layout), out_dir/train_log.jsonl and out_dir/training.json. Resumes from
+    out_dir/checkpoint.pt if present (same configuration only); `stop_after` checkpoints and returns early at that
+    step."""
     import torch
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     from tools.reference.digits import load_digits_split
@@ -210,15 +288,17 @@ def train_diffusion(
     train, _ = load_digits_split()
     x_all = torch.from_numpy(train.images).to(dev)
     y_all = torch.from_numpy(train.labels).to(dev)
-    task = (_TextTask if text else _ClassTask)(dev, out)
+    kind = kind or ("text" if text else "class")
+    if kind not in _TASKS:
+        raise ConfigError(f"reference model kind {kind!r}: use one of {sorted(_TASKS)}")
+    task = _TASKS[kind](dev, out)
 
     model = task.build().to(dev).train()
     ema = task.build().to(dev).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    scheduler = DDPMScheduler(**REFERENCE_SCHEDULER)
-    acp = scheduler.alphas_cumprod.to(dev)
+    scheduler = task.scheduler()
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
     ckpt = out / "checkpoint.pt"
@@ -226,7 +306,7 @@ def train_diffusion(
     if ckpt.exists():
         state = torch.load(ckpt, map_location=dev, weights_only=True)
         saved = state.get("config")
-        if saved is not None and _trajectory(json.loads(saved)) != _trajectory(asdict(cfg) | {"text": text}):
+        if saved is not None and _trajectory(json.loads(saved)) != _trajectory(_recorded(cfg, kind)):
             raise ConfigError(
                 f"{ckpt} was written with {json.loads(saved)}; resume with the same configuration "
                 "or train into a new directory"
@@ -240,7 +320,7 @@ def train_diffusion(
     _truncate_log(out / "train_log.jsonl", start)
 
     log = (out / "train_log.jsonl").open("a")
-    desc = "train text diffusion" if text else "train diffusion"
+    desc = {"class": "train diffusion", "text": "train text diffusion", "dit": "train flow DiT"}[kind]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, disable=not progress)
     t0, running = time.perf_counter(), (state.get("running") if start else None)
     for step in bar:
@@ -248,11 +328,15 @@ def train_diffusion(
         x0, y = x_all[idx], y_all[idx]
         drop = torch.rand(cfg.batch_size, generator=gen).to(dev) < cfg.class_dropout
         c = task.condition(y, drop, gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(dev)
-        eps = torch.randn(x0.shape, generator=gen).to(dev)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = torch.nn.functional.mse_loss(model(xt, t, c), eps)
+        if task.kind == "ddpm":  # the class and text models' draw order, kept so their training reproduces
+            t_draw = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen).to(dev)
+            a = scheduler.alphas_cumprod.to(dev)[t_draw.to(dev)].view(-1, 1, 1, 1)
+            xt, t, target = a.sqrt() * x0 + (1 - a).sqrt() * eps, t_draw.to(dev), eps
+        else:
+            eps = torch.randn(x0.shape, generator=gen).to(dev)
+            xt, t, target = task.noisy(scheduler, x0, eps, gen)
+        loss = torch.nn.functional.mse_loss(model(xt, t, c), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -292,7 +376,7 @@ def train_diffusion(
                     "step": done,
                     "seconds": elapsed,
                     "running": running,
-                    "config": json.dumps(asdict(cfg) | {"text": text}),
+                    "config": json.dumps(_recorded(cfg, kind)),
                 },
                 tmp,
             )
@@ -314,7 +398,7 @@ def train_diffusion(
     meta = {
         "config": asdict(cfg),
         **task.describe(),
-        "scheduler": REFERENCE_SCHEDULER,
+        "scheduler": task.scheduler_config(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_images": len(x_all),
         "final_loss_ema": running,
@@ -324,6 +408,15 @@ def train_diffusion(
     }
     (out / "training.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+_TASKS = {"class": _ClassTask, "text": _TextTask, "dit": _DiTTask}
+
+
+def _recorded(cfg: DiffusionTrainConfig, kind: str) -> dict:
+    """What a checkpoint records of its run (the class and text models' checkpoints predate `kind`)."""
+    out = asdict(cfg) | {"text": kind == "text"}
+    return out | {"kind": kind} if kind == "dit" else out
 
 
 def _trajectory(cfg: dict) -> dict:
