@@ -237,7 +237,6 @@ def _load(name: str, root: Path):
 
 def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress: bool) -> dict:
     """Compile every engine of the comparison for one model; returns paths and compile seconds."""
-    import onnx
 
     from calibration.collect import record_trajectories
     from calibration.config import CalibrationConfig
@@ -259,9 +258,11 @@ def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress:
         "ort-static": root / "ort_static.onnx",
     }
     seconds = {}
+    from exporter.large_model import save
+
     fp = export_float(model)
-    onnx.save(fp, str(paths["fp32"]))
-    onnx.save(fold_shapes(fp), str(paths["fp32-folded"]))  # our graph cleanup alone: how much of the gain it is
+    save(fp, paths["fp32"])  # past 2 GiB (DiT-XL/2) its weights go to fp32.onnx.data, which the peers read
+    save(fold_shapes(fp), paths["fp32-folded"])  # our graph cleanup alone: how much of the gain it is
     start = time.perf_counter()
     data = record_trajectories(model, g1, progress)
     record = time.perf_counter() - start
