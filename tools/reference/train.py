@@ -114,15 +114,21 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 class _DdpmObjective:
-    """DDPM (Ho et al. 2020, eq. 14): x_t = √ā_t x_0 + √(1−ā_t) ε with t uniform over 0..T−1; target ε (drawn in
-    train_diffusion's loop)."""
-
-    kind = "ddpm"
+    """DDPM (Ho et al. 2020, eq. 14): x_t = √ā_t x_0 + √(1−ā_t) ε with t uniform over 0..T−1; target ε."""
 
     def scheduler(self):
         from diffusers import DDPMScheduler
 
         return DDPMScheduler(**REFERENCE_SCHEDULER)
+
+    def noisy(self, scheduler, x0, gen):
+        """(x_t, t, target) for a batch; draws t, then ε, from `gen`."""
+        import torch
+
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        a = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
 
     def scheduler_config(self) -> dict:
         return REFERENCE_SCHEDULER
@@ -218,7 +224,6 @@ class _DiTTask:
     generator decides every drop."""
 
     text = False
-    kind = "flow"
 
     def __init__(self, dev, out: Path) -> None:
         self.null = REFERENCE_DIT["num_embeds_ada_norm"]
@@ -241,9 +246,11 @@ class _DiTTask:
 
         return FlowMatchEulerDiscreteScheduler(**REFERENCE_FLOW_SCHEDULER)
 
-    def noisy(self, scheduler, x0, eps, gen):
+    def noisy(self, scheduler, x0, gen):
+        """(x_σ, t = σ·T, target v) for a batch; draws ε, then σ, from `gen`."""
         import torch
 
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         sigma = torch.rand(len(x0), generator=gen).to(x0.device)
         s = sigma.view(-1, 1, 1, 1)
         return (1 - s) * x0 + s * eps, sigma * scheduler.config.num_train_timesteps, eps - x0
@@ -328,14 +335,7 @@ def train_diffusion(
         x0, y = x_all[idx], y_all[idx]
         drop = torch.rand(cfg.batch_size, generator=gen).to(dev) < cfg.class_dropout
         c = task.condition(y, drop, gen)
-        if task.kind == "ddpm":  # the class and text models' draw order, kept so their training reproduces
-            t_draw = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-            eps = torch.randn(x0.shape, generator=gen).to(dev)
-            a = scheduler.alphas_cumprod.to(dev)[t_draw.to(dev)].view(-1, 1, 1, 1)
-            xt, t, target = a.sqrt() * x0 + (1 - a).sqrt() * eps, t_draw.to(dev), eps
-        else:
-            eps = torch.randn(x0.shape, generator=gen).to(dev)
-            xt, t, target = task.noisy(scheduler, x0, eps, gen)
+        xt, t, target = task.noisy(scheduler, x0, gen)
         loss = torch.nn.functional.mse_loss(model(xt, t, c), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
