@@ -273,7 +273,7 @@ def test_mixed_precision_routes_each_step_to_its_precision_and_statistics(mixed_
     runs = {}
     for name, kw in {"mixed": {"switch_t": switch}, "low": {"precision": "W8A4"}, "high": {"precision": "W8A8"},
                      "low0": {"switch_t": 0}}.items():  # fmt: skip
-        runs[name] = sample_to_file(mixed_bundle, tmp_path / f"{name}.npz", n=2, progress=False, **kw)
+        runs[name] = sample_to_file(mixed_bundle, tmp_path / f"{name}.npz", n=2, progress=False, backend="ort", **kw)
     mixed = runs["mixed"]
     assert mixed.step_precisions == ["W8A4"] * 3 + ["W8A8"] * 3
     assert [g in groups[b] for g, b in zip(mixed.step_groups, mixed.step_precisions, strict=True)] == [True] * 6
@@ -291,7 +291,7 @@ def test_mixed_precision_routes_each_step_to_its_precision_and_statistics(mixed_
     # the default route follows the plan; bit operations saved = cheap share × (1 − 4/8)
     n_low = plan["steps"]["W8A4"]
     assert np.isclose(plan["bop_saving"], n_low / 6 * 0.5, atol=1e-4)
-    default = sample_to_file(mixed_bundle, tmp_path / "d.npz", n=1, progress=False)
+    default = sample_to_file(mixed_bundle, tmp_path / "d.npz", n=1, progress=False, backend="ort")
     assert default.step_precisions == ["W8A4"] * n_low + ["W8A8"] * (6 - n_low)
     assert np.all((ts >= plan["switch_t"]) == (np.array(default.step_precisions) == "W8A4"))
 
