@@ -117,8 +117,9 @@ def load_model(model_dir: str | Path, scheduler: str | Path | None = None, devic
     unet = family.load(unet_dir, device)
     spec = family.input_spec(unet, schedule, unet_dir, text)
     if getattr(schedule, "kind", None) == "flow" and spec.timestep_type != "float32":
+        flow_classes = ", ".join(f.classes[0] for f in families().values() if f.subfolder == "transformer")
         raise ModelLoadError(f"{sched_path}: a flow-matching scheduler with a {family.classes[0]}; dqc runs flow "
-                             "matching with DiTTransformer2DModel denoisers")  # fmt: skip
+                             f"matching with transformer denoisers ({flow_classes})")  # fmt: skip
     vae = load_vae(model_dir, spec) if unet_dir != model_dir else None
     return LoadedModel(unet, schedule, spec, str(model_dir), state_dict_sha256(unet), family, text, vae)
 

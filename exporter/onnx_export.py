@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto
 
 from calibration.model_io import LoadedModel
+from exporter.simplify import inline_shape_ifs
 from runtime.errors import ExportError
 
 OPSET = 17
@@ -54,4 +55,4 @@ def export_float(model: LoadedModel) -> onnx.ModelProto:
     for t in graph.graph.initializer:  # nothing may point into the deleted folder
         if t.data_location == TensorProto.EXTERNAL:
             raise ExportError(f"torch.onnx.export: initializer {t.name} was not loaded from its external data")
-    return graph
+    return inline_shape_ifs(graph)

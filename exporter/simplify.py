@@ -1,4 +1,5 @@
-"""Pass: fold the shape arithmetic of a graph exported with a dynamic batch.
+"""Passes: fold the shape arithmetic of a graph exported with a dynamic batch, and inline the If nodes whose
+condition is a shape fact.
 
     x ─► Shape ─► Gather ─► Unsqueeze ─┐
                       (constants) ─────┴► Concat ─► Reshape(x, ·)      becomes      Reshape(x, [0, 8, 4096])
@@ -11,6 +12,15 @@ batch becomes a constant; a Reshape target that differs only in its first entry,
 input's own first dimension, becomes a constant with 0 there (Reshape copies input dimension 0 for a 0 when
 allowzero = 0). The shape subgraphs left without consumers are removed. ONNX Runtime then runs a few hundred
 nodes fewer per call and can fuse what the constants feed (MatMul with its scale).
+
+    Shape(x) ─► Gather(1) ─► Equal(·, 1) ─► If ─┬ then: Squeeze(x, 1)      becomes      Identity(x)
+                                                └ else: Identity(x)
+
+`squeeze(dim)` on a dimension the exporter cannot see (diffusers' PixArt output) becomes an If on the runtime
+size; ONNX Runtime type-checks both branches when it loads the graph and refuses the Squeeze of a dimension it
+knows is not 1. The pass evaluates each If condition computed from shapes alone (on a graph holding only the
+nodes that compute it, which loads), and where it is the same at every batch puts the taken branch in the If's
+place.
 """
 
 from __future__ import annotations
@@ -65,6 +75,76 @@ def _run(model: onnx.ModelProto, names: list[str], batches: tuple[int, ...]) -> 
                 feeds[inp.name] = np.zeros(shape, np.int64 if inp.type == "tensor(int64)" else np.int32)
         runs.append(session.run(names, feeds))
     return runs
+
+
+def inline_shape_ifs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (changed in place) with each If whose condition is computed from shapes and constants alone, and
+    is the same at batches 1, 2, 3, replaced by the nodes of the branch it takes."""
+    g = model.graph
+    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    made = {o for n in _shape_region(g, constants) for o in n.output}
+    ifs = [n for n in g.node if n.op_type == "If" and n.input[0] in made]
+    if not ifs:
+        return model
+    conds = list(dict.fromkeys(n.input[0] for n in ifs))
+    runs = _run(_cone(model, conds), conds, _BATCHES)
+    taken = {}
+    for i, name in enumerate(conds):
+        values = {bool(np.asarray(r[i]).reshape(-1)[0]) for r in runs}
+        if len(values) == 1:
+            taken[name] = values.pop()
+    nodes = []
+    for node in g.node:
+        if node.op_type == "If" and node.input[0] in taken:
+            branch = next(
+                a.g for a in node.attribute if a.name == ("then_branch" if taken[node.input[0]] else "else_branch")
+            )
+            nodes.extend(_inlined(g, node, branch))
+        else:
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_dead(g)
+    return model
+
+
+def _cone(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A model of the nodes (and initializers) that compute `names` from the graph inputs, nothing else."""
+    g = model.graph
+    needed, keep = set(names), []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(x for x in node.input if x)
+    graph = onnx.helper.make_graph(list(reversed(keep)), "cone", list(g.input), [],
+                                   [t for t in g.initializer if t.name in needed])  # fmt: skip
+    return onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def _inlined(g: onnx.GraphProto, node: onnx.NodeProto, branch: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The branch's nodes computing the If's outputs: its own tensors renamed under the If's name, its outputs
+    renamed to the If's, its initializers moved to the graph."""
+    prefix = f"{node.name or node.output[0]}/"
+    rename = {t.name: prefix + t.name for t in branch.initializer}
+    rename |= {o: prefix + o for n in branch.node for o in n.output if o}
+    rename |= {out.name: mine for out, mine in zip(branch.output, node.output, strict=True) if out.name in rename}
+    for t in branch.initializer:
+        moved = onnx.TensorProto()
+        moved.CopyFrom(t)
+        moved.name = rename[t.name]
+        g.initializer.append(moved)
+    nodes = []
+    for n in branch.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.name = prefix + n.name
+        copy.input[:] = [rename.get(x, x) for x in n.input]
+        copy.output[:] = [rename.get(x, x) for x in n.output]
+        nodes.append(copy)
+    for out, mine in zip(branch.output, node.output, strict=True):  # a branch that returns an outer tensor as is
+        if out.name not in rename:
+            nodes.append(onnx.helper.make_node("Identity", [out.name], [mine], name=prefix + "identity_" + mine))
+    return nodes
 
 
 def _batch_dim_first(shapes: dict, tensor: str) -> bool:

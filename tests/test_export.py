@@ -151,6 +151,38 @@ def test_fold_shapes_makes_batch_independent_shape_values_constant():
         np.testing.assert_allclose(got, v.reshape(batch, 2, 8) / np.sqrt(2), rtol=1e-6)
 
 
+def test_shape_conditioned_ifs_are_replaced_by_the_branch_they_take():
+    #   x(batch,4,3) ─► Shape ─► Gather(1) ─► Equal(·, 1) ─► If ─┬ then: Squeeze(x, [1])     (x's dim 1 is 4: never)
+    #                                                            └ else: Mul(x, two) ─► y
+    # ONNX Runtime type-checks the then-branch and refuses the graph; inlined, it loads and computes 2x.
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from exporter.simplify import inline_shape_ifs
+
+    c = lambda v, name: onnx.numpy_helper.from_array(np.array(v), name)  # noqa: E731
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    out = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
+    then = helper.make_graph([helper.make_node("Constant", [], ["axes"], value=c([1], "axes")),
+                              helper.make_node("Squeeze", ["x", "axes"], ["sq"])], "then", [], [out("sq")])  # fmt: skip
+    other = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["twice"])], "else", [], [out("twice")],
+                              [c(np.float32(2), "two")])  # fmt: skip
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "one_i"], ["d"], axis=0),
+             helper.make_node("Equal", ["d", "one_i"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=other)]  # fmt: skip
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [c(np.int64(1), "one_i")]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 8
+    with pytest.raises(Exception, match="Squeeze"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inlined = inline_shape_ifs(model)
+    assert [n.op_type for n in inlined.graph.node] == ["Mul"]
+    session = ort.InferenceSession(inlined.SerializeToString(), providers=["CPUExecutionProvider"])
+    v = np.random.default_rng(0).standard_normal((3, 4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": v})[0], 2 * v)
+
+
 @pytest.mark.parametrize("target", ["ort-cpu", "trt"])
 def test_models_past_the_protobuf_limit_take_the_external_data_path_with_the_same_bundle(
     tiny_model, tiny_result, tmp_path, monkeypatch, target

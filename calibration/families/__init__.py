@@ -68,10 +68,11 @@ class Family:
 
 def families() -> dict[str, Family]:
     from calibration.families.dit import DiT
+    from calibration.families.pixart import PixArt
     from calibration.families.text_unet import TextUNet
     from calibration.families.unet import PixelUNet
 
-    return {f.name: f for f in (PixelUNet(), TextUNet(), DiT())}
+    return {f.name: f for f in (PixelUNet(), TextUNet(), DiT(), PixArt())}
 
 
 def supported_classes() -> tuple[str, ...]:

@@ -154,36 +154,87 @@ def save_text_pipeline(root: str | Path, shape: str = "tiny", seed: int = 0, *, 
     """A text-to-image pipeline directory with random weights in Stable Diffusion's layout: model_index.json,
     unet/ (UNet2DConditionModel), text_encoder/ (CLIPTextModel), tokenizer/ (CLIPTokenizer, save_tokenizer),
     vae/ (AutoencoderKL) and scheduler/ (DDIM with SD's scaled-linear betas, leading spacing, steps_offset 1)."""
-    import json
-
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     if shape not in TEXT_SHAPES:
         raise ValueError(f"unknown synthetic text pipeline {shape!r}; use one of {sorted(TEXT_SHAPES)}")
     spec, root = TEXT_SHAPES[shape], Path(root)
     torch.manual_seed(seed)
     UNet2DConditionModel(**spec["unet"]).eval().save_pretrained(root / "unet", safe_serialization=True)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing="leading", prediction_type=prediction_type)  # fmt: skip
+    _save_text_side(root, spec, scheduler, vae, {"_class_name": "StableDiffusionPipeline",
+                                                 "unet": ["diffusers", "UNet2DConditionModel"]})  # fmt: skip
+    return root
+
+
+# Text-conditioned transformers (PixArtTransformer2DModel) with the CLIP text stack of TEXT_SHAPES["tiny"]
+PIXART_SHAPES = {
+    "tiny": dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,  # the prediction and PixArt's learned variance
+        num_layers=2,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=32,  # = the text encoder's width
+        use_additional_conditions=False,
+    ),
+}
+
+
+def save_pixart_pipeline(root: str | Path, shape: str = "tiny", seed: int = 0, *, flow: bool = True,
+                         vae: bool = True) -> Path:  # fmt: skip
+    """A text-conditioned transformer pipeline with random weights: transformer/ (PixArtTransformer2DModel),
+    text_encoder/ + tokenizer/ (CLIP, as save_text_pipeline's tiny), vae/ and scheduler/: flow matching
+    (FlowMatchEulerDiscreteScheduler, shift 3) or, flow=False, PixArt's DDPM-family DDIM (linear betas)."""
+    import torch
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
+
+    if shape not in PIXART_SHAPES:
+        raise ValueError(f"unknown synthetic PixArt shape {shape!r}; use one of {sorted(PIXART_SHAPES)}")
+    root = Path(root)
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(**PIXART_SHAPES[shape]).eval()
+    with torch.no_grad():  # a random init whose output depends on every input: not PixArt's zeroed projections
+        for name, p in model.named_parameters():
+            if "proj_out" in name or "adaln_single.linear" in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(root / "transformer", safe_serialization=True)
+    scheduler = (FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0) if flow else
+                 DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False))  # fmt: skip
+    index = {"_class_name": "PixArtSigmaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+    _save_text_side(root, TEXT_SHAPES["tiny"], scheduler, vae, index)
+    return root
+
+
+def _save_text_side(root: Path, spec: dict, scheduler, vae: bool, index: dict) -> None:
+    """The components beside the denoiser: text_encoder/ (CLIPTextModel), tokenizer/, scheduler/, vae/ if asked,
+    and model_index.json naming them with `index`'s pipeline class and denoiser."""
+    import json
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     vocab = 2 * len(TOKEN_ALPHABET) + 2
     text = CLIPTextConfig(vocab_size=vocab, max_position_embeddings=spec["max_length"], bos_token_id=vocab - 2,
                           eos_token_id=vocab - 1, pad_token_id=vocab - 1, **spec["text"])  # fmt: skip
     CLIPTextModel(text).eval().save_pretrained(root / "text_encoder", safe_serialization=True)
     save_tokenizer(root / "tokenizer", spec["max_length"])
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
+    index = index | {
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
     }
     if vae:
         blocks = len(spec["vae"]["block_out_channels"])
         AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
                       **spec["vae"]).eval().save_pretrained(root / "vae", safe_serialization=True)  # fmt: skip
         index["vae"] = ["diffusers", "AutoencoderKL"]
-    DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-                  prediction_type=prediction_type).save_pretrained(root / "scheduler")  # fmt: skip
+    scheduler.save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps(index, indent=1))
-    return root

@@ -152,9 +152,6 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
     from tools.reference.model import resolve_model
 
     path = resolve_model(path)
-    if model is not None:  # a model directory loaded by the caller
-        engine = TorchEngine(model.wrapper(), model.spec, device=device)
-        return EngineSet.single(engine), model.schedule, model.null_class, {}
     if is_bundle(path):
         bundle = load_bundle(path)
         cal = bundle.manifest.get("calibration", {})
@@ -166,7 +163,8 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
 
     if backend not in ("auto", "torch"):
         raise ConfigError(f"--backend {backend}: {path} is a model directory, which runs in full precision on torch")
-    model = load_model(path, scheduler, device=device)
+    if model is None:  # else a model directory loaded by the caller
+        model = load_model(path, scheduler, device=device)
     engine = TorchEngine(model.wrapper(), model.spec, device=device)
     flow = getattr(model.schedule, "kind", None) == "flow"
     return EngineSet.single(engine), model.schedule, model.null_class, {"sampler": "euler"} if flow else {}
