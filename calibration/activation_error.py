@@ -29,7 +29,7 @@ def activation_error(model, layers, data, cfg, acts: dict[str, list[ActParams]],
         e[0] += float((q - a).pow(2).sum())
         e[1] += float(a.pow(2).sum())
 
-    from calibration.qmodules import observe_residual, residual_points
+    from calibration.qmodules import extra_points, observe_point
 
     handles = []
     for layer in layers:
@@ -41,9 +41,9 @@ def activation_error(model, layers, data, cfg, acts: dict[str, list[ActParams]],
                 handles.append(module.register_forward_pre_hook(lambda m, args, p=point: record(p, args[0])))
             else:
                 handles.append(module.register_forward_hook(lambda m, args, y, p=point: record(p, y)))
-    for point in residual_points(model.unet, profile):
+    for point in extra_points(model.unet, profile, cfg.attention_products):
         if point in acts:
-            handles.append(observe_residual(model.unet, point, lambda a, p=point: record(p, a)))
+            handles.append(observe_point(model.unet, point, lambda a, p=point: record(p, a)))
     table = torch.from_numpy(np.asarray(group_of_t, np.int64))
     forward = model.wrapper()
     try:

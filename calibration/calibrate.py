@@ -18,10 +18,10 @@ from calibration.model_io import LoadedModel, load_model
 from calibration.profiles import get_profile
 from calibration.qmodules import (
     QuantLayer,
+    extra_points,
     float_modules,
-    observe_residual,
+    observe_point,
     quantizable_layers,
-    residual_points,
     tie_shared_inputs,
 )
 from calibration.quantizers import (
@@ -103,9 +103,9 @@ def observe_activations(
                 handles.append(module.register_forward_pre_hook(lambda m, args, o=obs: o.observe(args[0])))
             else:
                 handles.append(module.register_forward_hook(lambda m, args, y, o=obs: o.observe(y)))
-    for point in residual_points(model.unet, profile):
+    for point in extra_points(model.unet, profile, cfg.attention_products):
         observers[point] = obs = RangeObserver()
-        handles.append(observe_residual(model.unet, point, obs.observe))
+        handles.append(observe_point(model.unet, point, obs.observe))
     forward = model.wrapper()
     try:
         with torch.inference_mode():

@@ -94,6 +94,9 @@ class CalibrationConfig:
     # Adam rate scales with it; an absolute 4e-4 moved a small step by up to 40 % per iteration)
     act_lr: float = 5e-3
     shortcut_split: bool = False  # Q-Diffusion: separate quantizers for the two halves of decoder concats
+    # also quantize the attention score and value products' activation inputs (q·√s, k·√s, softmax, v):
+    # integer MatMuls on ONNX Runtime (MatMulIntegerToFloat), int8 BMMs on TensorRT; off: they run in float
+    attention_products: bool = False
     groups: int = 1  # APQ-DM timestep groups, each with its own activation quantizers and graph
     group_epochs: int = 10  # APQ-DM: 10 epochs of the joint search
     group_lr: float = 0.0  # 0: APQ-DM's 5e-3 for 8-bit and 3e-3 below, decaying to 1e-5

@@ -12,6 +12,7 @@ from torch import nn
 
 from calibration.profiles import TargetProfile
 from calibration.quantizers import ActParams, quantize_bias
+from runtime.errors import CalibrationError
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,122 @@ def observe_residual(unet: nn.Module, point: str, fn: Callable[[torch.Tensor], N
     return block.register_forward_pre_hook(lambda m, args, kwargs: fn(_input_of(args, kwargs)), with_kwargs=True)
 
 
+ATTENTION = (":q", ":k", ":probs", ":v")  # the inputs of an attention's two activation×activation products
+_SDPA_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")  # diffusers' default processors: softmax(q kᵀ/√d) v
+
+
+def _attentions(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in unet.named_modules() if type(m).__name__ == "Attention"]
+
+
+def attention_points(unet: nn.Module, enabled: bool) -> list[str]:
+    """'<attention>:q', ':k', ':probs', ':v' for every diffusers Attention when the attention products are
+    quantized (CalibrationConfig.attention_products): the scaled query and key of the score product
+    q·kᵀ and the softmax output and value of the value product."""
+    if not enabled:
+        return []
+    for name, m in _attentions(unet):
+        kind = type(m.processor).__name__
+        if kind not in _SDPA_PROCESSORS and not isinstance(m.processor, ProductsProcessor):
+            raise CalibrationError(f"attention {name}: processor {kind}; quantized attention products need diffusers' "
+                             f"default {' or '.join(_SDPA_PROCESSORS)}")  # fmt: skip
+    return [f"{name}{s}" for name, _ in _attentions(unet) for s in ATTENTION]
+
+
+class ProductsProcessor:
+    """diffusers' AttnProcessor2_0 with scaled_dot_product_attention spelled out as the exported graph computes
+    it (torch's ONNX decomposition): q' = q·√s and k' = k·√s with s = 1/√d, P = softmax(q'·k'ᵀ), out = P·v; and
+    `fns[suffix]` (a fake quantizer, or an observer that returns its input) applied to q', k', P and v, the
+    inputs of the two products. Masks are not supported (dqc's engines pass none)."""
+
+    def __init__(self, fns: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        self.fns = fns
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):  # fmt: skip
+        if attention_mask is not None:
+            raise CalibrationError("quantized attention products: attention masks are not supported")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        root = head_dim**-0.25  # √s, s = 1/√d: scaled_dot_product_attention's default scale
+        q, k = self.fns[":q"](query * root), self.fns[":k"](key * root)
+        probs = self.fns[":probs"]((q @ k.transpose(-2, -1)).softmax(dim=-1))
+        hidden_states = probs @ self.fns[":v"](value)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class _Observing:
+    """Handle of observe_attention: removing it drops its function; the last one restores the processor."""
+
+    def __init__(self, module: nn.Module, suffix: str, previous) -> None:
+        self.module, self.suffix, self.previous = module, suffix, previous
+
+    def remove(self) -> None:
+        proc = self.module.processor
+        proc.fns[self.suffix] = _identity
+        if all(f is _identity for f in proc.fns.values()):
+            self.module.set_processor(self.previous)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def observe_attention(unet: nn.Module, point: str, fn: Callable[[torch.Tensor], None]) -> _Observing:
+    """Passes the tensor of attention point `point` to fn on every call; returns a handle with remove()."""
+    name, _, suffix = point.rpartition(":")
+    module = unet.get_submodule(name)
+    previous = module.processor
+    if not isinstance(previous, ProductsProcessor):
+        module.set_processor(ProductsProcessor(dict.fromkeys(ATTENTION, _identity)))
+    else:
+        previous = getattr(module, "_observed_from", previous)
+    module._observed_from = previous
+
+    def observe(x: torch.Tensor) -> torch.Tensor:
+        fn(x)
+        return x
+
+    module.processor.fns[f":{suffix}"] = observe
+    return _Observing(module, f":{suffix}", previous)
+
+
+def extra_points(unet: nn.Module, profile: TargetProfile, attention: bool) -> list[str]:
+    """The quantization points beside the layers' own: residual inputs (profile) and attention products."""
+    return residual_points(unet, profile) + attention_points(unet, attention)
+
+
+def observe_point(unet: nn.Module, point: str, fn: Callable[[torch.Tensor], None]):
+    """observe_residual or observe_attention, by the point's kind."""
+    return observe_residual(unet, point, fn) if point.endswith(RESIDUAL) else observe_attention(unet, point, fn)
+
+
 class ActQuant(nn.Module):
     """A fixed per-tensor activation quantizer as a module; `enabled` False passes values through."""
 
@@ -101,8 +218,14 @@ def _quantized_residual(module: nn.Module, args: tuple, kwargs: dict, out):
 def wrap_residuals(model: nn.Module, quantizer_for: Callable[[str], nn.Module | None], prefix: str = "") -> nn.Module:
     """In place: every block under `prefix` (e.g. "unet.") with a residual point gets `quantizer_for(point)` on
     its residual: after a resnet's shortcut (diffusers' ResnetBlock2D calls conv_shortcut on the residual
-    whenever it is set), on a transformer block's input where its output adds it back."""
+    whenever it is set), on a transformer block's input where its output adds it back; every Attention whose
+    four product points have quantizers computes its products through them (ProductsProcessor)."""
     for name, module in list(model.named_modules()):
+        if name.startswith(prefix) and type(module).__name__ == "Attention" and not hasattr(module, "products_quant"):
+            fns = {s: quantizer_for(f"{name.removeprefix(prefix)}{s}") for s in ATTENTION}
+            if all(f is not None for f in fns.values()):
+                module.products_quant = nn.ModuleDict({s.lstrip(":"): f for s, f in fns.items()})
+                module.set_processor(ProductsProcessor(fns))
         if not name.startswith(prefix) or not _has_residual(module):
             continue
         is_resnet = type(module).__name__ == "ResnetBlock2D"

@@ -33,7 +33,7 @@ from exporter.large_model import convert_version, fits_in_protobuf
 from exporter.onnx_export import export_float
 from exporter.precision import to_float_type
 from exporter.publish import OWNER, check_output, publish, stage
-from exporter.qdq import LayerQuant, insert_qdq, insert_residual_qdq
+from exporter.qdq import LayerQuant, insert_attention_qdq, insert_qdq, insert_residual_qdq
 from exporter.simplify import fold_shapes
 from runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, sha256_file
 from runtime.errors import BundleError, ExportError
@@ -127,14 +127,27 @@ def residual_table(result: CalibrationResult, group: int) -> dict:
     return {p.removesuffix(suffix): a for p, a in result.group_activations(group).items() if p.endswith(suffix)}
 
 
+def attention_table(result: CalibrationResult, group: int) -> dict:
+    """{attention: {q, k, probs, v: quantizer}} where the attention products are quantized."""
+    from calibration.qmodules import ATTENTION
+
+    acts = result.group_activations(group)
+    names = {p.rpartition(":")[0] for p in acts if p.endswith(":probs")}
+    return {a: {s.lstrip(":"): acts[a + s] for s in ATTENTION} for a in sorted(names)}
+
+
 def _group_graph(
-    fp: onnx.ModelProto, table: dict[str, LayerQuant], residuals: dict, result: CalibrationResult,
+    fp: onnx.ModelProto, table: dict[str, LayerQuant], residuals: dict, attentions: dict, result: CalibrationResult,
     w4_linear: str = "int8",
 ) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
     profile = get_profile(result.config.target)
     graph = gs.import_onnx(fp)
     report = insert_qdq(graph, table, profile)
     report["quantized"] += insert_residual_qdq(graph, residuals)
+    products = insert_attention_qdq(graph, attentions)
+    report["quantized"] += products
+    quantized = {p["node"] for p in products}
+    report["float"] = [f for f in report["float"] if f["node"] not in quantized]
     model = gs.export_onnx(graph)
     model.opset_import[0].version = fp.opset_import[0].version
     model.ir_version = fp.ir_version
@@ -312,7 +325,8 @@ def write_bundle(
         shared, groups, graphs, report = SharedWeights(), [], [], {}
         jobs = [(r, g) for r in results for g in range(r.num_groups)]
         for r, g in tqdm(jobs, desc="export", disable=not progress, leave=False):
-            graph, report = _group_graph(fp, layer_table(model, r, g), residual_table(r, g), r, w4_linear)
+            graph, report = _group_graph(fp, layer_table(model, r, g), residual_table(r, g), attention_table(r, g), r,
+                                         w4_linear)  # fmt: skip
             graphs.append(graph)
             groups.append({"id": len(groups), "bits": r.config.bits})
         try:

@@ -74,7 +74,9 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _QUANT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _TYPED_OPS = (*_QUANT_OPS, "InstanceNormalization", "Softmax")
 # the explicit integer kernels of the single engine (runtime.single_engine): their quantized-input parameters
-_FUSED_INPUT = {"QLinearConv": (1, 2), "QGemm": (1, 2), "MatMulIntegerToFloat": (2, 4)}
+# explicit integer kernels (runtime.single_engine): {op: {quantized input slot: its scale and zero-point slots}};
+# MatMulIntegerToFloat's B is an activation too where an attention product is quantized
+_FUSED_INPUT = {"QLinearConv": {0: (1, 2)}, "QGemm": {0: (1, 2)}, "MatMulIntegerToFloat": {0: (2, 4), 1: (3, 5)}}
 _FLOAT32_PARAMS = {("Resize", 1), ("Resize", 2)}  # roi / scales: ONNX wants float32 there in any graph
 
 
@@ -179,8 +181,8 @@ def rule_qdq_pair(ix: GraphIndex) -> list[Violation]:
         if q.output[0] in ix.outputs:
             out.append(_at("qdq-pair", q, f"its output {q.output[0]} is a graph output; add the matching DQ"))
         for c, slot in ix.consumers.get(q.output[0], []):
-            if c.op_type in _FUSED_INPUT and slot == 0:  # an explicit integer kernel reads the quantized input
-                if [c.input[i] for i in _FUSED_INPUT[c.op_type]] != list(q.input[1:3]):
+            if slot in _FUSED_INPUT.get(c.op_type, {}):  # an explicit integer kernel reads the quantized input
+                if [c.input[i] for i in _FUSED_INPUT[c.op_type][slot]] != list(q.input[1:3]):
                     out.append(_at("qdq-pair", c, f"reads {_label(q)}'s output with other scale/zero point "
                                    "inputs than the Q's; use the Q's"))  # fmt: skip
             elif c.op_type != "DequantizeLinear":

@@ -293,3 +293,43 @@ def insert_residual_qdq(graph: gs.Graph, residuals: dict[str, ActParams]) -> lis
         graph.nodes.extend(new)
     graph.cleanup().toposort()
     return [{"node": node.name, "op": "Add", "layer": f"{resnet}:residual"} for node, _, resnet, _ in todo]
+
+
+def _attention_products(graph: gs.Graph, attention: str) -> tuple[gs.Node, gs.Node]:
+    """The score product (its output feeds a Softmax) and the value product (it reads that Softmax) of the
+    attention module `attention`: its two MatMuls of activations."""
+    products = [n for n in graph.nodes if n.op == "MatMul" and layer_name(n) == attention
+                and not any(isinstance(x, gs.Constant) for x in n.inputs)]  # fmt: skip
+    for scores in products:
+        softmax = [c for c in scores.outputs[0].outputs if c.op == "Softmax"]
+        if len(softmax) == 1:
+            values = [c for c in softmax[0].outputs[0].outputs if c in products]
+            if len(values) == 1 and values[0].inputs[0] is softmax[0].outputs[0]:
+                return scores, values[0]
+    raise ExportError(f"attention {attention}: no MatMul → Softmax → MatMul found in the graph; its attention "
+                      "products cannot be quantized")  # fmt: skip
+
+
+def insert_attention_qdq(graph: gs.Graph, attentions: dict[str, dict[str, ActParams]]) -> list[dict]:
+    """Q/DQ on both inputs of each attention's two activation products (what ProductsProcessor models):
+
+        q·√s ─► Q/DQ ─┐                           softmax ─► Q/DQ ─┐
+        k·√s ─► Q/DQ ─┴► MatMul ─► Softmax ─►           v ─► Q/DQ ─┴► MatMul
+
+    `attentions`: {attention module path: {"q", "k", "probs", "v": quantizer}}. Idempotent (inputs already
+    dequantized are left alone). Returns the quantized MatMuls."""
+    done = []
+    for attention, params in attentions.items():
+        scores, values = _attention_products(graph, attention)
+        for node, names in ((scores, ("q", "k")), (values, ("probs", "v"))):
+            if any(x.inputs and x.inputs[0].op == "DequantizeLinear" for x in node.inputs):
+                continue
+            for i, point in enumerate(names):
+                new, dq = _qdq(node.inputs[i], params[point], f"{attention}/{point}")
+                node.inputs[i] = dq
+                graph.nodes.extend(new)
+            done.append(
+                {"node": node.name, "op": "MatMul", "layer": f"{attention}:{'scores' if node is scores else 'values'}"}
+            )
+    graph.cleanup().toposort()
+    return done

@@ -37,9 +37,9 @@ def calibration_overrides(a: argparse.Namespace) -> dict:
     return {k: getattr(a, k) for k in keys}
 
 
-OBJECTIVE_KEYS = ("group_search", "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting",
-                  "gac_tau", "gac_val_share", "gac_groups", "gac_meta_steps", "gac_inner_lr", "gac_outer_lr",
-                  "gac_gm_weight", "gac_match")  # fmt: skip
+OBJECTIVE_KEYS = ("attention_products", "group_search", "group_alpha_lr", "group_alpha_bias", "group_refine_epochs",
+                  "loss_weighting", "gac_tau", "gac_val_share", "gac_groups", "gac_meta_steps", "gac_inner_lr",
+                  "gac_outer_lr", "gac_gm_weight", "gac_match")  # fmt: skip
 
 
 def objective_flags(p) -> None:
@@ -47,6 +47,9 @@ def objective_flags(p) -> None:
     from calibration.config import GROUP_SEARCHES
     from calibration.objective import LOSS_WEIGHTINGS
 
+    p.add_argument("--quantize-attention", dest="attention_products", action=argparse.BooleanOptionalAction,
+                   help="also quantize the attention products' activation inputs (q, k, softmax, v): integer "
+                   "MatMuls on ONNX Runtime, int8 BMMs on TensorRT (default: off, they run in float)")  # fmt: skip
     p.add_argument("--group-search", choices=GROUP_SEARCHES,
                    help="none: per-group min-max ranges on contiguous shares, nothing learned; sigma: APQ-DM's "
                    "search, g(t) = argmax sigma; loss: the search, then each timestep to the group of least loss "

@@ -24,7 +24,8 @@ from tools.deploy import pipeline
 _RECONSTRUCTION_KEYS = ("adaround_iters", "act_iters", "recon_batch")
 # the settings that define a cell: a bundle made with other values is recompiled
 _CELL_KEYS = (
-    "steps", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters", "act_iters", "recon_batch",
+    "attention_products", "steps", "guidance", "seed", "calib_samples", "calib_timesteps", "adaround_iters",
+    "act_iters", "recon_batch",
     "groups", "group_epochs", "timestep_selection", "fresh_trajectories", "activation_error", "group_search",
     "group_alpha_lr", "group_alpha_bias", "group_refine_epochs", "loss_weighting", "gac_tau", "gac_val_share",
     "gac_groups", "gac_meta_steps", "gac_inner_lr", "gac_outer_lr", "gac_gm_weight", "gac_match",
@@ -136,7 +137,8 @@ def run_method_table(
         rows.append({"method": "fp", "bits": "FP32", "prompts": ps, "fd": fp["fd"], "accuracy": fp.get("accuracy"),
                      "psnr_db": None, "calibration_seconds": None, "device": None})  # fmt: skip
     for method, g, strategy, size, b in cells(methods, groups, timesteps, calib_sizes, bits):
-        cell = out / (cell_name(method, g, strategy, size, b) + ("_ptqd" if ptqd_samples else ""))
+        suffix = ("_attnq" if calibration.get("attention_products") else "") + ("_ptqd" if ptqd_samples else "")
+        cell = out / (cell_name(method, g, strategy, size, b) + suffix)
         bundle = cell / "bundle"
         preset = CalibrationConfig.for_method(method)
         given = {k: v for k, v in calibration.items() if preset.reconstructs or k not in _RECONSTRUCTION_KEYS}
