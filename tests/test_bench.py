@@ -38,14 +38,19 @@ def test_speed_bench_without_openvino_measures_the_rest_and_says_why(tmp_path, m
     import sys
 
     monkeypatch.setitem(sys.modules, "openvino", None)
-    assert main(["bench", "--quick", "-q", "--no-memory", "--w4", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--quick", "-q", "--no-memory", "--w4", "--quantize-attention", "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "bench.json").read_text())["models"]["tiny"]
     w4 = {"dqc-W4", "dqc-W4-nbits", "dqc-W4-nbits-int8"}  # --w4: the 4-bit weight layouts, on ONNX Runtime only
-    assert set(m["latency"]["1"]) == {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8", "dqc-G8-split"} | w4
+    ours = {"dqc-G1", "dqc-G8", "dqc-G8-split", "dqc-G1-attnq"}  # --quantize-attention: dqc-G1-attnq
+    assert set(m["latency"]["1"]) == {"fp32", "fp32-folded", "ort-static"} | ours | w4
     assert "pip install openvino" in m["skipped"]["openvino"]
     assert m["disk_mb"]["dqc-W4-nbits"] < m["disk_mb"]["dqc-W4"]  # the tiny UNet's attention Linears, packed
     md = (tmp_path / "bench.md").read_text()
     assert "not measured: openvino" in md and "speed-up against int8 containers (dqc-W4): dqc-W4-nbits" in md
+    assert "quantized attention products at batch 1, speed-up: dqc-G1-attnq" in md
+    ops = m["ops"]  # the attention products on integer kernels, none left as float MatMuls
+    assert ops["dqc-G1-attnq"]["integer"] == ops["dqc-G1"]["integer"] + ops["dqc-G1"]["float_matmul_gemm"]
+    assert ops["dqc-G1-attnq"]["float_matmul_gemm"] == 0
 
 
 def test_bench_refuses_bad_flags(capsys):

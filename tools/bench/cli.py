@@ -73,11 +73,13 @@ def _bench(a: argparse.Namespace) -> None:
     if a.quick:
         import dataclasses
 
-        plan = dataclasses.replace(BenchPlan.quick(), memory=a.memory, profile=a.profile, w4=a.w4)
+        plan = dataclasses.replace(BenchPlan.quick(), memory=a.memory, profile=a.profile, w4=a.w4,
+                                   attention=bool(a.attention_products))  # fmt: skip
     else:
         models = tuple(csv_list(a.models) or ([a.model] if a.model else ["reference", "cifar10"]))
         batches = int_list(a.batches, "--batches")
-        plan = BenchPlan(models=models, batches=batches, reps=a.reps, memory=a.memory, profile=a.profile, w4=a.w4)
+        plan = BenchPlan(models=models, batches=batches, reps=a.reps, memory=a.memory, profile=a.profile, w4=a.w4,
+                         attention=bool(a.attention_products))  # fmt: skip
     run_bench(plan, out_dir=a.out, progress=not a.quiet)
 
 

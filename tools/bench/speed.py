@@ -21,6 +21,7 @@ Per model (the shipped reference model and/or the CIFAR-10-shaped UNet with rand
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,6 +56,9 @@ ENGINES = {
     "dqc-W4-nbits": ("ort", "dqc-W4-nbits"),
     "dqc-W4-nbits-int8": ("ort", "dqc-W4-nbits-int8"),
     "dqc-W4-nbits-ov": ("openvino", "dqc-W4-nbits"),
+    # --quantize-attention: W8A8, G = 1, with the attention score and value products quantized too
+    "dqc-G1-attnq": ("ort", "dqc-G1-attnq"),
+    "dqc-G1-attnq-ov": ("openvino", "dqc-G1-attnq"),
 }
 OURS = ("dqc-G1", "dqc-G8", "dqc-G1-ov", "dqc-G8-ov")
 W4 = ("dqc-W4", "dqc-W4-nbits", "dqc-W4-nbits-int8", "dqc-W4-nbits-ov")
@@ -76,6 +80,7 @@ class BenchPlan:
     memory: bool = True
     profile: bool = False
     w4: bool = False  # also W4A8 bundles: int8-container weights against MatMulNBits-packed ones
+    attention: bool = False  # also the G = 1 bundle with quantized attention products
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -278,7 +283,10 @@ def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress:
             seconds["ov-nncf"] = round(time.perf_counter() - start + record, 1)
         except ConfigError as e:  # nncf missing: the other OpenVINO rows still run
             skipped["ov-nncf"] = str(e)
-    for name, cfg in (("dqc-G1", g1), ("dqc-G8", g8)):
+    variants = [("dqc-G1", g1), ("dqc-G8", g8)]
+    if plan.attention:
+        variants.append(("dqc-G1-attnq", dataclasses.replace(g1, attention_products=True)))
+    for name, cfg in variants:
         start = time.perf_counter()
         paths[name] = pipeline.compile_model(model, root / name, cfg, overwrite=True, progress=progress)
         seconds[name] = round(time.perf_counter() - start, 1)
@@ -495,6 +503,12 @@ def format_model(m: dict) -> str:
             words = [f"{k} {lat['dqc-W4']['median_ms'] / lat[k]['median_ms']:.2f}×" for k in W4[1:] if k in lat]
             head = f"\n4-bit weights at batch {b}, speed-up against int8 containers (dqc-W4): "
             lines.append(head + ", ".join(words))
+    for b, lat in m["latency"].items():
+        pairs = [(k, base) for k, base in (("dqc-G1-attnq", "dqc-G1"), ("dqc-G1-attnq-ov", "dqc-G1-ov"))
+                 if k in lat and base in lat]  # fmt: skip
+        if pairs:
+            words = [f"{k} {lat[base]['median_ms'] / lat[k]['median_ms']:.3f}× (vs {base})" for k, base in pairs]
+            lines.append(f"\nquantized attention products at batch {b}, speed-up: " + ", ".join(words))
     disk = m.get("disk_mb", {})
     if "dqc-W4" in disk:
         lines.append("\nbundle size on disk: " + ", ".join(f"{k} {v:.2f} MB" for k, v in disk.items()))
