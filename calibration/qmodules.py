@@ -315,7 +315,7 @@ class QuantLayerModule(nn.Module):
         layer: nn.Module,
         w_int: torch.Tensor,
         w_scale: torch.Tensor,
-        act_in: ActParams,
+        act_in: ActParams | None,  # None: the input stays float (weight-only)
         act_out: ActParams | None,
         quantize_bias_int32: bool,
     ) -> None:
@@ -326,12 +326,12 @@ class QuantLayerModule(nn.Module):
         bias = layer.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("bias_int32", None)
-        if bias is not None and quantize_bias_int32:
+        if bias is not None and quantize_bias_int32 and act_in is not None:
             b_int, b_scale = quantize_bias(bias, act_in.scale, w_scale)
             self.bias_int32 = b_int.float() * b_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act_in.apply(x)
+        x = x if self.act_in is None else self.act_in.apply(x)
         # the exported graph carries an int32 bias where the node has a bias input: Conv, and Linear on
         # 2-D inputs (Gemm); Linear on 3-D inputs becomes MatMul + a float Add
         int_bias = self.bias_int32 is not None and (isinstance(self.layer, nn.Conv2d) or x.ndim == 2)

@@ -47,10 +47,13 @@ class CalibrationResult:
     def group_activations(self, group: int) -> dict[str, ActParams]:
         return {p: qs[group] for p, qs in self.activations.items()}
 
-    def reference_model(self, fp_forward: torch.nn.Module, group: int = 0) -> torch.nn.Module:
-        """The fake-quant PyTorch model of one group: the function its shipped graph computes."""
+    def reference_model(self, fp_forward: torch.nn.Module, group: int = 0, float_linear_inputs: bool = False
+                        ) -> torch.nn.Module:  # fmt: skip
+        """The fake-quant PyTorch model of one group: the function its shipped graph computes.
+        `float_linear_inputs`: the Linear layers read float inputs (TensorRT's weight-only INT4, exporter.int4)."""
         profile = get_profile(self.config.target)
         acts = self.group_activations(group)
+        linears = {x.name for x in self.layers if x.op == "linear"} if float_linear_inputs else set()
 
         def build(name: str, layer: torch.nn.Module) -> torch.nn.Module:
             if name not in self.weights:
@@ -60,7 +63,7 @@ class CalibrationResult:
                 layer,
                 w_int,
                 w_scale,
-                acts[f"{name}:input"],
+                None if name in linears else acts[f"{name}:input"],
                 acts.get(f"{name}:output"),
                 profile.quantize_bias,
             )

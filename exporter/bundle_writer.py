@@ -152,7 +152,11 @@ def _group_graph(
     model.opset_import[0].version = fp.opset_import[0].version
     model.ir_version = fp.ir_version
     model = to_float_type(model, profile.float_type)
-    if w4_linear != "int8":  # 4-bit Linear weights packed for ONNX Runtime's MatMulNBits (exporter.nbits)
+    if w4_linear == "int4":  # TensorRT's weight-only INT4 Linears (exporter.int4)
+        from exporter.int4 import to_int4_weights
+
+        report["w4_linear"] = to_int4_weights(model)
+    elif w4_linear != "int8":  # 4-bit Linear weights packed for ONNX Runtime's MatMulNBits (exporter.nbits)
         from exporter.nbits import to_matmul_nbits
 
         report["w4_linear"] = to_matmul_nbits(model, parse_bits(result.config.bits).weight,
@@ -162,7 +166,8 @@ def _group_graph(
     return model, report
 
 
-W4_LINEAR = {"int8": None, "nbits": 0, "nbits-int8": 4}  # --w4-linear → MatMulNBits accuracy_level
+# --w4-linear → MatMulNBits accuracy_level (ort-cpu); int4: TensorRT's weight-only INT4 (trt targets)
+W4_LINEAR = {"int8": None, "nbits": 0, "nbits-int8": 4, "int4": None}
 
 
 def check_w4_linear(choice: str, configs: list) -> None:
@@ -174,7 +179,12 @@ def check_w4_linear(choice: str, configs: list) -> None:
     for cfg in configs:
         if parse_bits(cfg.bits).weight != 4:
             raise ExportError(f"--w4-linear {choice}: --bits {cfg.bits} has {parse_bits(cfg.bits).weight}-bit weights; "
-                              "MatMulNBits packs 4-bit weights (W4A8, W4A4)")  # fmt: skip
+                              "it stores 4-bit weights (W4A8, W4A4)")  # fmt: skip
+        if choice == "int4":
+            if get_profile(cfg.target).backend != "trt":
+                raise ExportError(f"--w4-linear int4: target {cfg.target}; INT4 weight-only Linears are TensorRT's "
+                                  "(--target trt, trt-bf16, trt-fp32); on ONNX Runtime use nbits")  # fmt: skip
+            continue
         if cfg.target != "ort-cpu":
             raise ExportError(f"--w4-linear {choice}: target {cfg.target}; MatMulNBits is an ONNX Runtime kernel "
                               "(--target ort-cpu)")  # fmt: skip

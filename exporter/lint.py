@@ -85,6 +85,15 @@ def _nbits_bias(ix: GraphIndex, node: onnx.NodeProto, slot: int) -> bool:
     return node.op_type == "Add" and _produced_by(ix, node.input[1 - slot], "MatMulNBits") is not None
 
 
+def _int4_weight_only(ix: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A MatMul / Gemm whose weight is DequantizeLinear of an INT4 constant on a TensorRT profile: TensorRT's
+    weight-only INT4 (exporter.int4), whose activation input stays float."""
+    w = node.input[1] if len(node.input) > 1 else ""
+    dq = _produced_by(ix, w, "DequantizeLinear")
+    src = ix.constants.get(dq.input[0]) if dq is not None else None
+    return ix.profile.backend == "trt" and src is not None and src.data_type == TensorProto.INT4
+
+
 def rule_qdq_type(ix: GraphIndex) -> list[Violation]:
     """Activation Q/DQ in the profile's type (int8 symmetric or uint8), weights int8, int32 biases where allowed."""
     p, out = ix.profile, []
@@ -104,6 +113,8 @@ def rule_qdq_type(ix: GraphIndex) -> list[Violation]:
         bias = bool(users) and all(c.op_type in ("Conv", "ConvTranspose", "Gemm") and s == 2 or _nbits_bias(ix, c, s)
                                    for c, s in users)  # fmt: skip
         if src.data_type == INT32 and bias and p.quantize_bias:
+            continue
+        if src.data_type == TensorProto.INT4 and users and all(s == 1 and _int4_weight_only(ix, c) for c, s in users):
             continue
         fix = "keep the bias a float initializer" if src.data_type == INT32 and bias else "quantize it to int8"
         msg = f"dequantizes {dq.input[0]} of type {_tname(src.data_type)}; target {p.name} takes int8 there: {fix}"
@@ -255,7 +266,7 @@ def rule_quantized_input(ix: GraphIndex) -> list[Violation]:
         dq = _produced_by(ix, w, "DequantizeLinear")
         if dq is None or _weight_of(ix, dq) is None:
             continue  # activation × activation: may stay float
-        if _produced_by(ix, n.input[0], "DequantizeLinear") is None:
+        if _produced_by(ix, n.input[0], "DequantizeLinear") is None and not _int4_weight_only(ix, n):
             msg = f"input 0 is {_source(ix, n.input[0])}, not a DequantizeLinear, so the node runs in float"
             out.append(_at("quantized-input", n, msg + "; put a Q/DQ pair on it"))
     return out

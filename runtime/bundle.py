@@ -298,6 +298,9 @@ class Bundle:
         return [sorted(ids) for ids in by_bits.values()]
 
 
+_PACKED = (22, 21)  # TensorProto.INT4, UINT4: two values per byte
+
+
 class SharedInitializers:
     """The bundle's weights file read once, as ONNX Runtime values every group session uses in place of its
     external initializers (SessionOptions.add_initializer): the weights are in memory once for all groups."""
@@ -320,8 +323,8 @@ class SharedInitializers:
         for name in graphs:
             model = onnx.load(str(bundle.root / name), load_external_data=False)
             for t in model.graph.initializer:
-                if t.data_location != onnx.TensorProto.EXTERNAL or t.name in values:
-                    continue
+                if t.data_location != onnx.TensorProto.EXTERNAL or t.name in values or t.data_type in _PACKED:
+                    continue  # 4-bit tensors (TensorRT's INT4 weights) have no numpy type: ONNX Runtime reads them
                 e = {x.key: x.value for x in t.external_data}
                 loc = e.get("location", "")
                 if loc not in blobs:

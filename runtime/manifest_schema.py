@@ -78,7 +78,7 @@ MANIFEST_V1 = Record(
             default="diffusion",
         ),  # fmt: skip
         "null_class?": (INT, None),
-        "w4_linear?": (Record({"MatMulNBits": INT}), None),
+        "w4_linear?": (Record({"MatMulNBits?": INT, "INT4?": INT}), None),
         "groups": ListOf(_GROUP),
         "timestep_to_group": ListOf(INT),
         "files": DictOf(STR),

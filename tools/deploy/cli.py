@@ -198,8 +198,11 @@ def _info(a: argparse.Namespace) -> None:
         _print_plan(info["precision_plan"])
     print(f"quantized nodes: {info['quantized_nodes']} ({info['shared_input_qdq']} reading another layer's input "
           f"Q/DQ); left in float: {len(info['float_nodes'])}")  # fmt: skip
-    if info.get("w4_linear"):
-        print(f"4-bit Linear weights packed for ONNX Runtime's MatMulNBits: {info['w4_linear']['MatMulNBits']} layers")
+    w4 = info.get("w4_linear") or {}
+    if "MatMulNBits" in w4:
+        print(f"4-bit Linear weights packed for ONNX Runtime's MatMulNBits: {w4['MatMulNBits']} layers")
+    if "INT4" in w4:
+        print(f"4-bit Linear weights as TensorRT INT4 weight-only layers (float activations): {w4['INT4']} layers")
     for f in info["float_nodes"]:
         print(f"  {f['node']} ({f['op']}): {f['reason']}")
     print("files:")
@@ -265,11 +268,12 @@ def register(sub) -> None:
                    help="text-to-image pipelines: the bundled text encoder in float (default) or W8A8 (int8 "
                    "per-channel weights, uint8 activations, min-max ranges on the calibration prompts)")  # fmt: skip
     c.add_argument("--bits", default="W8A8", help="weight/activation bit-widths, e.g. W8A8 (default)")
-    c.add_argument("--w4-linear", choices=["int8", "nbits", "nbits-int8"], default="int8",
-                   help="4-bit weights on ort-cpu: every Linear's weights on the 4-bit grid in int8 containers "
-                   "(int8, default: ONNX Runtime's int8 kernels), or packed two per byte for ONNX Runtime's "
-                   "MatMulNBits, multiplying in float32 (nbits: exact) or on activations requantized to int8 "
-                   "per block (nbits-int8)")  # fmt: skip
+    c.add_argument("--w4-linear", choices=["int8", "nbits", "nbits-int8", "int4"], default="int8",
+                   help="4-bit weights: every Linear's weights on the 4-bit grid in int8 containers (int8, default: "
+                   "the int8 kernels), or, on ort-cpu, packed two per byte for ONNX Runtime's MatMulNBits, "
+                   "multiplying in float32 (nbits: exact) or on activations requantized to int8 per block "
+                   "(nbits-int8), or, on trt targets, as INT4 tensors for TensorRT's weight-only INT4 GEMMs, whose "
+                   "activations stay in the graph's float type (int4)")  # fmt: skip
     c.add_argument(
         "--target",
         default="ort-cpu",
