@@ -205,7 +205,7 @@ class Bundle:
     def engines(
         self, providers: list[str] | None = None, threads: int = 0, *, max_resident: int | None = None,
         prepack: bool = True, route: np.ndarray | None = None, backend: str = "ort", spin: bool | None = None,
-        hint: str | None = None, batch: int = 1, single: bool | None = None, prompt_cache: bool = True,
+        hint: str | None = None, batch: int = 1, single: bool | None = None, prompt_cache: bool = False,
     ) -> EngineSet:  # fmt: skip
         """Engines, one per group, created on first use: ONNX Runtime sessions (`backend="ort"`), OpenVINO
         compiled models on the CPU (`"openvino"`, float parts in `hint` precision), the TensorRT plans
@@ -224,13 +224,15 @@ class Bundle:
         packed once and each group's quantization parameters bound per group switch (runtime.single_engine);
         None (default): wherever a precision has several groups; False: one session per group.
         `prompt_cache` (ONNX Runtime and OpenVINO, text bundles): each engine computes the cross-attention keys
-        and values once per prompt embedding, not at every step (runtime.prompt_cache); False: the whole graph
-        per step."""
+        and values once per prompt embedding, not at every step (runtime.prompt_cache); False (default): the whole
+        graph per step. Same outputs bit for bit; measured no faster (docs/RESULTS.md: 1.17× slower on the 8×8
+        reference-text, within noise on the SD-1.5-shaped UNet), so not the default."""
         if backend == "auto":
             choice: dict = {}
             chosen = resolve_backend(backend, self, batch=batch, record=choice)
             engines = self.engines(providers, threads, max_resident=max_resident, prepack=prepack, route=route,
-                                   backend=chosen, spin=spin, hint=hint)  # fmt: skip
+                                   backend=chosen, spin=spin, hint=hint, single=single,
+                                   prompt_cache=prompt_cache)  # fmt: skip
             engines.choice = choice or None
             return engines
         backend = resolve_backend(backend, self)

@@ -234,7 +234,7 @@ def _describe(e: Exception) -> str:
 
 def openvino_engine_set(
     bundle, route: np.ndarray | None = None, *, hint: str = DEFAULT_HINT, threads: int = 0,
-    max_resident: int | None = None, prompt_cache: bool = True,
+    max_resident: int | None = None, prompt_cache: bool = False,
 ) -> EngineSet:  # fmt: skip
     """OpenVINO engines, one per group, compiled on first use. A group whose graph is a whole file is read
     from the bundle (its external weights beside it); an overlay group (a base graph with other

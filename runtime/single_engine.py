@@ -168,7 +168,7 @@ def single_graph(bundle, groups: list[int] | None = None):
     return model, tables
 
 
-def single_engine(bundle, groups: list[int], weights, *, prompt_cache: bool = True, **session) -> SingleEngine:
+def single_engine(bundle, groups: list[int], weights, *, prompt_cache: bool = False, **session) -> SingleEngine:
     """The SingleEngine of `groups` over the bundle's shared weights (SharedInitializers); `session`: OrtEngine's
     options (providers, threads, prepack, spin); `prompt_cache`: text graphs compute the cross-attention K/V once
     per prompt embedding and group."""

@@ -133,6 +133,8 @@ def test_a_pixart_bundle_samples_from_prompts_close_to_full_precision(pixart_dir
     q, fp = np.load(tmp_path / "q.npz"), np.load(tmp_path / "fp.npz")
     assert q["latents"].shape == fp["latents"].shape == (4, 4, 8, 8) and q["samples"].shape == (4, 3, 16, 16)
     assert np.median(np.abs(q["latents"] - fp["latents"])) < 0.02 * np.median(np.abs(fp["latents"]))
+    assert main(["sample", str(bundle), "-o", str(tmp_path / "kv.npz"), "--backend", "ort", "--kv-once", *common]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "kv.npz")["latents"], q["latents"])
     b = load_bundle(bundle)
     cond = np.random.default_rng(0).standard_normal((2, 16, 32), dtype=np.float32)
     runs = {}

@@ -336,12 +336,12 @@ def _requests(bundle, **engines):
 def test_keys_and_values_once_per_request_sample_exactly_what_the_whole_graph_samples(
     text, text_groups, backend, grouped
 ):  # fmt: skip
-    """With the prompt part cut out (the default), two requests give bit-identical latents to the whole graph's,
-    on ONNX Runtime (G = 2: one engine for both groups) and OpenVINO; the prompt part runs once per request and
-    group, not per step."""
+    """With the prompt part cut out (`prompt_cache`, `dqc sample --kv-once`), two requests give bit-identical
+    latents to the whole graph's, on ONNX Runtime (G = 2: one engine for both groups) and OpenVINO; the prompt
+    part runs once per request and group, not per step."""
     bundle = text_groups if grouped else text[2]
     whole, none = _requests(bundle, backend=backend, prompt_cache=False)
-    once, runs = _requests(bundle, backend=backend)
+    once, runs = _requests(bundle, backend=backend, prompt_cache=True)
     np.testing.assert_array_equal(once, whole)
     assert none == []
     # per request and group: G = 2 on ORT is one engine whose part keeps one entry per group

@@ -125,6 +125,7 @@ def _sample(a: argparse.Namespace) -> None:
         backend=a.backend,
         hint=a.precision_hint,
         ort_engines=a.ort_engines,
+        kv_once=a.kv_once,
         progress=not a.quiet,
     )
     for prompt in run.truncated:
@@ -422,6 +423,10 @@ def register(sub) -> None:
                    help="ONNX Runtime, bundles with several groups: one session for all groups of a precision "
                    "(the weights packed once; default) or one session per group (each with its own packed weights: "
                    "more memory, and on the models measured in docs/RESULTS.md faster per step)")  # fmt: skip
+    s.add_argument("--kv-once", action="store_true",
+                   help="text bundles: compute the cross-attention keys and values (and a transformer's caption "
+                   "projection) once per request and group instead of at every step; same images bit for bit, "
+                   "measured no faster on the models in docs/RESULTS.md, so off by default")  # fmt: skip
     s.add_argument("--scheduler", help="scheduler for a bare model directory")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_sample)

@@ -142,10 +142,11 @@ def is_bundle(path: str | Path) -> bool:
 
 def open_engines(path: str | Path, *, scheduler: str | Path | None = None, device: str = "cpu", route=None,
                  backend: str = "auto", hint: str | None = None, batch: int = 1, ort_engines: str = "one",
-                 model=None):  # fmt: skip
+                 model=None, kv_once: bool = False):  # fmt: skip
     """(EngineSet, schedule, null_class, sampler defaults) for a bundle (on `backend`, see Bundle.engines: auto
     times the CPU backends at `batch` rows per call; `route` from Bundle.route; `ort_engines` one: one ONNX
-    Runtime session for all groups of a precision, per-group: a session per group) or a model directory (FP
+    Runtime session for all groups of a precision, per-group: a session per group; `kv_once`: text bundles
+    compute the cross-attention K/V once per request, Bundle.engines' prompt_cache) or a model directory (FP
     torch; `model`: the directory already loaded)."""
     if ort_engines not in ("one", "per-group"):
         raise ConfigError(f"--ort-engines {ort_engines!r}: use one or per-group")
@@ -157,7 +158,7 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
         cal = bundle.manifest.get("calibration", {})
         defaults = {k: cal[k] for k in ("sampler", "steps", "eta", "guidance") if k in cal}
         engines = bundle.engines(route=route, backend=backend, hint=hint, batch=batch,
-                                 single=None if ort_engines == "one" else False)  # fmt: skip
+                                 single=None if ort_engines == "one" else False, prompt_cache=kv_once)  # fmt: skip
         return engines, bundle.schedule, bundle.null_class, defaults
     from calibration.model_io import load_model
 
@@ -279,6 +280,7 @@ def sample_to_file(
     backend: str = "auto",
     hint: str | None = None,
     ort_engines: str = "one",
+    kv_once: bool = False,
     progress: bool = True,
 ) -> SampleRun:
     """`dqc sample`: draw n samples from a bundle or a model directory into an .npz (and a PNG grid).
@@ -310,7 +312,7 @@ def sample_to_file(
         )
     engines, schedule, null_class, defaults = open_engines(path, scheduler=scheduler, route=route, backend=backend,
                                                            hint=hint, batch=rows, ort_engines=ort_engines,
-                                                           model=model)  # fmt: skip
+                                                           model=model, kv_once=kv_once)  # fmt: skip
     cfg = SamplerConfig(
         defaults.get("sampler", "ddim") if sampler is None else sampler,
         defaults.get("steps", 100) if steps is None else steps,
