@@ -433,7 +433,7 @@ def _finite(values) -> list[float | None]:
 def precision_plan(bundle, tables: dict, switch_t: int | None) -> dict:
     """Which precision runs which steps (PTQD Eq. 15, or `switch_t`), the criterion's values per step and
     the bit operations saved against running the high precision at every step."""
-    from runtime.ptqd import diffusion_snr, switch_timestep
+    from runtime.ptqd import state_snr, switch_timestep
 
     precisions = bundle.manifest["precisions"]
     if len(precisions) != 2:
@@ -442,7 +442,8 @@ def precision_plan(bundle, tables: dict, switch_t: int | None) -> dict:
     if set(tables) != {high, low}:
         raise BundleError(f"the mixed-precision switch needs PTQD statistics of {high} and {low}")
     ts = tables[low].timesteps
-    snr_f = diffusion_snr(bundle.schedule.alphas_cumprod, ts)
+    snr_f = state_snr(bundle.schedule, ts, tables[low].steps)
+    flow = getattr(bundle.schedule, "kind", None) == "flow"
     snr = {bits: tables[bits].snr() for bits in (low, high)}
     chosen = switch_timestep(ts, snr[low], snr_f)
     switch = chosen if switch_t is None else int(switch_t)
@@ -457,7 +458,12 @@ def precision_plan(bundle, tables: dict, switch_t: int | None) -> dict:
         "switch_t_criterion": chosen,
         "overridden": switch_t is not None,
         "rule": "low precision at timesteps t >= switch_t, high below",
-        "criterion": "PTQD Eq. 15: low while (1+k)^2 E[eps^2] / sigma_q^2 of the low precision >= abar/(1-abar)",
+        "criterion": (
+            "flow analogue of PTQD Eq. 15: low while (1+k)^2 E[v^2] / sigma_q^2 of the low precision >= "
+            "(1-sigma)^2/sigma^2"
+            if flow
+            else "PTQD Eq. 15: low while (1+k)^2 E[eps^2] / sigma_q^2 of the low precision >= abar/(1-abar)"
+        ),
         "steps": {low: n_low, high: len(ts) - n_low},
         "bop_saving": round(1 - (n_low * b_low + (len(ts) - n_low) * b_high) / (len(ts) * b_high), 4),
         "snr": {"timesteps": ts.tolist(), "diffusion": _finite(snr_f), **{b: _finite(v) for b, v in snr.items()}},

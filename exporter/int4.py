@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter.simplify import _drop_dead
 from runtime.errors import ExportError
 
 INT4_OPSET = 21
@@ -87,24 +88,9 @@ def to_int4_weights(model: onnx.ModelProto) -> dict[str, int]:
         count += 1
     if not count:
         return {"INT4": 0}
-    _drop_unused(g)
+    _drop_dead(g)  # the Linears' activation Q/DQ pairs, the int8 containers
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, INT4_OPSET)
     model.ir_version = max(model.ir_version, 10)  # INT4 tensors: IR version 10
     return {"INT4": count}
-
-
-def _drop_unused(g: onnx.GraphProto) -> None:
-    """Remove the nodes whose outputs nothing reads (the Linears' activation Q/DQ pairs) and unread initializers."""
-    needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(x for x in node.input if x)
-    del g.node[:]
-    g.node.extend(reversed(keep))
-    used = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(used)

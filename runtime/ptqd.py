@@ -172,6 +172,21 @@ def diffusion_snr(alphas_cumprod: np.ndarray, timesteps) -> np.ndarray:
     return a / (1 - a)
 
 
+def state_snr(schedule, keys, steps: int) -> np.ndarray:
+    """SNR_F of the sampler's state at each gathered step (its timestep key): ā/(1 − ā) on a diffusion schedule;
+    on a flow schedule, x_t = (1 − σ) x_0 + σ ε gives (1 − σ)² / σ², σ of the `steps`-step Euler solver's step
+    with that key (docs/ptqd_flow_matching.md, "Step-aware mixed precision")."""
+    if getattr(schedule, "kind", None) != "flow":
+        return diffusion_snr(schedule.alphas_cumprod, keys)
+    from runtime.engine import timestep_key
+
+    ts = schedule.timesteps(steps)
+    sigma_of = dict(zip(np.asarray(timestep_key(ts)).tolist(), schedule.sigmas(steps)[: len(ts)].tolist(), strict=True))
+    s = np.array([sigma_of[int(k)] for k in keys], np.float64)
+    with np.errstate(divide="ignore"):
+        return (1 - s) ** 2 / s**2
+
+
 def switch_timestep(timesteps, snr_low: np.ndarray, snr_f: np.ndarray) -> int:
     """The mixed-precision switch (PTQD Eq. 15): the low precision serves the sampler's steps from the first
     (noisiest) one while SNR_Q,low(t) ≥ SNR_F(t); from the first step where it falls below, the high one.

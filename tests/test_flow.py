@@ -243,3 +243,32 @@ def test_quality_table_calibrates_and_samples_a_flow_model_with_its_euler_solver
     assert manifest["calibration"]["sampler"] == "euler"
     quantized = [r for r in table["rows"] if r["method"] == "naive"]
     assert len(quantized) == 1 and quantized[0]["psnr_db"] > 20
+
+
+def test_mixed_precision_on_a_flow_model_switches_by_the_state_snr_of_its_euler_steps(flow_dir, tmp_path):
+    """--mixed-bits on a flow model: the plan compares the cheap precision's SNR of v with the state's SNR
+    (1 − σ)²/σ² at each Euler step's σ; sampling runs the cheap precision at the steps whose key is ≥ the switch
+    and the full one below, and `--switch-t` moves it."""
+    from runtime.bundle import load_bundle
+    from tools.deploy.pipeline import sample_to_file
+
+    bundle = tmp_path / "b"
+    assert main(["compile", str(flow_dir), "-o", str(bundle), "--bits", "W8A8", "--mixed-bits", "W8A4", "--ptqd",
+                 "--ptqd-samples", "8", "--steps", "8", "--calib-samples", "8", "--calib-timesteps", "4",
+                 "-q"]) == 0  # fmt: skip
+    b = load_bundle(bundle)
+    plan = b.manifest["precision_plan"]
+    assert (plan["low"], plan["high"]) == ("W8A4", "W8A8") and "(1-sigma)^2/sigma^2" in plan["criterion"]
+    sigma = b.schedule.sigmas(8)[:8]
+    assert plan["snr"]["timesteps"] == timestep_key(b.schedule.timesteps(8)).tolist()
+    np.testing.assert_allclose([v if v is not None else np.inf for v in plan["snr"]["diffusion"]],
+                               (1 - sigma) ** 2 / sigma**2, rtol=1e-5, atol=1e-6)  # fmt: skip
+    low_snr = np.array([np.inf if v is None else v for v in plan["snr"]["W8A4"]])
+    keys = np.array(plan["snr"]["timesteps"])
+    fails = np.flatnonzero(low_snr < (1 - sigma) ** 2 / sigma**2)
+    assert plan["switch_t"] == (0 if len(fails) == 0 else int(keys[fails[0] - 1]) if fails[0] else int(keys[0]) + 1)
+    for switch in (plan["switch_t"], int(keys[3])):
+        run = sample_to_file(bundle, tmp_path / f"{switch}.npz", n=2, class_label="3", switch_t=switch,
+                             backend="ort", progress=False)  # fmt: skip
+        want = ["W8A4" if k >= switch else "W8A8" for k in timestep_key(run.timesteps)]
+        assert run.step_precisions == want and "cnc" in run.ptqd

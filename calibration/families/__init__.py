@@ -50,7 +50,16 @@ class Family:
     def load_text(self, root: Path, device: str, prompts: tuple[str, ...] = ()):
         """Text families: the pipeline's prompt encoder (calibration.families.text.PromptEncoder) from the
         pipeline directory `root`, with the calibration `prompts`; None for the others."""
-        return None
+        if not self.text:
+            return None
+        from calibration.families.text import PromptEncoder
+
+        if root.name == self.subfolder or not (root / self.subfolder).is_dir():
+            raise ModelLoadError(
+                f"{root}: a {self.classes[0]} is compiled from its pipeline directory ({self.subfolder}/, "
+                "text_encoder/, tokenizer/, scheduler/), whose text encoder makes the prompts' embeddings"
+            )
+        return PromptEncoder(root, device, prompts)
 
     def input_spec(self, module: nn.Module, schedule: NoiseSchedule, where: Path, text=None) -> InputSpec:
         """What its engines accept (`text`: load_text's encoder, which fixes the context shape); a

@@ -53,16 +53,6 @@ class PixArt(Family):
     block_types = ("BasicTransformerBlock",)
     text = True
 
-    def load_text(self, root: Path, device: str, prompts: tuple[str, ...] = ()):
-        from calibration.families.text import PromptEncoder
-
-        if root.name == self.subfolder or not (root / self.subfolder).is_dir():
-            raise ModelLoadError(
-                f"{root}: a PixArtTransformer2DModel is compiled from its pipeline directory (transformer/, "
-                "text_encoder/, tokenizer/, scheduler/), whose text encoder makes the prompts' embeddings"
-            )
-        return PromptEncoder(root, device, prompts)
-
     def input_spec(self, module: nn.Module, schedule: NoiseSchedule, where: Path, text=None) -> InputSpec:
         config = module.config
         if module.use_additional_conditions:

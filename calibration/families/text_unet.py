@@ -48,16 +48,6 @@ class TextUNet(Family):
     block_types = ("ResnetBlock2D", "BasicTransformerBlock")
     text = True
 
-    def load_text(self, root: Path, device: str, prompts: tuple[str, ...] = ()):
-        from calibration.families.text import PromptEncoder
-
-        if root.name == self.subfolder or not (root / self.subfolder).is_dir():
-            raise ModelLoadError(
-                f"{root}: a UNet2DConditionModel is compiled from its pipeline directory (unet/, text_encoder/, "
-                "tokenizer/, scheduler/), whose text encoder makes the prompts' embeddings"
-            )
-        return PromptEncoder(root, device, prompts)
-
     def input_spec(self, module: nn.Module, schedule: NoiseSchedule, where: Path, text=None) -> InputSpec:
         config = module.config
         for key, default in _UNSUPPORTED.items():

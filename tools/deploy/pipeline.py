@@ -79,9 +79,10 @@ def compile_model(
     if text_encoder != "fp32" and model.text is None:
         raise ConfigError(f"--text-encoder {text_encoder}: {model.source} has no text encoder (only text-to-image "
                           "pipelines do); leave the flag out")  # fmt: skip
-    if mixed_bits and model.schedule.prediction_type != "epsilon":
-        raise ConfigError(f"--mixed-bits: the switch criterion compares ε's SNR with the diffusion's; {model.source} "
-                          f"predicts {model.schedule.prediction_type}: compile one precision")  # fmt: skip
+    if mixed_bits and model.schedule.prediction_type not in ("epsilon", "flow"):
+        raise ConfigError(f"--mixed-bits: the switch criterion compares the prediction's SNR with the state's for ε "
+                          f"(PTQD Eq. 15) and flow velocities; {model.source} predicts "
+                          f"{model.schedule.prediction_type}: compile one precision")  # fmt: skip
     results = [calibrate(model, cfg, progress=progress)]
     for c in configs[1:]:  # same weight bits: reuse the weights (unless BRECQ learns them with the activations)
         same = parse_bits(c.bits).weight == parse_bits(cfg.bits).weight and cfg.weight_rounding != "brecq"
