@@ -53,6 +53,17 @@ def test_speed_bench_without_openvino_measures_the_rest_and_says_why(tmp_path, m
     assert ops["dqc-G1-attnq"]["float_matmul_gemm"] == 0
 
 
+def test_speed_bench_times_a_text_unet_with_embeddings_and_guidance(tmp_path):
+    """`--models tiny-text` (sd15 is the same path at Stable Diffusion 1.5's shape): calibrated on the bench's
+    prompts, every engine timed on N(0, 1) text embeddings, the guided loop at batch 2 per sample."""
+    assert main(["bench", "--models", "tiny-text", "--batches", "1", "--reps", "2", "--no-memory", "-q", "--out",
+                 str(tmp_path)]) == 0  # fmt: skip
+    m = json.loads((tmp_path / "bench.json").read_text())["models"]["tiny-text"]
+    assert {"fp32", "ort-static", "dqc-G1", "dqc-G8"} <= set(m["latency"]["1"])
+    assert m["calibration"]["guidance"] == 7.5 and m["sample_shape"] == [4, 8, 8]
+    assert m["loop"]["fp32"]["seconds"] > 0 and "quality" not in m
+
+
 def test_bench_refuses_bad_flags(capsys):
     assert main(["bench", "--batches", "1,x", "-q"]) == 2
     assert "--batches" in capsys.readouterr().err

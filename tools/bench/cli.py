@@ -107,7 +107,9 @@ def register(sub) -> None:
                    "reference; with --groups-vs / --ptqd-checks: a bundle)")  # fmt: skip
     b.add_argument("--models", metavar="M1,M2", help="speed: models to measure: reference, cifar10 (35.7 M, "
                    "random weights), tiny, dit-s2 / dit-xl2 (DiT-S/2- and DiT-XL/2-shaped transformers, 32x32x4 "
-                   "latents, random weights) or a model directory (default reference,cifar10)")  # fmt: skip
+                   "latents, random weights), tiny-text / sd15 (text UNets: a tiny one and Stable Diffusion 1.5's, "
+                   "32x32x4 latents, random weights, guidance 7.5 so batch 2 per sample) or a model directory "
+                   "(default reference,cifar10)")  # fmt: skip
     b.add_argument("--w4", action="store_true", help="speed: also W4A8 bundles (G = 1) with the Linear weights in "
                    "int8 containers (dqc-W4) and packed for ONNX Runtime's MatMulNBits (dqc-W4-nbits, float32 "
                    "compute; -int8: int8 compute; -ov: on OpenVINO), with their sizes on disk")  # fmt: skip

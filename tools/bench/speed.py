@@ -63,7 +63,11 @@ ENGINES = {
 OURS = ("dqc-G1", "dqc-G8", "dqc-G1-ov", "dqc-G8-ov")
 W4 = ("dqc-W4", "dqc-W4-nbits", "dqc-W4-nbits-int8", "dqc-W4-nbits-ov")
 BASES = ("fp32", "ort-static", "ov-fp32", "ov-nncf")
-MODELS = ("reference", "cifar10", "tiny", "dit-s2", "dit-xl2")
+MODELS = ("reference", "cifar10", "tiny", "dit-s2", "dit-xl2", "tiny-text", "sd15")
+# text-to-image UNets (tools.bench.synthetic.TEXT_SHAPES): the engines take N(0, 1) text embeddings when timed
+TEXT_MODELS = {"tiny-text": "tiny", "sd15": "sd15"}
+BENCH_PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at dawn")
+TEXT_GUIDANCE = 7.5
 
 
 @dataclass(frozen=True)
@@ -97,10 +101,12 @@ class BenchPlan:
 
 
 def _inputs(spec, batch: int, seed: int = 0):
+    """(sample, condition) rows for timing calls: noise, and the classes cycled or N(0, 1) text embeddings."""
+    from runtime.engine import example_cond
+
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *spec.sample_shape), dtype=np.float32)
-    labels = None if spec.num_class_embeds is None else np.arange(batch, dtype=np.int64) % spec.num_class_embeds
-    return x, labels
+    return x, example_cond(spec, batch, rng)
 
 
 def open_engine(backend: str, path: str, spec=None):
@@ -187,7 +193,7 @@ def _stats(seconds: list[float]) -> dict:
             "p90_ms": round(float(np.percentile(ms, 90)), 3)}  # fmt: skip
 
 
-def sampling_loop(engines: dict, schedule, spec, null_class, steps: int, guidance: float) -> dict:
+def sampling_loop(engines: dict, schedule, spec, null_cond, steps: int, guidance: float) -> dict:
     """Wall time of the whole host sampling loop (DDIM `steps`, one sample) per engine set, and what the loop
     adds over the bare engine calls: against the same calls (the guided batch: cond and uncond) at the same
     timesteps without the sampler around them (`loop_overhead`; loop and bare runs interleaved, 3 each,
@@ -197,14 +203,14 @@ def sampling_loop(engines: dict, schedule, spec, null_class, steps: int, guidanc
 
     cfg = SamplerConfig("ddim", steps, 0.0, guidance)
     ts = [int(t) for t in schedule.timesteps(steps)]
-    guided = spec.num_class_embeds is not None and guidance != 1.0
+    guided = spec.condition is not None and guidance != 1.0
     x, labels = _inputs(spec, 2 if guided else 1)
     one = None if labels is None else labels[:1]
     runs: dict[str, dict[str, list[float]]] = {k: {"loop": [], "bare": [], "inside": []} for k in engines}
     for _ in range(3):
         for name, es in engines.items():
             start = time.perf_counter()
-            run = sample(es, schedule, cfg, n=1, seed=0, cond=one, null_cond=null_class, batch_size=1,
+            run = sample(es, schedule, cfg, n=1, seed=0, cond=one, null_cond=null_cond, batch_size=1,
                          progress=False)  # fmt: skip
             runs[name]["loop"].append(time.perf_counter() - start)
             runs[name]["inside"].append(run.engine_seconds)
@@ -237,6 +243,11 @@ def _load(name: str, root: Path):
         from tools.bench.synthetic import save_dit_pipeline
 
         return load_model(save_dit_pipeline(root / name, name)), 1.0
+    if name in TEXT_MODELS:  # random weights, calibrated on synthetic prompts, sampled with guidance (batch 2)
+        from tools.bench.synthetic import save_text_pipeline
+
+        pipe = save_text_pipeline(root / name, TEXT_MODELS[name], vae=False)
+        return load_model(pipe, prompts=BENCH_PROMPTS), TEXT_GUIDANCE
     return load_model(save_pipeline(build_unet(name), root / name)), 1.0
 
 
@@ -369,7 +380,7 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
                 {k: engines[k] for k in ("fp32", "dqc-G8", "dqc-G8-ov") if k in engines},
                 model.schedule,
                 spec,
-                model.null_class,
+                model.null_cond,
                 plan.loop_steps,
                 guidance,
             ),  # fmt: skip
@@ -555,7 +566,7 @@ def op_profile(engines: dict, spec, batch: int, runs: int = 5) -> dict:
     t = spec.num_train_timesteps // 2
     feeds = {"sample": x, "timestep": np.full(batch, t, np.int64)}
     if labels is not None:
-        feeds["class_labels"] = labels
+        feeds[spec.condition] = labels
     out = {}
     for name, (backend, p) in engines.items():
         if backend.startswith("openvino"):
