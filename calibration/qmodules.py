@@ -139,16 +139,17 @@ class ProductsProcessor:
 
 
 class _Observing:
-    """Handle of observe_attention: removing it drops its function; the last one restores the processor."""
+    """Handle of observe_attention: removing it drops its function; the last one puts the module's own
+    processor back."""
 
-    def __init__(self, module: nn.Module, suffix: str, previous) -> None:
-        self.module, self.suffix, self.previous = module, suffix, previous
+    def __init__(self, module: nn.Module, suffix: str) -> None:
+        self.module, self.suffix = module, suffix
 
     def remove(self) -> None:
         proc = self.module.processor
         proc.fns[self.suffix] = _identity
         if all(f is _identity for f in proc.fns.values()):
-            self.module.set_processor(self.previous)
+            self.module.set_processor(proc.restore)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -159,19 +160,17 @@ def observe_attention(unet: nn.Module, point: str, fn: Callable[[torch.Tensor], 
     """Passes the tensor of attention point `point` to fn on every call; returns a handle with remove()."""
     name, _, suffix = point.rpartition(":")
     module = unet.get_submodule(name)
-    previous = module.processor
-    if not isinstance(previous, ProductsProcessor):
-        module.set_processor(ProductsProcessor(dict.fromkeys(ATTENTION, _identity)))
-    else:
-        previous = getattr(module, "_observed_from", previous)
-    module._observed_from = previous
+    if not isinstance(module.processor, ProductsProcessor):
+        observing = ProductsProcessor(dict.fromkeys(ATTENTION, _identity))
+        observing.restore = module.processor  # put back when the last observer is removed
+        module.set_processor(observing)
 
     def observe(x: torch.Tensor) -> torch.Tensor:
         fn(x)
         return x
 
     module.processor.fns[f":{suffix}"] = observe
-    return _Observing(module, f":{suffix}", previous)
+    return _Observing(module, f":{suffix}")
 
 
 def extra_points(unet: nn.Module, profile: TargetProfile, attention: bool) -> list[str]:
