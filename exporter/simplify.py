@@ -222,8 +222,20 @@ def _drop_dead(g: onnx.GraphProto) -> None:
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(x for x in node.input if x)
+            needed.update(_subgraph_reads(node))  # an If / Loop body reads outer tensors by name
     del g.node[:]
     g.node.extend(reversed(keep))
     used = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(used)
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The tensor names the node's subgraphs (If branches, Loop / Scan bodies) read, at any depth."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            for n in sub.node:
+                names.update(x for x in n.input if x)
+                names.update(_subgraph_reads(n))
+    return names

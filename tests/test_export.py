@@ -181,6 +181,22 @@ def test_shape_conditioned_ifs_are_replaced_by_the_branch_they_take():
     session = ort.InferenceSession(inlined.SerializeToString(), providers=["CPUExecutionProvider"])
     v = np.random.default_rng(0).standard_normal((3, 4, 3)).astype(np.float32)
     np.testing.assert_array_equal(session.run(None, {"x": v})[0], 2 * v)
+    # an If on the data stays, and the tensor its branch reads from outside (Neg's output) with it
+    data_if = [helper.make_node("Neg", ["y"], ["neg"]), helper.make_node("ReduceMax", ["y"], ["m"], keepdims=0),
+               helper.make_node("Greater", ["m", "zero_f"], ["positive"]),
+               helper.make_node("If", ["positive"], ["z"], name="data_if",
+                                then_branch=helper.make_graph([helper.make_node("Identity", ["neg"], ["a"])], "t", [],
+                                                              [out("a")]),
+                                else_branch=helper.make_graph([helper.make_node("Identity", ["y"], ["b"])], "e", [],
+                                                              [out("b")]))]  # fmt: skip
+    model.graph.node.extend(data_if)
+    model.graph.initializer.append(c(np.float32(0), "zero_f"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    kept = inline_shape_ifs(model)
+    assert [n.op_type for n in kept.graph.node] == ["Mul", "Neg", "ReduceMax", "Greater", "If"]
+    got = ort.InferenceSession(kept.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": v})[0]
+    np.testing.assert_array_equal(got, -2 * v if (2 * v).max() > 0 else 2 * v)
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "trt"])
