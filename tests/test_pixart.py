@@ -135,6 +135,7 @@ def test_a_pixart_bundle_samples_from_prompts_close_to_full_precision(pixart_dir
     assert np.median(np.abs(q["latents"] - fp["latents"])) < 0.02 * np.median(np.abs(fp["latents"]))
     assert main(["sample", str(bundle), "-o", str(tmp_path / "kv.npz"), "--backend", "ort", "--kv-once", *common]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "kv.npz")["latents"], q["latents"])
+    assert main(["sample", str(pixart_dir), "-o", str(tmp_path / "x.npz"), "--kv-once", *common]) == 2  # a model dir
     b = load_bundle(bundle)
     cond = np.random.default_rng(0).standard_normal((2, 16, 32), dtype=np.float32)
     runs = {}

@@ -304,6 +304,8 @@ def sample_to_file(
 
         model = load_model(resolve_model(path), scheduler)  # a text pipeline directory, in full precision
     text = _text_request(bundle, path, n, class_label, prompts, prompts_file, negative_prompt, model)
+    if kv_once and (bundle is None or not text):
+        raise ConfigError(f"--kv-once: {path} is not a text-to-image bundle; the cross-attention K/V cut is for those")
     rows = min(batch_size, n)  # rows per engine call: twice that with classifier-free guidance
     if bundle is not None and bundle.spec.condition is not None:
         rows *= (
