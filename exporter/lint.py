@@ -73,7 +73,6 @@ _FLOAT_TYPE = {"float32": FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": Ten
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _QUANT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _TYPED_OPS = (*_QUANT_OPS, "InstanceNormalization", "Softmax")
-# the explicit integer kernels of the single engine (runtime.single_engine): their quantized-input parameters
 # explicit integer kernels (runtime.single_engine): {op: {quantized input slot: its scale and zero-point slots}};
 # MatMulIntegerToFloat's B is an activation too where an attention product is quantized
 _FUSED_INPUT = {"QLinearConv": {0: (1, 2)}, "QGemm": {0: (1, 2)}, "MatMulIntegerToFloat": {0: (2, 4), 1: (3, 5)}}
