@@ -69,6 +69,8 @@ def test_bench_refuses_bad_flags(capsys):
     assert "--batches" in capsys.readouterr().err
     assert main(["bench", "--models", "imagenet", "--batches", "1", "-q", "--no-memory"]) == 2
     assert "--models 'imagenet'" in capsys.readouterr().err
+    assert main(["bench", "--models", "tiny", "--loop-steps", "0", "-q"]) == 2
+    assert "--loop-steps 0: must be at least 1" in capsys.readouterr().err
 
 
 def test_ptqd_ablation_table_on_the_tiny_model(tiny_dir, tmp_path, capsys):

@@ -78,7 +78,8 @@ def _bench(a: argparse.Namespace) -> None:
     else:
         models = tuple(csv_list(a.models) or ([a.model] if a.model else ["reference", "cifar10"]))
         batches = int_list(a.batches, "--batches")
-        plan = BenchPlan(models=models, batches=batches, reps=a.reps, memory=a.memory, profile=a.profile, w4=a.w4,
+        plan = BenchPlan(models=models, batches=batches, reps=a.reps, loop_steps=a.loop_steps, memory=a.memory,
+                         profile=a.profile, w4=a.w4,
                          attention=bool(a.attention_products))  # fmt: skip
     run_bench(plan, out_dir=a.out, progress=not a.quiet)
 
@@ -121,6 +122,8 @@ def register(sub) -> None:
                    "kernel time by op type (where the time goes)")  # fmt: skip
     b.add_argument("--batch", type=int, default=1, help="--groups-vs: batch size (default 1)")
     b.add_argument("--reps", type=int, default=20, help="interleaved timed runs per engine (default 20)")
+    b.add_argument("--loop-steps", type=int, default=100, help="speed: DDIM steps of the whole-loop timing and of "
+                   "the per-step latency's timesteps (default 100; fewer keeps large models' runs short)")  # fmt: skip
     b.add_argument("--json", metavar="FILE", help="--groups-vs / --ptqd-checks: write the report as JSON")
     b.add_argument(
         "--groups-vs",

@@ -90,8 +90,10 @@ class BenchPlan:
     def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("--models: name at least one model")
-        if not self.batches or min(self.batches) < 1 or self.reps < 1 or self.loop_steps < 1:
+        if not self.batches or min(self.batches) < 1 or self.reps < 1:
             raise ConfigError(f"--batches {self.batches} / --reps {self.reps}: must be at least 1")
+        if self.loop_steps < 1:
+            raise ConfigError(f"--loop-steps {self.loop_steps}: must be at least 1")
         if self.calib_timesteps < 8:
             raise ConfigError(f"calib_timesteps={self.calib_timesteps}: G = 8 needs at least 8 calibrated steps")
 
