@@ -182,20 +182,28 @@ def test_text_demo(tmp_path, capsys):
     assert "W8A8 ORT" in capsys.readouterr().out
 
 
-def test_method_table_samples_each_prompt_set(tmp_path):
+def test_method_table_samples_each_prompt_set(tmp_path, capsys):
     """`dqc bench reference-text --methods`: calibrated on the training prompts, each cell sampled on the training
-    and the held-out templates (one row each); --with-ptqd compiles the cell with statistics and samples with them."""
+    and the held-out templates (one row each); --with-ptqd then reuses that calibration, gathers the statistics
+    (as compile does) and samples with them."""
     out = tmp_path / "t"
-    assert main(["bench", TEXT_KEYWORD, "--methods", "naive", "--bits", "W8A8", "-n", "10", "--steps", "5",
-                 "--calib-samples", "4", "--calib-timesteps", "2", "--with-ptqd", "--ptqd-samples", "8",
-                 "--out", str(out), "-q"]) == 0  # fmt: skip
+    argv = ["bench", TEXT_KEYWORD, "--methods", "naive", "--bits", "W8A8", "-n", "10", "--steps", "5",
+            "--calib-samples", "4", "--calib-timesteps", "2", "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv + ["--with-ptqd", "--ptqd-samples", "8"]) == 0
+    said = capsys.readouterr().out
+    assert "reused the calibration of naive_W8A8" in said and "compiled in" not in said
     table = json.loads((out / "table.json").read_text())
     assert [(r["method"], r["prompts"]) for r in table["rows"]] == [
         ("fp", "train"), ("fp", "held-out"), ("naive + PTQD", "train"), ("naive + PTQD", "held-out")
     ]  # fmt: skip
     cell = out / "naive_W8A8_ptqd"
     manifest = json.loads((cell / "bundle" / "manifest.json").read_text())
-    assert manifest["ptqd"]
+    base = json.loads((out / "naive_W8A8" / "bundle" / "manifest.json").read_text())
+    assert manifest["ptqd"] and not base.get("ptqd")
+    assert manifest["files"]["weights.bin"] == base["files"]["weights.bin"]
+    assert manifest["ptqd"]["W8A8"]["samples"] == 8 and not list(out.glob("*/*.tmp"))
     calibrated_on = manifest["components"]["calibration_prompts"]
     assert calibrated_on == prompts_for("train", 80)[0] and not set(calibrated_on) & set(prompts_for("held-out", 30)[0])
     for ps in ("train", "held-out"):

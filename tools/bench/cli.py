@@ -144,7 +144,8 @@ def register(sub) -> None:
     q.add_argument("--seed", type=int, default=0, help="sampling and calibration seed (default 0)")
     q.add_argument("--sample-batch", type=int, default=250, help="sampling batch (default 250)")
     q.add_argument("--with-ptqd", action="store_true", help="compile every cell with PTQD statistics (--ptqd-samples "
-                   "trajectories) and sample with its corrections on; cells get the suffix _ptqd")  # fmt: skip
+                   "trajectories) and sample with its corrections on; cells get the suffix _ptqd, and one whose "
+                   "cell without PTQD is in --out reuses that calibration")  # fmt: skip
     q.add_argument("--adaround-iters", type=int, help="override the presets' reconstruction iterations per block")
     q.add_argument("--act-iters", type=int, help="override the presets' LSQ activation iterations per block")
     q.add_argument("--recon-batch", type=int, help="override the reconstruction batch (default 32)")

@@ -7,8 +7,9 @@ full-precision samples. On the text pipeline `reference-text` every cell is cali
 prompts and sampled twice, on prompts from the training templates and from the held-out templates (one row
 each, column `prompts`). Cells live in `<out>/<method>[_G<g>][_<strategy>][_n<size>]_<bits>/` (bundle/,
 samples.npz, eval.json) and are reused when present and made with the same settings, so an interrupted
-table resumes; delete a cell to recompute it. The table is written as table.json and table.md, the
-FD-vs-bits plot as fd_vs_bits.png.
+table resumes; delete a cell to recompute it. A `--with-ptqd` cell (suffix _ptqd) whose cell without PTQD is
+present and matches reuses that calibration and only gathers the PTQD statistics. The table is written as
+table.json and table.md, the FD-vs-bits plot as fd_vs_bits.png.
 """
 
 from __future__ import annotations
@@ -62,6 +63,31 @@ def _samples_match(path: Path, n: int, seed: int, steps: int, eta: float, guidan
         count = len(data["samples"])
     have = (count, meta.get("seed"), meta.get("steps"), meta.get("eta"), meta.get("guidance"))
     return have == (n, seed, steps, eta, guidance)
+
+
+def _add_ptqd(base: Path, bundle: Path, source, cfg, calib_prompts, *, samples: int, progress: bool) -> None:
+    """The PTQD cell of an already calibrated cell: a copy of its bundle `base` with PTQD statistics gathered
+    as `dqc compile --ptqd` gathers them (the calibration prompts, seed and sampler of `cfg`), written beside
+    `bundle` and moved into place when complete."""
+    import os
+    import shutil
+
+    from calibration.model_io import load_model
+    from runtime.text import read_prompts
+
+    prompts = () if calib_prompts is None else tuple(read_prompts(calib_prompts, "--calib-prompts"))
+    tmp = bundle.with_name(bundle.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base, tmp)
+    try:
+        pipeline.gather_ptqd(tmp, load_model(source, prompts=prompts), cfg.sampler_config, samples=samples,
+                             seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(bundle, ignore_errors=True)
+    os.replace(tmp, bundle)
 
 
 def run_method_table(
@@ -155,6 +181,18 @@ def run_method_table(
         matches = _bundle_matches(bundle, method, b, {k: v for k, v in fields.items() if k in _CELL_KEYS})
         if matches and bool(ptqd_samples) != bool((_load_json(bundle / "manifest.json") or {}).get("ptqd")):
             matches = False
+        base = out / (cell_name(method, g, strategy, size, b) + suffix.removesuffix("_ptqd")) / "bundle"
+        if not matches and ptqd_samples and _bundle_matches(base, method, b, {k: v for k, v in fields.items()
+                                                                                if k in _CELL_KEYS}):  # fmt: skip
+            cfg = CalibrationConfig.for_method(method, bits=b, sampler=sampler, **fields)
+            if not (_load_json(base / "manifest.json") or {}).get("ptqd"):
+                start = time.perf_counter()
+                _add_ptqd(base, bundle, source, cfg, calib_prompts, samples=ptqd_samples, progress=progress)
+                print(f"{cell.name}: reused the calibration of {base.parent.name}, PTQD statistics gathered in "
+                      f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+                for ps in prompt_sets:
+                    samples_of(cell, ps).unlink(missing_ok=True)
+                matches = True
         if not matches:
             cfg = CalibrationConfig.for_method(method, bits=b, sampler=sampler, **fields)
             cell.mkdir(exist_ok=True)
