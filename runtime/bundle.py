@@ -220,9 +220,11 @@ class Bundle:
         groups the sessions' worker threads do not spin-wait between calls (idle sessions would compete
         with the running one); `spin` overrides that (False: never spin, e.g. when other sessions run in
         between).
-        `single` (ONNX Runtime, ort-cpu bundles): one session serves all groups of a precision, its weights
-        packed once and each group's quantization parameters bound per group switch (runtime.single_engine);
-        None (default): wherever a precision has several groups; False: one session per group.
+        `single` (ort-cpu bundles): one engine serves all groups of a precision, its weights packed once: on
+        ONNX Runtime one session with each group's quantization parameters bound per group switch
+        (runtime.single_engine), on OpenVINO one compiled model whose group-dependent values are inputs
+        (runtime.openvino_single; per-group models where that rewrite does not apply); None (default): wherever a
+        precision has several groups; False: one engine per group.
         `prompt_cache` (ONNX Runtime and OpenVINO, text bundles): each engine computes the cross-attention keys
         and values once per prompt embedding, not at every step (runtime.prompt_cache); False (default): the whole
         graph per step. Same outputs bit for bit; measured no faster (docs/RESULTS.md: 1.17× slower on the 8×8
@@ -244,7 +246,8 @@ class Bundle:
             from runtime.openvino import DEFAULT_HINT, openvino_engine_set
 
             return openvino_engine_set(self, route, hint=hint or DEFAULT_HINT, threads=threads,
-                                       max_resident=max_resident, prompt_cache=prompt_cache)  # fmt: skip
+                                       max_resident=max_resident, prompt_cache=prompt_cache,
+                                       shared=self._single_groups(single), single=single)  # fmt: skip
         spec, state = self.spec, {}
         shared = self._single_groups(single)
         sessions = len(self.manifest["groups"]) - sum(len(gs) - 1 for gs in shared.values())

@@ -25,7 +25,7 @@ import numpy as np
 
 from runtime.cpu import int8_saturates
 from runtime.engine import EngineSet, InputSpec, input_feeds
-from runtime.errors import EngineError
+from runtime.errors import BundleError, EngineError
 from runtime.prompt_cache import PROMPT_INPUT, PromptPart, split_prompt_part
 
 MISSING_OPENVINO = (
@@ -148,16 +148,16 @@ class OpenVinoEngine:
         self.activate()
         return int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
 
-    def profile(self, sample, timestep, cond=None, runs: int = 5) -> dict:
+    def profile(self, sample, timestep, cond=None, runs: int = 5, params: dict | None = None) -> dict:
         """Where the time goes: OpenVINO's per-node counters over `runs` calls (a separately compiled model with
         PERF_COUNT on), milliseconds per call summed by (node type, kernel), e.g. ("Convolution",
-        "brgconv_avx512_amx_I8"): which kernels run int8 and on which instructions."""
+        "brgconv_avx512_amx_I8"): which kernels run int8 and on which instructions. `params`: as for `bind`."""
         import collections
 
         self.activate()  # the graph's checks, and its errors, first
         compiled = core().compile_model(self._read(), "CPU", self.config | {"PERF_COUNT": True})
         request = compiled.create_infer_request()
-        feeds = input_feeds(self.spec, sample, timestep, cond)
+        feeds = input_feeds(self.spec, sample, timestep, cond) | (params or {})
         request.infer(feeds)  # warm-up
         per, count, total = collections.Counter(), collections.Counter(), 0.0
         for _ in range(runs):
@@ -181,6 +181,17 @@ class OpenVinoEngine:
         self.activate()
         value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+    def bind(self, params: dict[str, np.ndarray]) -> None:
+        """Set further inputs that stay until bound again, e.g. a group's values on the graph shared by all groups
+        (runtime.openvino_single): set once per group switch, not copied at every call."""
+        ov = import_openvino()
+        request = self.activate()
+        try:
+            for name, value in params.items():
+                request.set_tensor(name, ov.Tensor(value, shared_memory=True))
+        except Exception as e:
+            raise EngineError(f"{self.name}: OpenVINO refused its inputs ({_describe(e)})") from None
 
     def infer(self, sample, timestep, cond=None) -> np.ndarray:
         feeds = input_feeds(self.spec, sample, timestep, cond)
@@ -234,12 +245,16 @@ def _describe(e: Exception) -> str:
 
 def openvino_engine_set(
     bundle, route: np.ndarray | None = None, *, hint: str = DEFAULT_HINT, threads: int = 0,
-    max_resident: int | None = None, prompt_cache: bool = False,
+    max_resident: int | None = None, prompt_cache: bool = False, shared: dict[int, list[int]] | None = None,
+    single: bool | None = None,
 ) -> EngineSet:  # fmt: skip
-    """OpenVINO engines, one per group, compiled on first use. A group whose graph is a whole file is read
-    from the bundle (its external weights beside it); an overlay group (a base graph with other
-    initializers) is assembled in memory first. Every graph passes the bundle's scale and class-table
-    checks before OpenVINO sees it. `prompt_cache`: a text graph is cut as read, and its cross-attention K/V
+    """OpenVINO engines, compiled on first use. A group whose graph is a whole file is read from the bundle (its
+    external weights beside it); an overlay group (a base graph with other initializers) is assembled in memory
+    first. Every graph passes the bundle's scale and class-table checks before OpenVINO sees it. `shared`: {group:
+    the groups one compiled model serves} (Bundle._single_groups): those groups run on one graph whose
+    group-dependent values are inputs (runtime.openvino_single), the weights packed once; where that rewrite does
+    not apply (or with `prompt_cache`, or where int8 saturates) each group gets its own compiled model, unless
+    `single` is True, which then raises. `prompt_cache`: a text graph is cut as read, and its cross-attention K/V
     run once per prompt embedding (runtime.prompt_cache)."""
     import_openvino()  # the one-line error before any graph is touched
     compile_config(hint, threads)
@@ -247,8 +262,36 @@ def openvino_engine_set(
 
     float_weights = int8_saturates()
     split_text = prompt_cache and spec.condition == PROMPT_INPUT
+    if float_weights or split_text:
+        if single:
+            raise BundleError(f"{bundle.root}: one OpenVINO engine for all groups needs int8 weights (this CPU's "
+                              "int8 saturates) and whole graphs (no --kv-once); use the per-group engines")  # fmt: skip
+        shared = None
+    shared = shared or {}
+    state: dict = {}
+
+    def make_single(group: int):
+        from runtime.openvino_single import OpenVinoSingle, affine_graph
+
+        key = tuple(shared[group])
+        if key not in state:
+            try:
+                graph, tables = affine_graph(bundle, list(key))
+            except BundleError:
+                if single:
+                    raise
+                state[key] = None
+            else:
+                state[key] = OpenVinoSingle(OpenVinoEngine(graph.SerializeToString(), spec, hint=hint, threads=threads,
+                                                           name=f"{bundle.root} (one OpenVINO engine for groups "
+                                                                f"{list(key)})"), tables, list(key))  # fmt: skip
+        return None if state[key] is None else state[key].for_group(group)
 
     def make(group: int) -> OpenVinoEngine:
+        if group in shared:
+            engine = make_single(group)
+            if engine is not None:
+                return engine
         entry = next(g for g in bundle.manifest["groups"] if g["id"] == group)
         name = f"{bundle.graph_path(group)} (group {group})"
         in_memory = "base" in entry or float_weights  # else OpenVINO reads the file and its weights itself

@@ -14,7 +14,7 @@ def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
     report = json.loads((tmp_path / "bench.json").read_text())
     m = report["models"]["tiny"]
     engines = {"fp32", "fp32-folded", "ort-static", "dqc-G1", "dqc-G8", "dqc-G8-split", "ov-fp32", "ov-nncf",
-               "dqc-G1-ov", "dqc-G8-ov"}  # fmt: skip
+               "dqc-G1-ov", "dqc-G8-ov", "dqc-G8-ov-split"}  # fmt: skip
     assert set(m["latency"]["1"]) == engines and not m["skipped"]
     assert all(v["median_ms"] > 0 for v in m["latency"]["1"].values())
     assert {m["engines"][k]["backend"] for k in ("dqc-G1-ov", "dqc-G8-ov")} == {"openvino"}
@@ -28,6 +28,8 @@ def test_speed_bench_quick_measures_every_engine(tmp_path, capsys):
     assert all(m["threads"][k] >= 1 for k in ("dqc-G1-ov", "ov-nncf"))
     assert m["memory_mb"]["1"]["dqc-G8"] > 0 and m["loop"]["dqc-G8"]["seconds"] > 0
     assert m["memory_mb"]["1"]["dqc-G8-split"] > 0  # the per-group sessions beside the one engine
+    assert m["memory_mb"]["1"]["dqc-G8-ov-split"] > 0  # and OpenVINO's per-group compiled models
+    assert "OpenVINO resident memory at batch 1" in (tmp_path / "bench.md").read_text()
     # every quantized engine runs integer kernels: no float Conv left in ORT's optimized graph
     assert all(m["ops"][k]["float_conv"] == 0 and m["ops"][k]["integer"] > 0 for k in ("ort-static", "dqc-G1"))
     assert "speed-up vs ov-nncf" in (tmp_path / "bench.md").read_text()

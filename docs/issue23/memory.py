@@ -84,8 +84,8 @@ for name in ("reference", "cifar10"):
                 SamplerConfig("ddim", 100, 0.0, guidance),
                 n=64,
                 seed=0,
-                labels=np.arange(64) % 10,
-                null_class=b.null_class,
+                cond=np.arange(64) % 10,
+                null_cond=b.null_class,
                 batch_size=16,
                 progress=False,
             )

@@ -40,7 +40,8 @@ from tools.bench.group_bench import rss_mb
 from tools.deploy import pipeline
 
 # engine: (backend, the graph or bundle it runs); backend "openvino-default" is OpenVINO with its own precision hint,
-# "ort-pergroup" ONNX Runtime with one session per group (dqc-G8 runs one session for all groups)
+# "ort-pergroup" / "openvino-pergroup" one session / compiled model per group (dqc-G8 and dqc-G8-ov run one for all
+# groups)
 ENGINES = {
     "fp32": ("ort", "fp32"),
     "fp32-folded": ("ort", "fp32-folded"),
@@ -52,6 +53,7 @@ ENGINES = {
     "ov-nncf": ("openvino-default", "ov-nncf"),
     "dqc-G1-ov": ("openvino", "dqc-G1"),
     "dqc-G8-ov": ("openvino", "dqc-G8"),
+    "dqc-G8-ov-split": ("openvino-pergroup", "dqc-G8"),
     # --w4: W4A8, G = 1, with the weights in int8 containers and packed for MatMulNBits (exporter.nbits)
     "dqc-W4": ("ort", "dqc-W4"),
     "dqc-W4-nbits": ("ort", "dqc-W4-nbits"),
@@ -114,7 +116,8 @@ def _inputs(spec, batch: int, seed: int = 0):
 
 def open_engine(backend: str, path: str, spec=None):
     """An EngineSet for a bench engine: a bundle directory or a single graph file (FP32, a peer) on `backend` (ort,
-    openvino, or openvino-default: OpenVINO's own precision hint). No ONNX Runtime session's worker threads
+    openvino, or openvino-default: OpenVINO's own precision hint; a bundle also on ort-pergroup / openvino-pergroup:
+    one engine per group instead of one for all groups). No ONNX Runtime session's worker threads
     spin-wait after a call: in interleaved runs the next call is another session's, and spinning workers would take
     its cores (measured: per-call times up to 1.7x the spin-free ones)."""
     from runtime.bundle import load_bundle
@@ -123,9 +126,9 @@ def open_engine(backend: str, path: str, spec=None):
 
     if Path(path).is_dir():
         if backend == "openvino-default":
-            raise ConfigError("bench: a bundle runs on ort, ort-pergroup or openvino")
-        if backend == "ort-pergroup":
-            return load_bundle(path).engines(spin=False, backend="ort", single=False)
+            raise ConfigError("bench: a bundle runs on ort, ort-pergroup, openvino or openvino-pergroup")
+        if backend in ("ort-pergroup", "openvino-pergroup"):
+            return load_bundle(path).engines(spin=False, backend=backend.removesuffix("-pergroup"), single=False)
         return load_bundle(path).engines(spin=False, backend=backend)
     if backend == "ort":
         return EngineSet.single(OrtEngine(Path(path), spec, spin=False))
@@ -507,11 +510,19 @@ def format_model(m: dict) -> str:
             )
             lines.append(f"\nresident memory at batch {b}: G = 8 / G = 1 = {mem['dqc-G8'] / mem['dqc-G1']:.2f}× (one "
                          f"session for all groups){split}")  # fmt: skip
+            if {"dqc-G8-ov", "dqc-G1-ov"} <= set(mem):
+                split = (f"; one compiled model per group: {mem['dqc-G8-ov-split'] / mem['dqc-G1-ov']:.2f}×"
+                         if "dqc-G8-ov-split" in mem else "")  # fmt: skip
+                lines.append(
+                    f"\nOpenVINO resident memory at batch {b}: G = 8 / G = 1 = "
+                    f"{mem['dqc-G8-ov'] / mem['dqc-G1-ov']:.2f}× (one compiled model for all groups){split}"
+                )
     for b, lat in m["latency"].items():
         words = [f"{k} {lat[k]['median_ms'] / lat['dqc-G1']['median_ms']:.3f}×" for k in ("dqc-G8", "dqc-G8-split")
                  if k in lat]  # fmt: skip
-        if "dqc-G8-ov" in lat and "dqc-G1-ov" in lat:
-            words.append(f"dqc-G8-ov {lat['dqc-G8-ov']['median_ms'] / lat['dqc-G1-ov']['median_ms']:.3f}× (vs G1-ov)")
+        for k in ("dqc-G8-ov", "dqc-G8-ov-split"):
+            if k in lat and "dqc-G1-ov" in lat:
+                words.append(f"{k} {lat[k]['median_ms'] / lat['dqc-G1-ov']['median_ms']:.3f}× (vs G1-ov)")
         if words and "dqc-G1" in lat:
             lines.append(f"\nper-step latency at batch {b} against G = 1: " + ", ".join(words))
     for b, lat in m["latency"].items():

@@ -420,9 +420,10 @@ def register(sub) -> None:
     s.add_argument("--precision-hint", choices=PRECISION_HINTS, help="openvino: the precision of the graph's float "
                    f"parts (default {DEFAULT_HINT}; bf16 needs a CPU with AVX-512 BF16 or AMX)")  # fmt: skip
     s.add_argument("--ort-engines", default="one", choices=["one", "per-group"],
-                   help="ONNX Runtime, bundles with several groups: one session for all groups of a precision "
-                   "(the weights packed once; default) or one session per group (each with its own packed weights: "
-                   "more memory, and on the models measured in docs/RESULTS.md faster per step)")  # fmt: skip
+                   help="ONNX Runtime and OpenVINO, bundles with several groups: one engine for all groups of a "
+                   "precision (one session / one compiled model, the weights packed once; default) or one per group "
+                   "(each with its own packed weights: more memory, and on the models measured in docs/RESULTS.md "
+                   "faster per step)")  # fmt: skip
     s.add_argument("--kv-once", action="store_true",
                    help="text bundles: compute the cross-attention keys and values (and a transformer's caption "
                    "projection) once per request and group instead of at every step; same images bit for bit, "

@@ -145,10 +145,10 @@ def open_engines(path: str | Path, *, scheduler: str | Path | None = None, devic
                  backend: str = "auto", hint: str | None = None, batch: int = 1, ort_engines: str = "one",
                  model=None, kv_once: bool = False):  # fmt: skip
     """(EngineSet, schedule, null_class, sampler defaults) for a bundle (on `backend`, see Bundle.engines: auto
-    times the CPU backends at `batch` rows per call; `route` from Bundle.route; `ort_engines` one: one ONNX
-    Runtime session for all groups of a precision, per-group: a session per group; `kv_once`: text bundles
-    compute the cross-attention K/V once per request, Bundle.engines' prompt_cache) or a model directory (FP
-    torch; `model`: the directory already loaded)."""
+    times the CPU backends at `batch` rows per call; `route` from Bundle.route; `ort_engines` one: one engine
+    (ONNX Runtime session or OpenVINO compiled model) for all groups of a precision, per-group: one per group;
+    `kv_once`: text bundles compute the cross-attention K/V once per request, Bundle.engines' prompt_cache) or a
+    model directory (FP torch; `model`: the directory already loaded)."""
     if ort_engines not in ("one", "per-group"):
         raise ConfigError(f"--ort-engines {ort_engines!r}: use one or per-group")
     from tools.reference.model import resolve_model
@@ -437,16 +437,19 @@ def engine_report(engines) -> dict:
     """What ran a sampling run: the backend, its version and, for OpenVINO, the float parts' precision."""
     from runtime.engine import OrtEngine, TorchEngine
     from runtime.openvino import OpenVinoEngine
+    from runtime.openvino_single import OpenVinoGroup
     from runtime.single_engine import GroupEngine
 
     engine = (engines.resident or [engines.for_timestep(0)])[-1]
     chosen = {} if engines.choice is None else {"auto": engines.choice}
-    if isinstance(engine, OpenVinoEngine):
+    if isinstance(engine, OpenVinoEngine | OpenVinoGroup):
         from runtime.openvino import openvino_version
 
+        models = "one for all groups" if isinstance(engine, OpenVinoGroup) else "one per group"
+        engine = engine.single.engine if isinstance(engine, OpenVinoGroup) else engine
         return {"backend": "openvino", "version": openvino_version(), "precision_hint": engine.execution_precision,
                 "requested_hint": engine.config.get("INFERENCE_PRECISION_HINT"), "weights": engine.weights,
-                **chosen}  # fmt: skip
+                "compiled_models": models, **chosen}  # fmt: skip
     if isinstance(engine, OrtEngine | GroupEngine):
         import onnxruntime
 
