@@ -1,5 +1,5 @@
 """ONNX Runtime's profiler: kernel time per op type of group 0's per-group session against the single engine bound
-to group 0 (batch 2, 30 runs). Usage: PYTHONPATH=<checkout> python docs/issue23/profile.py BUNDLE"""
+to group 0 (batch 2, 30 runs). Usage: PYTHONPATH=<checkout> python docs/issue23/ort_profile.py BUNDLE"""
 
 import collections
 import json
