@@ -258,6 +258,9 @@ def affine_graph(bundle, groups: list[int]):
         graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(t.dtype),
                                                          list(t.shape[1:])))  # fmt: skip
     model.doc_string = f"dqc one OpenVINO engine for groups {groups}: {len(pairs)} group-dependent quantizers"
+    if model.ByteSize() > 2**31 - 2**24:  # handed to OpenVINO as one serialized graph: protobuf's 2 GiB limit
+        raise BundleError(f"{bundle.root}: the one graph for groups {groups} would pass 2 GiB with its weights "
+                          "inline; its groups run on one compiled model each")  # fmt: skip
     return model, tables
 
 
