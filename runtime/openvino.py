@@ -26,6 +26,7 @@ import numpy as np
 from runtime.cpu import int8_saturates
 from runtime.engine import EngineSet, InputSpec, input_feeds
 from runtime.errors import BundleError, EngineError
+from runtime.openvino_single import dequantized
 from runtime.prompt_cache import PROMPT_INPUT, PromptPart, split_prompt_part
 
 MISSING_OPENVINO = (
@@ -329,13 +330,9 @@ def dequantize_weights(model, unless_read_by: tuple[str, ...] = ()) -> int:
         ):  # fmt: skip
             keep.append(node)
             continue
-        w = numpy_helper.to_array(inits[node.input[0]])
-        scale = numpy_helper.to_array(inits[node.input[1]])
-        zero = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(w.ndim, 1)
-        shape = [-1 if d == axis else 1 for d in range(w.ndim)] if np.ndim(scale) else []
-        value = (w.astype(np.float32) - np.reshape(zero, shape).astype(np.float32)) * np.reshape(scale, shape)
-        inits[node.input[0]].CopyFrom(numpy_helper.from_array(value.astype(scale.dtype), node.output[0]))
+        scale_dtype = numpy_helper.to_array(inits[node.input[1]]).dtype
+        value = dequantized(node, lambda name: numpy_helper.to_array(inits[name]))
+        inits[node.input[0]].CopyFrom(numpy_helper.from_array(value.astype(scale_dtype), node.output[0]))
         done += 1
     del graph.node[:]
     graph.node.extend(keep)

@@ -44,8 +44,9 @@ def _key(node) -> str:
     return node.output[0]
 
 
-def _dequantized(node, array) -> np.ndarray:
-    """The float tensor a DequantizeLinear of constants computes, (w − zero point)·scale along its axis."""
+def dequantized(node, array) -> np.ndarray:
+    """The float tensor a DequantizeLinear of constants computes, (w − zero point)·scale along its axis, in float64
+    (exact for float32 scales: rounded to float32 it equals the float32 arithmetic); `array(name)` reads a value."""
     w = array(node.input[0]).astype(np.float64)
     scale = array(node.input[1]).astype(np.float64)
     zero = array(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
@@ -175,12 +176,12 @@ def affine_graph(bundle, groups: list[int]):
                 if node.op_type == "MatMul":
                     linear = linear and array(weight.input[0]).ndim == 2
                 if not linear:
-                    others.append((node, idx, d.output[0]))
+                    others.append((node, idx))
                     continue
                 if _key(node) in rewritten:
                     raise BundleError(f"{bundle.root}: layer {node.name} reads two group-dependent quantizers")
                 a_in = a_in or table(f"{tag}/ov_a", a)
-                w = _dequantized(weight, array)
+                w = dequantized(weight, array)
                 bias_name = node.input[2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else ""
                 if node.op_type == "Conv":
                     pads = tuple(int(p) for p in _attr(node, "pads", []) or [])
@@ -209,7 +210,7 @@ def affine_graph(bundle, groups: list[int]):
                             def group_array(n, v=v):
                                 return v[n][0] if n in differ else array(n)
 
-                            bias.append(_dequantized(bdq, group_array).reshape(-1) * beta)
+                            bias.append(dequantized(bdq, group_array).reshape(-1) * beta)
                         folded_bias.add(_key(bdq))
                     else:
                         raise BundleError(f"{bundle.root}: the bias of {node.name} is neither a constant nor its own "
@@ -233,7 +234,7 @@ def affine_graph(bundle, groups: list[int]):
             src = chain(None)
             emit.append(helper.make_node("Mul", [src, a_in], [f"{tag}/ov_back_scaled"]))
             emit.append(helper.make_node("Add", [f"{tag}/ov_back_scaled", c_in], [f"{tag}/ov_back"]))
-            for node, idx, _ in others:
+            for node, idx in others:
                 node.input[idx] = f"{tag}/ov_back"
             emit.extend(helper.make_node("Identity", [f"{tag}/ov_back"], [name]) for name in outputs)
         plans[_key(q)] = emit
