@@ -5,7 +5,7 @@ same calibration settings as `dqc bench`, then at batch 1 and 8:
   per-step latency over the 100 calibrated steps with group switches);
 - OpenVINO: resident memory of G8 and G1 (fresh processes; one compiled model per group) and interleaved latency;
 - quality: the reference G8 bundle sampled by the one engine and by per-group sessions (same seeds).
-Usage: PYTHONPATH=<checkout> python docs/issue23/memory.py OUT_DIR"""
+Usage: PYTHONPATH=<checkout> python docs/issue23/memory.py OUT_DIR [reference,cifar10]"""
 
 import json
 import sys
@@ -26,10 +26,14 @@ from tools.reference.model import REFERENCE_GUIDANCE, resolve_model
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
+names = sys.argv[2].split(",") if len(sys.argv) > 2 else ["reference", "cifar10"]
 report = {}
-for name in ("reference", "cifar10"):
+for name in names:
     trained = name == "reference"
-    model = load_model(resolve_model("reference") if trained else save_pipeline(build_unet("cifar10"), out / "cifar10"))
+    source = resolve_model("reference") if trained else out / "cifar10"
+    if not trained and not (source / "unet").is_dir():
+        save_pipeline(build_unet("cifar10"), source)
+    model = load_model(source)
     guidance = REFERENCE_GUIDANCE if trained else 1.0
     common = dict(
         bits="W8A8",
