@@ -86,17 +86,31 @@ def compile_config(hint: str | None = DEFAULT_HINT, threads: int = 0) -> dict:
     return config
 
 
+def release_freed_memory() -> None:
+    """Hand the heap glibc keeps after large frees back to the system (malloc_trim): building a graph in memory
+    frees tens of MB that would otherwise stay resident for the engine's life. Nothing to do off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing held to release
+        pass
+
+
 class OpenVinoEngine:
     """The Engine contract on one graph compiled by OpenVINO for the CPU. `graph`: an ONNX file (external
     weights are found beside it) or OpenVINO IR (.xml, its .bin beside it), or serialized ONNX bytes with the
-    weights inside. `hint`: the float parts' precision (None: the plugin's default)."""
+    weights inside, or a callable that returns such bytes at each read (runtime.openvino_single.GraphSource).
+    `hint`: the float parts' precision (None: the plugin's default)."""
 
     def __init__(
         self, graph: str | Path | bytes, spec: InputSpec, *, hint: str | None = DEFAULT_HINT, threads: int = 0,
         name: str | None = None, weights: str = "int8", prompt_cut: list[str] | None = None,
     ) -> None:  # fmt: skip
-        self.graph = graph if isinstance(graph, bytes) else Path(graph)
-        self.name = name or (str(graph) if not isinstance(graph, bytes) else "ONNX graph")
+        self.graph = graph if isinstance(graph, bytes) or callable(graph) else Path(graph)
+        self.name = name or (str(graph) if isinstance(self.graph, Path) else "ONNX graph")
         self.spec, self.config = spec, compile_config(hint, threads)
         self.weights = weights  # or "float": the graph's weights were dequantized for a CPU whose int8 saturates
         self._compiled = self._request = None
@@ -105,7 +119,8 @@ class OpenVinoEngine:
             self.prompt = PromptPart(prompt_cut, self._open_prompt)
 
     def _read_whole(self):
-        return core().read_model(self.graph if isinstance(self.graph, bytes) else str(self.graph))
+        graph = self.graph() if callable(self.graph) else self.graph
+        return core().read_model(graph if isinstance(graph, bytes) else str(graph))
 
     def _read(self):
         model = self._read_whole()
@@ -141,6 +156,8 @@ class OpenVinoEngine:
         except Exception as e:
             raise EngineError(f"{self.name}: OpenVINO {ov.get_version()} cannot compile it ({_describe(e)})") from None
         self._request = self._compiled.create_infer_request()
+        if callable(self.graph):  # a graph built in memory: its freed buffers go back to the system
+            release_freed_memory()
         return self._request
 
     @property
@@ -272,7 +289,7 @@ def openvino_engine_set(
     state: dict = {}
 
     def make_single(group: int):
-        from runtime.openvino_single import OpenVinoSingle, affine_graph
+        from runtime.openvino_single import GraphSource, OpenVinoSingle, affine_graph
 
         key = tuple(shared[group])
         if key not in state:
@@ -283,7 +300,9 @@ def openvino_engine_set(
                     raise
                 state[key] = None
             else:
-                state[key] = OpenVinoSingle(OpenVinoEngine(graph.SerializeToString(), spec, hint=hint, threads=threads,
+                source = GraphSource(graph.SerializeToString(), lambda key=key: affine_graph(bundle, list(key))[0])
+                del graph
+                state[key] = OpenVinoSingle(OpenVinoEngine(source, spec, hint=hint, threads=threads,
                                                            name=f"{bundle.root} (one OpenVINO engine for groups "
                                                                 f"{list(key)})"), tables, list(key))  # fmt: skip
         return None if state[key] is None else state[key].for_group(group)

@@ -265,6 +265,19 @@ def affine_graph(bundle, groups: list[int]):
     return model, tables
 
 
+class GraphSource:
+    """The one graph for OpenVinoEngine: its serialized bytes until the first read, and rebuilt by `rebuild()` (a
+    ModelProto) at any later read (a profile). The bytes hold every int8 weight inline; once OpenVINO has compiled
+    them the engine has no use for them, and keeping them would cost a second copy of the weights."""
+
+    def __init__(self, data: bytes, rebuild) -> None:
+        self.data, self.rebuild = data, rebuild
+
+    def __call__(self) -> bytes:
+        data, self.data = self.data, None
+        return data if data is not None else self.rebuild().SerializeToString()
+
+
 class OpenVinoSingle:
     """One compiled model for `groups`; `for_group(g)` is the Engine of group g's timesteps (its inputs set per
     call)."""

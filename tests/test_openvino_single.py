@@ -146,6 +146,10 @@ def test_one_compiled_model_serves_all_groups_with_int8_layers(w8):
         rms = lambda d: float(np.sqrt(np.mean(d**2)))  # noqa: E731
         print(f"group {g}: rms one - ort {rms(a - o):.3g}, per-group - ort {rms(p - o):.3g}")
         assert rms(a - o) <= 1.5 * rms(p - o) + 1e-4 * float(np.abs(o).max())
+    source = engines[0].single.engine.graph
+    assert source.data is None, "the one graph's bytes (every int8 weight again) are dropped once compiled"
+    profile = engines[-1].profile(x, np.full(len(x), _first_t(w8, groups[-1]), np.int64), labels, runs=1)
+    assert profile["run_ms"] > 0 and profile["ops"], "a later read rebuilds the graph"
     single_kinds = _int8_layers(engines[0].single.engine)
     per_kinds = _int8_layers(per.for_timestep(0))
     quantized = sum(v for (_, prec), v in per_kinds.items() if prec in ("u8", "i8"))

@@ -4,7 +4,8 @@ bench`'s calibration settings (reused when OUT already holds them), then at batc
 engine batch of a class model):
 - resident memory of G1, G8 one model and G8 per-group models, each in a fresh process;
 - per-call latency, the three interleaved over the 100 calibrated steps (group switches included);
-- quality: 64 samples (seed 0, DDIM 100, the model's guidance) of G8 on the one model and on per-group models.
+- quality: 64 samples (seed 0, DDIM 100, the model's guidance) of G8 on the one model, on per-group models and on
+  ONNX Runtime: PSNR of one model vs per group, and of each vs ONNX Runtime (what switching the backend moves).
 Usage: PYTHONPATH=<checkout> python docs/issue23/openvino_memory.py OUT_DIR [reference,cifar10]"""
 
 import json
@@ -64,18 +65,22 @@ for name in names:
         print(name, batch, json.dumps({k: rows[batch][k] for k in ("memory_mb", "memory_vs_G1", "latency_vs_G1")}),
               flush=True)  # fmt: skip
     runs = {}
-    for single in (None, False):
-        es = g8.engines(backend="openvino", single=single)
+    for label, backend, single in (("one model", "openvino", None), ("per group", "openvino", False),
+                                   ("onnxruntime", "ort", False)):  # fmt: skip
+        es = g8.engines(backend=backend, single=single)
         labels = np.arange(64) % 10 if spec.num_class_embeds is not None else None
         run = sample(es, g8.schedule, SamplerConfig("ddim", 100, 0.0, guidance), n=64, seed=0, cond=labels,
                      null_cond=g8.null_class, batch_size=16, progress=False)  # fmt: skip
-        runs["one model" if single is None else "per group"] = np.clip(run.samples, -1, 1).astype(np.float64)
-    d = runs["one model"] - runs["per group"]
-    mse_i = np.mean(d.reshape(len(d), -1) ** 2, axis=1)
-    per_sample = 10 * np.log10(4 / np.maximum(mse_i, 1e-30))
-    rows["quality"] = {"n": 64, "max_abs_diff": float(np.abs(d).max()),
-                       "psnr_pooled_db": None if not mse_i.mean() else float(10 * np.log10(4 / mse_i.mean())),
-                       "psnr_mean_per_sample_db": float(np.mean(per_sample))}  # fmt: skip
+        runs[label] = np.clip(run.samples, -1, 1).astype(np.float64)
+    rows["quality"] = {}
+    for a, b in (("one model", "per group"), ("per group", "onnxruntime"), ("one model", "onnxruntime")):
+        d = runs[a] - runs[b]  # the second is the reference; ONNX Runtime vs OpenVINO is the floor a backend sets
+        mse_i = np.mean(d.reshape(len(d), -1) ** 2, axis=1)
+        per_sample = 10 * np.log10(4 / np.maximum(mse_i, 1e-30))
+        rows["quality"][f"{a} vs {b}"] = {
+            "n": 64, "max_abs_diff": float(np.abs(d).max()),
+            "psnr_pooled_db": None if not mse_i.mean() else float(10 * np.log10(4 / mse_i.mean())),
+            "psnr_mean_per_sample_db": float(np.mean(per_sample))}  # fmt: skip
     print(name, "quality", rows["quality"], flush=True)
     report[name] = rows
 pipeline.write_json(out / "openvino_memory.json", report)
