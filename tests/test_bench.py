@@ -125,3 +125,19 @@ def test_sampler_names(text):
 
     spec = SamplerSpec.parse(text)
     assert spec.label == text and SamplerSpec.parse(spec.label) == spec
+
+
+def test_memory_is_measured_over_the_same_calls_whatever_the_group_count():
+    """A G = 8 bundle and a G = 1 bundle make the same calls in a resident-memory figure (ONNX Runtime's arena
+    grows again at the second call), and every group is run."""
+    import numpy as np
+
+    from tools.bench.group_bench import memory_timesteps
+
+    one = np.zeros(1000, np.int64)
+    eight = np.repeat(np.arange(8), 125)
+    eight[3] = 5  # a group whose first timestep is off the spread
+    assert len(memory_timesteps(one)) == 50
+    assert set(memory_timesteps(one)) <= set(memory_timesteps(eight))
+    assert memory_timesteps(eight) == sorted(set(range(0, 1000, 20)) | {3, 125, 250, 375, 750, 875})  # group 5 first at 3
+    assert {int(eight[t]) for t in memory_timesteps(eight)} == set(range(8))

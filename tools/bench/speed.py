@@ -36,7 +36,7 @@ import numpy as np
 from runtime import openvino
 from runtime.engine import session_options
 from runtime.errors import ConfigError
-from tools.bench.group_bench import rss_mb
+from tools.bench.group_bench import memory_timesteps, rss_mb
 from tools.deploy import pipeline
 
 # engine: (backend, the graph or bundle it runs); backend "openvino-default" is OpenVINO with its own precision hint,
@@ -137,7 +137,8 @@ def open_engine(backend: str, path: str, spec=None):
 
 
 def resident_memory(backend: str, path: str, spec: dict, batch: int) -> dict:
-    """In this process (a fresh one): RSS growth from opening the engine and running each of its groups once."""
+    """In this process (a fresh one): RSS growth from opening the engine and running it over
+    group_bench.memory_timesteps (every group, the same calls whatever the group count)."""
     import onnxruntime  # noqa: F401  (the runtimes' imports are not part of the engine)
 
     from runtime.engine import InputSpec
@@ -149,12 +150,9 @@ def resident_memory(backend: str, path: str, spec: dict, batch: int) -> dict:
     base = rss_mb()
     engines = open_engine(backend, path, spec)
     x, labels = _inputs(spec, batch)
-    first: dict[int, int] = {}
-    for t, g in enumerate(engines.group_of_t.tolist()):
-        first.setdefault(g, t)
-    for t in first.values():
+    for t in memory_timesteps(engines.group_of_t):
         engines.for_timestep(t).infer(x, np.full(batch, t, np.int64), labels)
-    return {"rss_mb": round(rss_mb() - base, 2), "engines": len(first)}
+    return {"rss_mb": round(rss_mb() - base, 2), "engines": len(set(engines.group_of_t.tolist()))}
 
 
 def _memory_child() -> None:
