@@ -192,7 +192,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"disk: {b} ({d['groups'][b]} groups) {nb / 1e6:.3f} MB vs {a} ({d['groups'][a]} groups) "
         f"{na / 1e6:.3f} MB: {d['added']:+.1%}",
-        f"resident memory (batch {r['batch']}), RSS growth from loading the engine set and running each group:",
+        f"resident memory (batch {r['batch']}), RSS growth from loading the engine set and running it over the same "
+        "50+ timesteps (every group):",
     ]
     for m in r["memory"]:
         extra = f"  {m['vs_baseline']:+.1%} vs baseline" if "vs_baseline" in m else "  (baseline)"
