@@ -154,3 +154,16 @@ def test_readme_test_command_is_what_ci_runs():
     commands = re.findall(r"```(?:bash|sh)?\n(.*?)\n```", readme, re.S)
     assert len(commands) >= 2 and "dqc demo" in commands[0]
     assert commands[1].strip() in ci
+
+
+def test_png_grid_is_as_wide_as_the_samples_and_enlarges_only_small_images(tmp_path):
+    from PIL import Image
+
+    from tools.deploy.pipeline import save_grid_png
+
+    save_grid_png(tmp_path / "digits.png", np.zeros((6, 1, 8, 8), np.float32))  # 6 tiles of 8 px, ×4
+    assert Image.open(tmp_path / "digits.png").size == ((6 * 9 + 1) * 4, (9 + 1) * 4)
+    save_grid_png(tmp_path / "many.png", np.zeros((12, 1, 8, 8), np.float32))  # 10 columns, 2 rows
+    assert Image.open(tmp_path / "many.png").size == ((10 * 9 + 1) * 4, (2 * 9 + 1) * 4)
+    save_grid_png(tmp_path / "decoded.png", np.zeros((1, 3, 256, 256), np.float32))  # a decoded latent: as is
+    assert Image.open(tmp_path / "decoded.png").size == (258, 258)

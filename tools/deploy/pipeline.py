@@ -241,10 +241,14 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def save_grid_png(path: str | Path, images: np.ndarray, columns: int = 10) -> None:
-    """Images in [−1, 1], (N, C, H, W), tiled row-major into one PNG (nearest-neighbour ×4)."""
+    """Images in [−1, 1], (N, C, H, W), tiled row-major into one PNG, at most `columns` wide and no wider than
+    N; small images are enlarged (nearest neighbour, up to ×4) until a tile is 64 pixels across, larger ones
+    (a decoded latent image) stay at their size."""
     from PIL import Image
 
     n, c, h, w = images.shape
+    columns = max(1, min(columns, n))
+    zoom = max(1, min(4, 64 // max(h, w)))
     rows = -(-n // columns)
     grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.float32)
     for i, img in enumerate(images):
@@ -254,7 +258,7 @@ def save_grid_png(path: str | Path, images: np.ndarray, columns: int = 10) -> No
         ) / 2
     pixels = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
     pixels = pixels[..., 0] if c == 1 else pixels
-    image = Image.fromarray(pixels).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST)
+    image = Image.fromarray(pixels).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST)
     _replace_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
