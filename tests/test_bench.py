@@ -139,5 +139,6 @@ def test_memory_is_measured_over_the_same_calls_whatever_the_group_count():
     eight[3] = 5  # a group whose first timestep is off the spread
     assert len(memory_timesteps(one)) == 50
     assert set(memory_timesteps(one)) <= set(memory_timesteps(eight))
-    assert memory_timesteps(eight) == sorted(set(range(0, 1000, 20)) | {3, 125, 250, 375, 750, 875})  # group 5 first at 3
+    firsts = {3, 125, 250, 375, 750, 875}  # the groups' first timesteps off the spread (group 5's is 3)
+    assert memory_timesteps(eight) == sorted(set(range(0, 1000, 20)) | firsts)
     assert {int(eight[t]) for t in memory_timesteps(eight)} == set(range(8))
