@@ -19,6 +19,7 @@ read and compiled on the first `infer`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,8 @@ class OpenVinoEngine:
     `hint`: the float parts' precision (None: the plugin's default)."""
 
     def __init__(
-        self, graph: str | Path | bytes, spec: InputSpec, *, hint: str | None = DEFAULT_HINT, threads: int = 0,
-        name: str | None = None, weights: str = "int8", prompt_cut: list[str] | None = None,
+        self, graph: str | Path | bytes | Callable[[], bytes], spec: InputSpec, *, hint: str | None = DEFAULT_HINT,
+        threads: int = 0, name: str | None = None, weights: str = "int8", prompt_cut: list[str] | None = None,
     ) -> None:  # fmt: skip
         self.graph = graph if isinstance(graph, bytes) or callable(graph) else Path(graph)
         self.name = name or (str(graph) if isinstance(self.graph, Path) else "ONNX graph")
