@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import Message
 from onnx import TensorProto
 
 PROTOBUF_LIMIT = 2**31 - 2**28  # bytes of initializers a model may hold and still be serialized whole (margin 256 MiB)
@@ -27,36 +28,58 @@ def fits_in_protobuf(model: onnx.ModelProto) -> bool:
     return initializer_bytes(model) < PROTOBUF_LIMIT
 
 
-def strip_weights(model: onnx.ModelProto, location: str = _WEIGHTS_FILE, out=None) -> dict[str, bytes]:
-    """In place: every initializer of ≥ 1 KiB with inline data becomes an external-data reference into
-    `location` (offsets as if written in order; written to the file object `out` when given). Returns their
-    bytes by name, for `restore_weights`."""
-    stash, offset = {}, 0
+def weightless(model: onnx.ModelProto, location: str = _WEIGHTS_FILE, out=None) -> onnx.ModelProto:
+    """A new model equal to `model` but for its initializers of ≥ 1 KiB with inline data, which become
+    external-data references into `location` (offsets as if written in order; written to the file object `out`
+    when given). `model` is not touched: with protobuf's upb backend a cleared and re-set `raw_data` stays in
+    the message's arena, so stripping a model in place and restoring it grew the process by the model's size on
+    every pass (3 GB per save or shape inference of a DiT-XL/2-sized graph)."""
+    skeleton = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(skeleton, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(skeleton.graph, field, value)
+    offset = 0
     for t in model.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL or len(t.raw_data) < _STRIP_MIN:
+        raw = b"" if t.data_location == TensorProto.EXTERNAL or t.ByteSize() < _STRIP_MIN else t.raw_data  # a copy
+        if len(raw) < _STRIP_MIN:
+            skeleton.graph.initializer.add().CopyFrom(t)
             continue
-        raw = t.raw_data
-        stash[t.name] = raw
         if out is not None:
             out.write(raw)
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        del t.external_data[:]
+        stub = skeleton.graph.initializer.add()
+        stub.name, stub.data_type, stub.data_location = t.name, t.data_type, TensorProto.EXTERNAL
+        stub.dims.extend(t.dims)
+        if t.doc_string:
+            stub.doc_string = t.doc_string
         for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-            entry = t.external_data.add()
+            entry = stub.external_data.add()
             entry.key, entry.value = key, value
         offset += len(raw)
-    return stash
+    return skeleton
 
 
-def restore_weights(model: onnx.ModelProto, stash: dict[str, bytes]) -> None:
-    """In place: the stripped initializers of `model` (matched by name) get their bytes back."""
-    for t in model.graph.initializer:
-        raw = stash.get(t.name)
-        if raw is not None and t.data_location == TensorProto.EXTERNAL:
+def _copy_field(target, field, value) -> None:
+    if hasattr(value, "extend"):  # a repeated field (the descriptor's label attribute differs across protobufs)
+        getattr(target, field.name).extend(value)
+    elif isinstance(value, Message):
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def with_weights_of(target: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """In place: every external-data initializer of `target` that `source` holds inline gets its bytes (by
+    name). `target` is a fresh model (not one stripped in place), so its arena holds each weight once."""
+    inline = {t.name: t for t in source.graph.initializer if t.data_location != TensorProto.EXTERNAL}
+    for t in target.graph.initializer:
+        src = inline.get(t.name)
+        if src is not None and t.data_location == TensorProto.EXTERNAL:
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT
-            t.raw_data = raw
+            t.raw_data = src.raw_data
 
 
 @contextmanager
@@ -82,11 +105,7 @@ def infer_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
     when the model is past the limit: read its value_info, not its weights)."""
     if fits_in_protobuf(model):
         return onnx.shape_inference.infer_shapes(model, **kwargs)
-    stash = strip_weights(model)
-    try:
-        return onnx.shape_inference.infer_shapes(model, **kwargs)
-    finally:
-        restore_weights(model, stash)
+    return onnx.shape_inference.infer_shapes(weightless(model), **kwargs)
 
 
 def convert_version(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -96,12 +115,8 @@ def convert_version(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
     if fits_in_protobuf(model):
         return version_converter.convert_version(model, opset)
-    stash = strip_weights(model)
-    try:
-        out = version_converter.convert_version(model, opset)
-    finally:
-        restore_weights(model, stash)
-    restore_weights(out, stash)
+    out = version_converter.convert_version(weightless(model), opset)
+    with_weights_of(out, model)
     return out
 
 
@@ -118,9 +133,6 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
 def _write_external(model: onnx.ModelProto, path: Path, location: str) -> Path:
     """The graph to `path`, its large initializers to `location` beside it; the in-memory model unchanged."""
     with open(path.parent / location, "wb") as f:
-        stash = strip_weights(model, location, f)
-    try:
-        onnx.save(model, str(path))
-    finally:
-        restore_weights(model, stash)
+        skeleton = weightless(model, location, f)
+    onnx.save(skeleton, str(path))
     return path
