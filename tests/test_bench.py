@@ -3,6 +3,8 @@ noisy; figures live in docs/RESULTS.md), the PTQD ablation table, lint and build
 
 import json
 
+import numpy as np
+import onnx
 import pytest
 
 from tools.bench.ptqd_ablation import ABLATION_ROWS
@@ -142,3 +144,50 @@ def test_memory_is_measured_over_the_same_calls_whatever_the_group_count():
     firsts = {3, 125, 250, 375, 750, 875}  # the groups' first timesteps off the spread (group 5's is 3)
     assert memory_timesteps(eight) == sorted(set(range(0, 1000, 20)) | firsts)
     assert {int(eight[t]) for t in memory_timesteps(eight)} == set(range(8))
+
+
+def test_the_ort_static_peer_calibrates_batch_by_batch_to_the_ranges_of_one_pass(tiny_model, tmp_path):
+    """The ONNX Runtime peer hands its calibrator one batch at a time (its intermediate tensors would not fit
+    at once on a DiT-XL/2-sized model): MinMax merged over batches must give the scales of one pass over all."""
+    from onnx import numpy_helper
+
+    from calibration.collect import record_trajectories
+    from calibration.config import CalibrationConfig
+    from tools.bench.peer import quantize_static_peer
+    from tools.deploy.pipeline import fp32_engine
+
+    fp32 = fp32_engine(tiny_model, tmp_path).path
+    data = record_trajectories(tiny_model, CalibrationConfig(steps=8, calib_samples=4, calib_timesteps=2), False)
+
+    def scales(batch: int) -> dict:
+        out = quantize_static_peer(fp32, tmp_path / f"static_b{batch}.onnx", data, batch=batch)
+        graph = onnx.load(str(out)).graph
+        init = {t.name: t for t in graph.initializer}
+        return {n.input[0]: numpy_helper.to_array(init[n.input[1]]) for n in graph.node
+                if n.op_type == "QuantizeLinear" and n.input[1] in init}  # fmt: skip
+
+    one_pass, by_batch = scales(len(data)), scales(2)
+    assert len(data) >= 4 and len(one_pass) > 10 and one_pass.keys() == by_batch.keys()
+    for name, scale in one_pass.items():
+        np.testing.assert_allclose(by_batch[name], scale, rtol=1e-5, err_msg=name)
+
+
+def test_per_group_engines_are_left_out_of_the_timing_where_all_engines_would_not_fit(tmp_path):
+    """On a DiT-XL/2- or SD-1.5-sized model one session per group would hold 8 copies of the weights beside every
+    other engine: they are left out of the interleaved timing (said why) when the set would pass the memory."""
+    from tools.bench.speed import timed_together
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "weights.bin").write_bytes(bytes(1000))
+    for k in range(4):
+        (bundle / f"group_{k}.onnx").write_bytes(bytes(10))
+    (tmp_path / "fp32.onnx").write_bytes(bytes(100))
+    (tmp_path / "fp32.onnx.data").write_bytes(bytes(3000))
+    chosen = {"fp32": ("ort", tmp_path / "fp32.onnx"), "dqc-G8": ("ort", bundle),
+              "dqc-G8-split": ("ort-pergroup", bundle), "dqc-G8-ov-split": ("openvino-pergroup", bundle)}  # fmt: skip
+    # fp32 3100 + one session 1040 + two per-group forms 4 x 1040 each = 12460 bytes, x 1.3 for buffers
+    assert timed_together(chosen, 17_000)[0] == chosen
+    timed, left = timed_together(chosen, 15_000)
+    assert sorted(timed) == ["dqc-G8", "fp32"] and sorted(left) == ["dqc-G8-ov-split", "dqc-G8-split"]
+    assert "would not fit" in left["dqc-G8-split"]

@@ -320,6 +320,42 @@ def build_engines(model, guidance: float, root: Path, plan: BenchPlan, progress:
             "skipped": skipped}  # fmt: skip
 
 
+def _bytes_on_disk(path: Path) -> int:
+    """A graph with its external data (or OpenVINO IR with its .bin), or a bundle directory's files."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return sum(f.stat().st_size for f in (path, Path(f"{path}.data"), path.with_suffix(".bin")) if f.is_file())
+
+
+def memory_available() -> int:
+    """Bytes the kernel reckons can still be allocated without swapping (MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
+def timed_together(chosen: dict, available: int) -> tuple[dict, dict]:
+    """The engines timed side by side in one process, and those left out with the reason. All of them fit on the
+    reference models; on a DiT-XL/2- or SD-1.5-sized model the per-group forms (one session / compiled model per
+    group, each holding the group's weights) would not: estimated from the weights on disk (x 1.3 for the
+    runtimes' own buffers), they are left out of the timing when the whole set would pass the memory available.
+    Their memory is still measured, each in a fresh process."""
+    need = {}
+    for name, (backend, path) in chosen.items():
+        groups = len(list(Path(path).glob("group_*.onnx"))) if backend.endswith("-pergroup") else 1
+        need[name] = _bytes_on_disk(Path(path)) * max(groups, 1)
+    if 1.3 * sum(need.values()) <= available:
+        return chosen, {}
+    left = {k for k, (backend, _) in chosen.items() if backend.endswith("-pergroup")}
+    split, rest = (sum(v for k, v in need.items() if (k in left) == inside) / 2**30 for inside in (True, False))
+    why = (
+        f"latency not timed: the per-group engines' weights ({split:.1f} GiB) and the others' ({rest:.1f} GiB) "
+        f"would not fit together in the {available / 2**30:.1f} GiB available"
+    )
+    return {k: v for k, v in chosen.items() if k not in left}, dict.fromkeys(sorted(left), why)
+
+
 def engines_of(paths: dict) -> dict:
     """{engine: (backend, path)} of every ENGINES entry this run can open (OpenVINO installed, NNCF peer built)."""
     ov = openvino.available()
@@ -369,13 +405,19 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
         model, guidance = _load(name, root)
         built = build_engines(model, guidance, root, plan, progress)
         paths, spec = built["paths"], model.spec
+        parameters = int(sum(p.numel() for p in model.unet.parameters()))
+        if not (name == "reference" and plan.quality_samples):  # timing needs the schedule, not the float weights
+            model = dataclasses.replace(model, unet=None)
+            gc.collect()
         chosen = engines_of(paths)
-        engines = _engine_sets(chosen, spec)
+        timed, left_out = timed_together(chosen, memory_available())
+        built["skipped"] |= left_out
+        engines = _engine_sets(timed, spec)
         steps = [int(t) for t in model.schedule.timesteps(plan.loop_steps)]
         latency = {b: interleaved_latency(engines, spec, steps, b, plan.reps) for b in plan.batches}
         report = {
             "model": name,
-            "parameters": int(sum(p.numel() for p in model.unet.parameters())),
+            "parameters": parameters,
             "sample_shape": list(spec.sample_shape),
             **built,
             "engines": {k: {"backend": b, "source": ENGINES[k][1]} for k, (b, _) in chosen.items()},
