@@ -74,13 +74,14 @@ def _bench(a: argparse.Namespace) -> None:
         import dataclasses
 
         plan = dataclasses.replace(BenchPlan.quick(), memory=a.memory, profile=a.profile, w4=a.w4,
-                                   attention=bool(a.attention_products))  # fmt: skip
+                                   attention=bool(a.attention_products),
+                                   groups=tuple(int_list(a.groups, "--groups")) if a.groups else (1, 8))  # fmt: skip
     else:
         models = tuple(csv_list(a.models) or ([a.model] if a.model else ["reference", "cifar10"]))
         batches = int_list(a.batches, "--batches")
         plan = BenchPlan(models=models, batches=batches, reps=a.reps, loop_steps=a.loop_steps, memory=a.memory,
-                         profile=a.profile, w4=a.w4,
-                         attention=bool(a.attention_products))  # fmt: skip
+                         profile=a.profile, w4=a.w4, attention=bool(a.attention_products),
+                         groups=tuple(int_list(a.groups, "--groups")) if a.groups else (1, 8))  # fmt: skip
     run_bench(plan, out_dir=a.out, progress=not a.quiet)
 
 
@@ -151,7 +152,13 @@ def register(sub) -> None:
     q.add_argument("--recon-batch", type=int, help="override the reconstruction batch (default 32)")
     q.add_argument("--calib-samples", type=int, help="override the calibration trajectories (default 64)")
     q.add_argument("--calib-timesteps", type=int, help="override the calibration timesteps (default 20)")
-    q.add_argument("--groups", metavar="G1,G2", help="APQ-DM group counts to compare, e.g. 1,4,8,16,per-step")
+    q.add_argument(
+        "--groups",
+        metavar="G1,G2",
+        help="APQ-DM group counts to compare, e.g. 1,4,8,16,per-step; "
+        "on the speed path, which of our bundles to build: 1, 8 or 1,8 (default; G = 8 on a "
+        "DiT-XL/2-sized model does not fit in 24 GiB)",
+    )
     q.add_argument("--group-epochs", type=int, help="override the group search epochs (default 10)")
     objective_flags(q)
     q.add_argument("--timesteps", metavar="S1,S2", help="calibration timestep strategies, e.g. random,normal,active")
