@@ -57,6 +57,22 @@ def test_speed_bench_without_openvino_measures_the_rest_and_says_why(tmp_path, m
     assert ops["dqc-G1-attnq"]["float_matmul_gemm"] == 0
 
 
+def test_speed_bench_builds_only_the_group_counts_asked(tmp_path, monkeypatch, capsys):
+    """`--groups 1`: G = 8 does not fit beside the rest on a DiT-XL/2-sized model; the run times G = 1 alone
+    (and loops it) and says nothing of G = 8. Counts other than 1 and 8 are refused before any work."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert main(["bench", "--quick", "-q", "--no-memory", "--groups", "1", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "bench.json").read_text())["models"]["tiny"]
+    assert set(m["latency"]["1"]) == {"fp32", "fp32-folded", "ort-static", "dqc-G1"}
+    assert set(m["loop"]) == {"fp32", "dqc-G1"} and "whole loop FP32 / dqc-G1" in (tmp_path / "bench.md").read_text()
+    capsys.readouterr()
+    assert main(["bench", "--quick", "-q", "--groups", "1,4", "--out", str(tmp_path / "refused")]) == 2
+    assert "--groups 1,4: the speed bench compiles G = 1 and/or 8" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_speed_bench_times_a_text_unet_with_embeddings_and_guidance(tmp_path):
     """`--models tiny-text` (sd15 is the same path at Stable Diffusion 1.5's shape): calibrated on the bench's
     prompts, every engine timed on N(0, 1) text embeddings, the guided loop at batch 2 per sample."""
