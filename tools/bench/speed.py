@@ -364,8 +364,8 @@ def timed_together(chosen: dict, available: int) -> tuple[dict, dict]:
 
 def _settle() -> None:
     """Between builds: free what the last one left and hand glibc's freed heap back, so that the engines timed
-    later (several GB each on DiT-XL/2 or SD 1.5) find it: after a DiT-XL/2 compile the process stayed 9 GB
-    above where it started."""
+    later (several GB each on DiT-XL/2 or SD 1.5) find it: after the DiT-XL/2 G = 1 compile the machine's used
+    memory stayed 9 GB above where it was before."""
     gc.collect()
     openvino.release_freed_memory()
 
