@@ -200,10 +200,14 @@ def test_per_group_engines_are_left_out_of_the_timing_where_all_engines_would_no
         (bundle / f"group_{k}.onnx").write_bytes(bytes(10))
     (tmp_path / "fp32.onnx").write_bytes(bytes(100))
     (tmp_path / "fp32.onnx.data").write_bytes(bytes(3000))
+    (tmp_path / "fp32_folded.onnx").write_bytes(bytes(3000))
     chosen = {"fp32": ("ort", tmp_path / "fp32.onnx"), "dqc-G8": ("ort", bundle),
-              "dqc-G8-split": ("ort-pergroup", bundle), "dqc-G8-ov-split": ("openvino-pergroup", bundle)}  # fmt: skip
-    # fp32 3100 + one session 1040 + two per-group forms 4 x 1040 each = 12460 bytes, x 1.3 for buffers
-    assert timed_together(chosen, 17_000)[0] == chosen
-    timed, left = timed_together(chosen, 15_000)
-    assert sorted(timed) == ["dqc-G8", "fp32"] and sorted(left) == ["dqc-G8-ov-split", "dqc-G8-split"]
+              "dqc-G8-split": ("ort-pergroup", bundle), "dqc-G8-ov-split": ("openvino-pergroup", bundle),
+              "fp32-folded": ("ort", tmp_path / "fp32_folded.onnx")}  # fmt: skip
+    # fp32 3100 + folded 3000 + one session 1040 + two per-group forms 4 x 1040 each = 15460 bytes, x 1.3 for buffers
+    assert timed_together(chosen, 21_000)[0] == chosen
+    timed, left = timed_together(chosen, 19_000)  # without the per-group forms: 7140 x 1.3 fits
+    assert sorted(timed) == ["dqc-G8", "fp32", "fp32-folded"] and sorted(left) == ["dqc-G8-ov-split", "dqc-G8-split"]
     assert "would not fit" in left["dqc-G8-split"]
+    timed, left = timed_together(chosen, 8_000)  # then the folded graph goes too
+    assert sorted(timed) == ["dqc-G8", "fp32"] and "fp32-folded" in left
