@@ -20,8 +20,8 @@ class _Feeds:
     """onnxruntime.quantization.CalibrationDataReader over recorded calibration inputs."""
 
     def __init__(self, data, batch: int) -> None:
-        self._feeds = [self._feed(*b) for b in data.batches(batch)]
-        self._next, self._end = 0, len(self._feeds)
+        self.feeds = [self._feed(*b) for b in data.batches(batch)]
+        self._next, self._end = 0, len(self.feeds)
 
     @staticmethod
     def _feed(x, t, c) -> dict:
@@ -31,19 +31,19 @@ class _Feeds:
         return feeds
 
     def __len__(self) -> int:
-        return len(self._feeds)
+        return len(self.feeds)
 
     def get_next(self) -> dict | None:
         if self._next >= self._end:
             return None
         self._next += 1
-        return self._feeds[self._next - 1]
+        return self.feeds[self._next - 1]
 
     def set_range(self, start_index: int, end_index: int) -> None:  # ORT's strided calibration: batches [start, end)
-        self._next, self._end = start_index, min(end_index, len(self._feeds))
+        self._next, self._end = start_index, min(end_index, len(self.feeds))
 
     def rewind(self) -> None:
-        self._next, self._end = 0, len(self._feeds)
+        self._next, self._end = 0, len(self.feeds)
 
 
 def quantize_static_peer(fp32_path: str | Path, out_path: str | Path, data, *, batch: int = 2) -> Path:
@@ -119,7 +119,7 @@ def nncf_peer(fp32_path: str | Path, out_path: str | Path, data, *, batch: int =
     import contextlib
     import io
 
-    feeds = _Feeds(data, batch)._feeds
+    feeds = _Feeds(data, batch).feeds
     model = core().read_model(str(fp32_path))
     with contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext():  # NNCF's bars
         quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
