@@ -106,7 +106,8 @@ class RangeObserver:
         self.lo = min(self.lo, flat.min().item())
         self.hi = max(self.hi, flat.max().item())
         stride = max(1, flat.numel() // self.keep)
-        self._samples.append(flat[::stride].cpu())
+        # a copy: the strided view would keep the whole activation alive (every layer, every batch)
+        self._samples.append(flat[::stride].clone().cpu())
 
     @property
     def seen(self) -> bool:

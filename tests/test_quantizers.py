@@ -63,6 +63,14 @@ def test_percentile_observer_ignores_outliers():
     assert hi < 10 and obs.range("minmax", 100)[1] == 1e4
 
 
+def test_observer_keeps_its_subsample_not_the_activation():
+    obs = RangeObserver(keep=1024)
+    for _ in range(4):
+        obs.observe(torch.randn(1 << 22))  # 16 MiB each
+    held = sum(s.untyped_storage().nbytes() for s in obs._samples)
+    assert held <= 4 * 2048 * 4, f"the observer holds {held} bytes for 4 x 1024 samples"
+
+
 def test_lsq_forward_is_fake_quant_and_gradients_follow_lsq():
     from calibration.quantizers import LsqQuantizer, fake_quant
 
