@@ -471,13 +471,19 @@ def precision_plan(bundle, tables: dict, switch_t: int | None) -> dict:
 
 
 def ort_optimized_op_counts(graph_path: str | Path, optimized_path: str | Path) -> dict[str, int]:
-    """Load a graph in ONNX Runtime (CPU, all optimizations), save the optimized model, count its ops."""
+    """Load a graph in ONNX Runtime (CPU, all optimizations), save the optimized model, count its ops. Its
+    initializers go to `<optimized_path>.data` beside it: a model past protobuf's 2 GiB (the SD-1.5-shaped UNet)
+    cannot be written as one message, and only the nodes are read back."""
     import onnxruntime as ort
 
     from runtime.engine import session_options
 
     opts = session_options(ort)
     opts.optimized_model_filepath = str(optimized_path)
+    opts.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", Path(optimized_path).name + ".data"
+    )
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     opts.log_severity_level = 3  # the "hardware specific optimizations" notice is expected here
     ort.InferenceSession(str(graph_path), opts, providers=["CPUExecutionProvider"])
     counts: dict[str, int] = {}
