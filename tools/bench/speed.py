@@ -430,6 +430,11 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
         if not (name == "reference" and plan.quality_samples):  # timing needs the schedule, not the float weights
             model = dataclasses.replace(model, unet=None)
             gc.collect()
+        # what needs no timing first: a failure here must not cost the timing below (an hour on large models)
+        ops = op_counts(paths, root)
+        disk = {k: round(sum(f.stat().st_size for f in Path(p).glob("*") if f.is_file()) / 2**20, 3)
+                for k, p in paths.items() if Path(p).is_dir()}  # fmt: skip
+        _settle()
         chosen = engines_of(paths)
         timed, left_out = timed_together(chosen, memory_available())
         built["skipped"] |= left_out
@@ -453,12 +458,8 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
                 plan.loop_steps,
                 guidance,
             ),  # fmt: skip
-            "ops": op_counts(paths, root),
-            "disk_mb": {
-                k: round(sum(f.stat().st_size for f in Path(p).glob("*") if f.is_file()) / 2**20, 3)
-                for k, p in paths.items()
-                if Path(p).is_dir()
-            },  # fmt: skip
+            "ops": ops,
+            "disk_mb": disk,
         }
         report["paths"] = {k: str(v) for k, v in paths.items()}
         del engines
