@@ -435,8 +435,7 @@ def bench_model(name: str, plan: BenchPlan, progress: bool) -> dict:
             gc.collect()
         # what needs no timing first: a failure here must not cost the timing below (an hour on large models)
         ops = op_counts(paths, root)
-        disk = {k: round(sum(f.stat().st_size for f in Path(p).glob("*") if f.is_file()) / 2**20, 3)
-                for k, p in paths.items() if Path(p).is_dir()}  # fmt: skip
+        disk = {k: round(_bytes_on_disk(Path(p)) / 2**20, 3) for k, p in paths.items() if Path(p).is_dir()}
         _settle()
         chosen = engines_of(paths)
         timed, left_out = timed_together(chosen, memory_available())
